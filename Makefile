@@ -1,0 +1,29 @@
+# Two front doors, each doing its own set-up on a fresh machine:
+#   make demo    run the demonstrations on the embedded default model (ARGS="--quick" etc. pass through)
+#   make test    run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-slow clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python run_all_demonstrations.py $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# End-to-end runs of the default methods on the full embedded model (builds it once: ~4 minutes).
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs

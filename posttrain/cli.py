@@ -1,0 +1,124 @@
+"""The `posttrain` command: parse, load the method's config, call its `run(cfg)`. Nothing else.
+
+    posttrain sft --output-dir runs/sft lr=5e-4 steps=400
+    posttrain sft --config my.yaml --model ./my-model --data train.jsonl
+    posttrain pretrain                 # build (or rebuild) the embedded base model
+    posttrain demo --category fine-tuning --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from posttrain import __version__
+from posttrain.errors import UserError
+from posttrain.methods import CATEGORIES, METHODS, methods_overview
+from posttrain.training import TrainingInterrupted
+
+EPILOG = f"""methods:
+{methods_overview()}
+
+Each method takes key=value overrides of its config; `posttrain METHOD --show-config` lists them.
+Every run writes summary.json, metrics.jsonl, plots and its model to --output-dir."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posttrain", description="LLM post-training methods in plain PyTorch, each run for real.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for method in METHODS.values():
+        sub = commands.add_parser(method.name, help=method.title + ("" if method.available else " [not available yet]"))
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        sub.add_argument("--config", help="YAML file of config values (overrides on the command line win)")
+        sub.add_argument("--output-dir", help="where the run writes its files")
+        sub.add_argument("--model", help="posttrain:tiny (default), a local model folder, or a hub id")
+        sub.add_argument("--data", help="JSONL data file instead of the built-in world problems")
+        sub.add_argument("--quick", action="store_true", help="a small, fast run (smoke tests, first look)")
+        sub.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
+        sub.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    pretrain = commands.add_parser("pretrain", help="build the embedded base model (cached; --force rebuilds)")
+    pretrain.add_argument("--model", default="posttrain:tiny", help="embedded model name (posttrain:tiny, posttrain:tiny-quick)")
+    pretrain.add_argument("--force", action="store_true", help="rebuild even if it is cached")
+    demo = commands.add_parser("demo", help="run the demonstrations (same flags as run_all_demonstrations.py)")
+    add_demo_arguments(demo)
+    return parser
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--category", choices=CATEGORIES, help="run only this category's methods")
+    parser.add_argument("--method", action="append", choices=list(METHODS), help="run only this method (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="small, fast runs of every selected method")
+    parser.add_argument("--output-dir", default="runs/demo", help="one subfolder per method (default: runs/demo)")
+
+
+def method_config(method, args):
+    """The method's config: defaults, then --quick, then --config YAML, then flags and key=value."""
+    from posttrain.config import load_config
+
+    module = method.load()
+    overrides = [f"{k}={v}" for k, v in module.QUICK.items()] if args.quick else []
+    overrides += list(args.overrides)
+    overrides += [f"{k}={v}" for k in ("output_dir", "model", "data") if (v := getattr(args, k)) is not None]
+    return module, load_config(module.CONFIG, args.config, overrides)
+
+
+def run_method(name: str, args) -> int:
+    method = METHODS[name]
+    if not method.available:
+        raise UserError(f"method '{name}' ({method.title}) is not available yet in posttrain {__version__}; "
+                        "`posttrain --help` lists the methods that are")
+    module, cfg = method_config(method, args)
+    if args.show_config:
+        from posttrain.config import config_to_dict
+
+        print(json.dumps(config_to_dict(cfg), indent=2))
+        return 0
+    summary = module.run(cfg, resume=args.resume)
+    print(f"{name}: accuracy {summary['baseline']['accuracy']} -> {summary['metrics']['accuracy']} "
+          f"({summary['time_s']:.0f}s); wrote {cfg.output_dir}/summary.json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command is None:
+            parser.print_help()
+            return 0
+        if args.command == "pretrain":
+            return run_pretrain(args)
+        if args.command == "demo":
+            from posttrain.demo import run_demo
+
+            return run_demo(args)
+        return run_method(args.command, args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 130
+
+
+def run_pretrain(args) -> int:
+    import shutil
+
+    from posttrain.models import EMBEDDED, EMBEDDED_PREFIX, embedded_path, ensure_embedded
+
+    name = args.model.removeprefix(EMBEDDED_PREFIX)
+    if name not in EMBEDDED:
+        choices = ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED)
+        raise UserError(f"unknown embedded model '{args.model}'; expected one of: {choices}")
+    if args.force:
+        shutil.rmtree(embedded_path(name), ignore_errors=True)
+    print(f"embedded model ready: {ensure_embedded(name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

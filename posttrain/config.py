@@ -1,0 +1,210 @@
+"""Load a method's config dataclass from defaults, a YAML file and `key=value` overrides.
+
+Each method defines a flat dataclass with one defaulted field per setting.
+Precedence is defaults < YAML file < command-line overrides, so a run can be
+tweaked without editing its file. Values are converted to each field's
+annotated type here, so methods only ever see correctly typed configs, and
+every mistake becomes a `UserError` naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import yaml
+
+from posttrain.errors import UserError, where
+
+T = TypeVar("T")
+
+# Scalar types a field (or a list element) may have: (singular, plural) descriptions.
+_SCALARS: dict[type, tuple[str, str]] = {
+    int: ("an int", "ints"),
+    float: ("a float", "floats"),
+    bool: ("a bool (true/false/yes/no/1/0)", "bools"),
+    str: ("a string", "strings"),
+}
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_NONE_WORDS = ("none", "null")
+
+
+def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build `cls` from its defaults, then the YAML file at `path`, then `key=value` overrides.
+
+    Calls `validate()` on the result when the class defines it, so methods can
+    reject out-of-range values with a `UserError`.
+    """
+    hints = typing.get_type_hints(cls)  # resolves string annotations
+    valid = sorted(f.name for f in dataclasses.fields(cls) if f.init)  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    sources: list[tuple[str, dict[Any, Any]]] = []
+    if path is not None:
+        sources.append((path, _read_yaml(path)))
+    sources.append(("command line", _parse_overrides(overrides)))
+    for source, mapping in sources:
+        for key, value in mapping.items():
+            key = str(key)
+            if key not in valid:
+                raise UserError(_unknown_key(key, source, valid))
+            values[key] = _convert_field(value, hints[key], f"config key {key!r} ({source})")
+    cfg = cls(**values)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Return the config as a JSON-friendly dict (tuples become lists), e.g. for saving with a run."""
+    return _lists(dataclasses.asdict(cfg))
+
+
+def describe_config(cls: type) -> str:
+    """Return one line per field, `name: type = default  # help`, for `--help`-style listings.
+
+    Comments in the source are not available at runtime, so the help text
+    comes from `dataclasses.field(metadata={"help": ...})` when a field has it.
+    """
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        line = f"{f.name}: {_type_name(hints[f.name])} = {default}"
+        if "help" in f.metadata:
+            line += f"  # {f.metadata['help']}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _read_yaml(path: str) -> dict[Any, Any]:
+    """Read a YAML mapping; an empty (or comments-only) file means "no changes"."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{where(path, mark.line + 1 if mark else None)}: invalid YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys to values, got {type(data).__name__}")
+    return data
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
+    """Split command-line `key=value` strings; later ones win, like in the YAML file."""
+    parsed = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"config override {item!r} (command line): expected the form key=value, e.g. lr=1e-5")
+        parsed[key.strip()] = value
+    return parsed
+
+
+def _unknown_key(key: str, source: str, valid: list[str]) -> str:
+    message = f"unknown config key {key!r} ({source})"
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        message += f"; did you mean {close[0]!r}?"
+    return f"{message}; valid keys: {', '.join(valid)}"
+
+
+def _convert_field(value: Any, tp: Any, what: str) -> Any:
+    """Convert a YAML value or override string to `tp`, or raise a `UserError` saying what was expected."""
+    try:
+        return _convert(value, tp)
+    except ValueError:
+        raise UserError(f"{what}: expected {_describe(tp)}, got {value!r}") from None
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """Convert `value` to `tp`, raising ValueError when it does not fit.
+
+    Strings are parsed (they come from the command line, or from YAML for
+    spellings like `1e-5` that YAML leaves as strings); other values must
+    already have the right type. Unsupported annotations raise TypeError:
+    that is a bug in the method's config class, not the user's fault.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = _optional_inner(tp)
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+            return None
+        return _convert(value, inner)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            items = [part.strip() for part in value.split(",")] if value.strip() else []
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [value]  # a lone YAML scalar is a one-element list, as `ranks=4` is
+        if origin is list or args[-1] is Ellipsis:
+            return origin(_convert(item, args[0]) for item in items)
+        if len(items) != len(args):
+            raise ValueError
+        return tuple(_convert(item, t) for item, t in zip(items, args))
+    if tp not in _SCALARS:
+        raise TypeError(f"unsupported config field type: {tp!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+        raise ValueError
+    if isinstance(value, bool):
+        raise ValueError  # True is an int in Python; never let it pass as 1
+    if isinstance(value, str):
+        return value if tp is str else tp(value.strip())
+    if tp is float and isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, tp):
+        return value
+    raise ValueError
+
+
+def _optional_inner(tp: Any) -> Any:
+    """Return X for `X | None`; other unions are not supported in configs."""
+    args = typing.get_args(tp)
+    inner = [a for a in args if a is not type(None)]
+    if len(inner) != 1 or len(args) != 2:
+        raise TypeError(f"unsupported config field type: {tp!r} (only `X | None` unions are supported)")
+    return inner[0]
+
+
+def _describe(tp: Any) -> str:
+    """Describe what a field accepts, for error messages: 'a float', 'a list of ints', ..."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return f"{_describe(_optional_inner(tp))} or none"
+    if origin is list or (origin is tuple and args[-1] is Ellipsis):
+        return f"a comma-separated list of {_SCALARS[args[0]][1]}"
+    if origin is tuple:
+        return f"a comma-separated list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
+    return _SCALARS[tp][0]
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _lists(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _lists(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_lists(v) for v in obj]
+    return obj

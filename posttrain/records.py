@@ -1,0 +1,160 @@
+"""Read the user's JSONL training data into typed records, with precise error messages.
+
+Data comes from the user (`--data file.jsonl`), so every problem becomes one
+`UserError` naming the file, the line, the field and what was expected,
+instead of a KeyError deep inside a training loop. Extra fields are ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from posttrain.errors import UserError, where
+
+R = TypeVar("R")
+PathLike = str | os.PathLike[str]
+At = Callable[..., str]  # `where` bound to one file and line: at() -> "f:3", at("x") -> "f:3: field 'x'"
+
+ROLES = ("system", "user", "assistant")
+# What each format expects, quoted in error messages.
+_SFT_EXPECTED = "'prompt' and 'completion' strings, or 'messages'"
+_MESSAGE_EXPECTED = "'role' and 'content' strings"
+_PREFERENCE_EXPECTED = "'prompt', 'chosen' and 'rejected' strings"
+_PROMPT_EXPECTED = "a 'prompt' string and an 'answer' string or integer"
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    """One supervised example: a prompt and the completion to learn.
+
+    Given as `{"prompt", "completion"}`, `prompt` is the text and `messages`
+    is None. Given as `{"messages": [...]}` (chat format), the final assistant
+    message is the `completion`, `messages` holds the earlier turns as
+    `(role, content)` pairs, and `prompt` is None; rendering them with the
+    tokenizer's chat template happens elsewhere.
+    """
+
+    prompt: str | None
+    completion: str
+    messages: tuple[tuple[str, str], ...] | None = None
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """A prompt with a preferred (`chosen`) and a dispreferred (`rejected`) completion."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A prompt whose sampled completions are scored by comparing their extracted answer to `answer`."""
+
+    prompt: str
+    answer: str
+
+
+def read_jsonl(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield `(line number, object)` for each non-blank line of a JSONL file."""
+    try:
+        f = open(path, "rb")  # bytes: json.loads then decodes (and skips a UTF-8 BOM) per line
+    except FileNotFoundError:
+        raise UserError(f"data file not found: {os.fspath(path)}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read data file {os.fspath(path)}: {exc.strerror}") from None
+    with f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{where(path, number)}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+            except UnicodeDecodeError:
+                raise UserError(f"{where(path, number)}: not valid UTF-8 text") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{where(path, number)}: expected a JSON object, got {_type(obj)}")
+            yield number, obj
+
+
+def read_sft(path: PathLike) -> list[SFTRecord]:
+    """Read SFT examples in prompt/completion or chat-messages format (formats may be mixed)."""
+    return _read_all(path, _parse_sft, _SFT_EXPECTED)
+
+
+def read_preferences(path: PathLike) -> list[PreferenceRecord]:
+    """Read preference pairs: `{"prompt", "chosen", "rejected"}`."""
+    return _read_all(path, _parse_preference, _PREFERENCE_EXPECTED)
+
+
+def read_prompts(path: PathLike) -> list[PromptRecord]:
+    """Read prompts with reference answers: `{"prompt", "answer"}`; an integer answer is turned into text."""
+    return _read_all(path, _parse_prompt, _PROMPT_EXPECTED)
+
+
+def _read_all(path: PathLike, parse: Callable[[dict[str, Any], At], R], expected: str) -> list[R]:
+    records = [parse(obj, functools.partial(where, path, number)) for number, obj in read_jsonl(path)]
+    if not records:
+        raise UserError(f"{os.fspath(path)}: no records (expected JSON lines with {expected})")
+    return records
+
+
+def _parse_sft(obj: dict[str, Any], at: At) -> SFTRecord:
+    if "messages" not in obj:
+        return SFTRecord(_string(obj, "prompt", at, _SFT_EXPECTED), _string(obj, "completion", at, _SFT_EXPECTED))
+    messages = obj["messages"]
+    if not isinstance(messages, list):
+        raise UserError(f"{at('messages')} must be a list of {{'role', 'content'}} objects, got {_type(messages)}")
+    pairs = []
+    for i, message in enumerate(messages):
+        name = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise UserError(f"{at(name)} must be an object with 'role' and 'content', got {_type(message)}")
+        role = _string(message, "role", at, _MESSAGE_EXPECTED, f"{name}.role")
+        if role not in ROLES:
+            raise UserError(f"{at(name + '.role')} must be one of {', '.join(ROLES)}, got {role!r}")
+        pairs.append((role, _string(message, "content", at, _MESSAGE_EXPECTED, f"{name}.content")))
+    if not pairs or pairs[-1][0] != "assistant":
+        raise UserError(f"{at('messages')} must end with an 'assistant' message (it is the completion)")
+    if len(pairs) < 2:
+        raise UserError(f"{at('messages')} needs at least one message before the final assistant message")
+    return SFTRecord(prompt=None, completion=pairs[-1][1], messages=tuple(pairs[:-1]))
+
+
+def _parse_preference(obj: dict[str, Any], at: At) -> PreferenceRecord:
+    prompt, chosen, rejected = (_string(obj, key, at, _PREFERENCE_EXPECTED) for key in ("prompt", "chosen", "rejected"))
+    if chosen == rejected:
+        raise UserError(f"{at('rejected')} is identical to 'chosen', so there is no preference to learn")
+    return PreferenceRecord(prompt, chosen, rejected)
+
+
+def _parse_prompt(obj: dict[str, Any], at: At) -> PromptRecord:
+    answer = obj.get("answer")
+    if isinstance(answer, int) and not isinstance(answer, bool):  # JSON numbers like 42 are fine answers
+        obj = {**obj, "answer": str(answer)}
+    return PromptRecord(_string(obj, "prompt", at, _PROMPT_EXPECTED), _string(obj, "answer", at, _PROMPT_EXPECTED))
+
+
+def _string(obj: dict[str, Any], key: str, at: At, expected: str, name: str | None = None) -> str:
+    """Return `obj[key]` if it is a non-blank string; `name` is how the field is called in messages."""
+    name = name or key
+    if key not in obj:
+        raise UserError(f"{at()}: missing field {name!r} (expected {expected})")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise UserError(f"{at(name)} must be a string, got {_type(value)}")
+    if not value.strip():
+        raise UserError(f"{at(name)} is empty")
+    return value
+
+
+def _type(value: Any) -> str:
+    """Name a JSON value's type the way a user reads it (`null`, not NoneType)."""
+    return "null" if value is None else type(value).__name__

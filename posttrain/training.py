@@ -1,0 +1,233 @@
+"""The one training loop every method uses: explicit, short, resumable.
+
+    for step in range(start, steps):
+        batch = batch_fn(step)                   # a pure function of the step: resuming replays it
+        loss, metrics = loss_fn(model, micro)    # per micro-batch, gradients accumulated
+        clip grad norm; AdamW step; warmup + cosine learning rate
+        every log_every: a line in metrics.jsonl; every checkpoint_every: a checkpoint
+
+Accelerate places the model and data (CPU, one GPU, or several processes under torchrun /
+`accelerate launch`, where each rank takes its share of every global batch). A checkpoint holds
+the model, optimizer and scheduler state and the step; with batches a pure function of the step,
+a run killed and resumed ends where an uninterrupted run ends. Ctrl-C saves a checkpoint before
+stopping; a NaN or infinite loss stops the run and keeps the last good checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from posttrain.errors import UserError
+from posttrain.io import JsonlWriter, atomic_dir, read_json, write_json
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """Optimisation settings shared by every training method (method configs extend this)."""
+
+    steps: int = 200  # optimizer steps
+    batch_size: int = 32  # sequences per optimizer step (global, over all processes)
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide evenly
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10  # linear warmup from 0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # clip the global gradient norm (0 disables)
+    log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 0  # steps between checkpoints (0: only on Ctrl-C)
+    seed: int = 0  # seeds data order, sampling and initialisation
+    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise UserError("steps, batch_size and grad_accum must be >= 1")
+        if self.batch_size % self.grad_accum:
+            raise UserError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"precision must be auto, fp32 or bf16, got '{self.precision}'")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    history: list  # the logged metric dicts, one per log_every steps
+    final_metrics: dict  # the last step's metrics
+    time_s: float  # wall time of this run's steps (a resumed run counts its own part)
+    tokens_per_s: float  # labelled + context tokens processed per second
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; a checkpoint was saved and `--resume` continues from it."""
+
+
+def lr_lambda(cfg: TrainingConfig) -> Callable[[int], float]:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at the last step."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def make_accelerator(precision: str = "auto"):
+    from accelerate import Accelerator
+
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+
+
+def _shard(batch: dict, rank: int, world: int) -> dict:
+    """This process's rows of a global batch (rows rank, rank + world, ...)."""
+    return {k: v[rank::world] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _micro_batches(batch: dict, n: int) -> list[dict]:
+    rows = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+    size = math.ceil(rows / n)
+    return [{k: v[i : i + size] if torch.is_tensor(v) else v for k, v in batch.items()} for i in range(0, rows, size)]
+
+
+def _count_tokens(batch: dict) -> int:
+    if "attention_mask" in batch and batch["attention_mask"] is not None:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel()
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int) -> None:
+    with atomic_dir(directory) as tmp:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if _trainable_or_buffer(model, k)}
+        save_file(_untie(state), str(Path(tmp) / "model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, Path(tmp) / "optimizer.pt")
+        write_json(Path(tmp) / "state.json", {"step": step})
+
+
+def _trainable_or_buffer(model, key: str) -> bool:
+    params = dict(model.named_parameters())
+    return key not in params or params[key].requires_grad
+
+
+def _untie(state: dict) -> dict:
+    """safetensors refuses tensors sharing memory (tied embeddings): store a copy of each repeat."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler) -> int:
+    """Restore a checkpoint into the live objects; returns the number of steps already done."""
+    missing, unexpected = model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
+    if unexpected:
+        raise UserError(f"checkpoint {directory} does not match this model (unexpected keys: {unexpected[:3]})")
+    saved = torch.load(directory / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return int(read_json(directory / "state.json")["step"])
+
+
+def train(
+    model,
+    batch_fn: Callable[[int], dict],
+    loss_fn: Callable[[object, dict], tuple[torch.Tensor, dict]],
+    cfg: TrainingConfig,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    eval_fn: Callable[[int], dict] | None = None,
+    eval_every: int = 0,
+    desc: str = "train",
+) -> TrainResult:
+    """Optimise the trainable parameters of `model` for `cfg.steps` steps; see the module docstring."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(cfg.precision)
+    torch.manual_seed(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ckpt = output_dir / CHECKPOINT
+    start = 0
+    if resume:
+        if not (ckpt / "state.json").exists():
+            raise UserError(f"--resume: no checkpoint in {output_dir} (expected {ckpt}/state.json)")
+        start = load_checkpoint(ckpt, model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    history, last_metrics, tokens = [], {}, 0
+    writer = JsonlWriter(output_dir / "metrics.jsonl", resume_step=start)
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            batch = _shard(batch_fn(step), accelerator.process_index, accelerator.num_processes)
+            metrics = _optimizer_step(model, optimizer, batch, loss_fn, cfg, accelerator)
+            if not math.isfinite(metrics["loss"]):
+                where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
+                raise UserError(
+                    f"training diverged: loss is {metrics['loss']} at step {step + 1}; {where}. "
+                    "Try a lower lr or a smaller max_grad_norm."
+                )
+            scheduler.step()
+            tokens += metrics.pop("_tokens")
+            last_metrics = {"step": step + 1, **metrics, "lr": scheduler.get_last_lr()[0]}
+            evaluated = bool(eval_fn and eval_every and (step + 1) % eval_every == 0)
+            if evaluated:
+                last_metrics.update(eval_fn(step + 1))
+                model.train()
+            if evaluated or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                history.append(last_metrics)
+                if accelerator.is_main_process:
+                    writer.log(last_metrics)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and accelerator.is_main_process:
+                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, step + 1)
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+            bar.update(1)
+    except KeyboardInterrupt:
+        done = step  # the interrupted step did not finish
+        if accelerator.is_main_process:
+            save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, done)
+        raise TrainingInterrupted(
+            f"interrupted after step {done}; checkpoint saved in {ckpt}. Run the same command with --resume to continue."
+        ) from None
+    finally:
+        bar.close()
+        writer.close()
+    elapsed = time.perf_counter() - t0
+    model.eval()
+    return TrainResult(history, last_metrics, elapsed, tokens / max(elapsed, 1e-9))
+
+
+def _optimizer_step(model, optimizer, batch: dict, loss_fn, cfg: TrainingConfig, accelerator) -> dict:
+    """One optimizer step over `cfg.grad_accum` micro-batches; returns averaged metrics."""
+    micro_batches = _micro_batches(batch, cfg.grad_accum)
+    totals: dict = {}
+    for micro in micro_batches:
+        micro = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in micro.items()}
+        with accelerator.autocast():
+            loss, metrics = loss_fn(model, micro)
+        accelerator.backward(loss / len(micro_batches))
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v / len(micro_batches)
+        totals["_tokens"] = totals.get("_tokens", 0) + _count_tokens(micro)
+    if cfg.max_grad_norm:
+        totals["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals

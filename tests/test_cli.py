@@ -1,0 +1,116 @@
+"""Front doors and bad input: every user mistake is one line naming what is wrong, exit code 2."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from posttrain.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_lines(path, *lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_help_lists_categories_and_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for word in ("fine-tuning", "rl", "test-time", "sft", "lora", "dpo", "ppo", "grpo", "best-of-n", "cot-prompt"):
+        assert word in out
+    assert "not available yet" in out
+
+
+def test_runner_script_help_lists_methods():
+    out = subprocess.run([sys.executable, str(ROOT / "run_all_demonstrations.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--category" in out and "--method" in out and "--quick" in out and "best-of-n" in out
+
+
+def test_method_not_built_yet_says_so(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "tree-search", "--output-dir", str(tmp_path))
+    assert_one_line_error(code, err, "tree-search", "not available yet")
+    assert not any(tmp_path.iterdir())
+
+
+def test_malformed_jsonl_names_file_and_line(capsys, tmp_path, tiny_model_dir):
+    data = write_lines(tmp_path / "bad.jsonl", '{"prompt": "a", "completion": "b"}', '{"prompt": "a", ')
+    code, _, err = run_cli(capsys, "sft", "--data", data, "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "bad.jsonl:2", "invalid JSON")
+
+
+def test_missing_field_names_file_line_and_field(capsys, tmp_path, tiny_model_dir):
+    data = write_lines(tmp_path / "d.jsonl", '{"prompt": "a", "completion": "b"}', '{"prompt": "a"}')
+    code, _, err = run_cli(capsys, "sft", "--data", data, "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "d.jsonl:2", "completion")
+
+
+def test_empty_dataset(capsys, tmp_path, tiny_model_dir):
+    data = write_lines(tmp_path / "empty.jsonl", "")
+    code, _, err = run_cli(capsys, "sft", "--data", data, "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "empty.jsonl", "no records")
+
+
+def test_unknown_config_key_lists_valid_keys(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "sft", "learning_rate=1e-4", "--output-dir", str(tmp_path))
+    assert_one_line_error(code, err, "learning_rate", "lr", "batch_size")
+
+
+def test_bad_config_value(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "sft", "steps=many", "--output-dir", str(tmp_path))
+    assert_one_line_error(code, err, "steps", "many")
+
+
+def test_model_path_that_does_not_exist(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "sft", "--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "missing", "does not exist")
+
+
+def test_show_config_applies_yaml_then_overrides(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 0.01\nsteps: 7\n")
+    code, out, _ = run_cli(capsys, "sft", "--config", str(cfg), "steps=9", "--show-config")
+    resolved = json.loads(out)
+    assert code == 0 and resolved["lr"] == 0.01 and resolved["steps"] == 9
+
+
+def test_sft_on_user_jsonl_writes_the_contract(capsys, tmp_path, tiny_model_dir):
+    rows = [json.dumps({"prompt": f"Q: {i}+1\n", "completion": f"A: {i + 1}"}) for i in range(20)]
+    rows.append(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A: 1"}]}))
+    data = write_lines(tmp_path / "train.jsonl", *rows[:-1])
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "sft", "--data", data, "--model", str(tiny_model_dir), "--output-dir", str(out),
+                              "steps=4", "batch_size=4")
+    assert code == 0 and "accuracy" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "sft" and summary["config"]["data"] == data
+    assert 0 <= summary["metrics"]["accuracy"] <= 1 and summary["baseline"]["n"] == 2
+    assert (out / "model" / "model.safetensors").exists() and (out / "training_curve.png").exists()
+
+    chat = write_lines(tmp_path / "chat.jsonl", *rows)  # messages need a chat template, which this model lacks
+    code, _, err = run_cli(capsys, "sft", "--data", chat, "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "c"))
+    assert_one_line_error(code, err, "chat template")
+
+
+def test_console_script_exit_code_is_2_on_bad_input(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "posttrain", "sft", "nonsense_key=1"], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "nonsense_key" in proc.stderr

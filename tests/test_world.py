@@ -1,0 +1,106 @@
+"""The reasoning world: answers, formats, verifiers, step checkers and splits."""
+import random
+
+import pytest
+
+from posttrain.world import (
+    COT_TRIGGER, SKILLS, Problem, check_steps, extract_answer, first_error, is_seen_phrasing, render,
+    sample_problems, split_of, verify,
+)
+from posttrain.world.corpus import CorpusMix, sample_document
+from posttrain.world.skills import random_problem
+
+ADD = Problem("add", (347, 285), 3)
+
+
+def test_addition_chain_of_thought_is_column_arithmetic():
+    prompt, completion = render(ADD, "cot")
+    assert prompt == "Q: 347+285\n"
+    assert completion == (
+        f"{COT_TRIGGER}\n"
+        "7+5+0=12, digits 2, carry 1\n"
+        "4+8+1=13, digits 32, carry 1\n"
+        "3+2+1=6, digits 632, carry 0\n"
+        "A: 632"
+    )
+
+
+def test_final_carry_adds_a_step():
+    steps = Problem("add", (947, 285), 3).steps
+    assert steps[-1] == "0+0+1=1, digits 1232, carry 0" and len(steps) == 4
+
+
+def test_subtraction_borrows():
+    assert Problem("sub", (347, 285), 3).steps == [
+        "7-5-0=2, digits 2, borrow 0", "14-8-0=6, digits 62, borrow 1", "3-2-1=0, digits 062, borrow 0"]
+    assert Problem("sub", (347, 285), 3).answer == "62"
+
+
+@pytest.mark.parametrize("skill", SKILLS)
+def test_answers_match_python(skill):
+    rng = random.Random(1)
+    for _ in range(200):
+        p = random_problem(skill, rng.randint(1, 5), rng)
+        if skill == "add":
+            assert p.answer == str(sum(p.operands))
+        elif skill == "sub":
+            assert p.answer == str(p.operands[0] - p.operands[1])
+        elif skill == "compare":
+            a, b = p.operands
+            assert p.answer == (">" if a > b else "<" if a < b else "=")
+        elif skill == "reverse":
+            assert p.answer == " ".join(map(str, reversed(p.operands[0])))
+        else:
+            assert p.answer == " ".join(map(str, sorted(p.operands[0])))
+        # the reference chain of thought always ends at the answer
+        assert verify(render(p, "cot")[0], render(p, "cot")[1], p.answer) == 1.0
+
+
+def test_extract_answer_reads_first_answer_line():
+    assert extract_answer("A: 632") == "632"
+    assert extract_answer("junk\nA:  1  2 3 \nA: 9") == "1 2 3"
+    assert extract_answer("no answer here") is None
+
+
+def test_verifier_on_right_and_wrong_solutions():
+    assert verify("Q: 347+285\n", "A: 632", "632") == 1.0
+    assert verify("Q: 347+285\n", "A: 631", "632") == 0.0
+    assert verify("Q: 347+285\n", "632", "632") == 0.0  # no answer line, no credit
+    assert verify("Q: 347+285\n", "A: 0632", "632") == 0.0
+
+
+def test_step_checker_marks_each_step():
+    _, right = render(ADD, "cot")
+    assert check_steps(ADD, right) == [True, True, True]
+    wrong_carry = right.replace("4+8+1=13, digits 32, carry 1", "4+8+1=13, digits 32, carry 0")
+    assert check_steps(ADD, wrong_carry) == [True, False, True]
+    assert first_error(check_steps(ADD, wrong_carry)) == 1
+    extra = right.replace("\nA:", "\n0+0+0=0, digits 0632, carry 0\nA:")
+    assert check_steps(ADD, extra) == [True, True, True, False]
+    assert check_steps(ADD, "A: 632") == [] and first_error([]) is None
+
+
+def test_instruction_phrasings_and_held_out_ones():
+    prompt, completion = render(Problem("sort", ((3, 1, 2),), 3), "instruction", "imperative")
+    assert prompt == "Q: Sort the list 3 1 2.\n" and completion == "A: 1 2 3"
+    assert not is_seen_phrasing("add", "formal") and not is_seen_phrasing("sort", "polite")
+    assert is_seen_phrasing("add", "polite")
+
+
+def test_splits_are_disjoint_and_deterministic():
+    sets = {s: {p.key for p in sample_problems("add", 2, 300, s, seed=0)} for s in ("train", "val", "test")}
+    assert not sets["train"] & sets["test"] and not sets["train"] & sets["val"] and not sets["val"] & sets["test"]
+    assert all(split_of(Problem("add", tuple(map(int, k[5:-1].split(", "))), 2)) == "test" for k in sets["test"])
+    again = [p.key for p in sample_problems("add", 2, 300, "test", seed=0)]
+    assert set(again) == sets["test"] and len(again) == len(set(again))
+
+
+def test_small_split_returns_fewer_distinct_problems_rather_than_repeats():
+    problems = sample_problems("add", 1, 500, "test", seed=0)
+    assert 0 < len(problems) < 30 and len({p.key for p in problems}) == len(problems)
+
+
+def test_corpus_documents_hold_several_examples_of_one_format():
+    doc = sample_document(random.Random(3), CorpusMix(), "<eos>")
+    examples = [e for e in doc.split("<eos>") if e]
+    assert len(examples) >= 2 and all(e.startswith("Q: ") and "\nA: " in e for e in examples)
