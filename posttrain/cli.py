@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--force", action="store_true", help="rebuild even if it is cached")
     demo = commands.add_parser("demo", help="run the demonstrations (same flags as run_all_demonstrations.py)")
     add_demo_arguments(demo)
+    report = commands.add_parser("report", help="rebuild report.html and the comparison table of a demo run folder")
+    report.add_argument("run_dir", help="the --output-dir of a demonstration run")
     return parser
 
 
@@ -78,8 +80,11 @@ def run_method(name: str, args) -> int:
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
     summary = module.run(cfg, resume=args.resume)
-    print(f"{name}: accuracy {summary['baseline']['accuracy']} -> {summary['metrics']['accuracy']} "
-          f"({summary['time_s']:.0f}s); wrote {cfg.output_dir}/summary.json")
+    from posttrain.methods.common import is_main_process
+
+    if is_main_process():
+        print(f"{name}: accuracy {summary['baseline']['accuracy']} -> {summary['metrics']['accuracy']} "
+              f"({summary['time_s']:.0f}s); wrote {cfg.output_dir}/summary.json")
     return 0
 
 
@@ -96,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             from posttrain.demo import run_demo
 
             return run_demo(args)
+        if args.command == "report":
+            return run_report(args.run_dir)
         return run_method(args.command, args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -103,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
         return 130
+
+
+def run_report(run_dir: str) -> int:
+    from posttrain.report.html import build_report
+
+    print(f"wrote {build_report(run_dir)}")
+    return 0
 
 
 def run_pretrain(args) -> int:

@@ -1,15 +1,32 @@
 """The demonstration runner behind `posttrain demo` and `run_all_demonstrations.py`.
 
-Runs the selected methods on the embedded default model, one output folder per method, and prints
-what each measured. Methods not built yet are named as such and skipped, never imitated.
+Runs the selected methods on the embedded default model and writes, into `--output-dir`:
+one folder per method (its summary.json, metrics, plots), `comparison.md` / `comparison.csv`
+(the measured method comparison table), `report.html`, and `run.json` (command and machine).
+
+Each method runs as a cached stage (posttrain/stages.py): a method whose config, code and base
+model are unchanged since an earlier run is copied from the cache instead of rerun, and the
+artefacts methods share (the SFT policy, reward models) are built once. Methods not built yet are
+named as such and skipped, never imitated.
 """
 from __future__ import annotations
 
+import platform
+import shutil
+import sys
 import time
 from pathlib import Path
 
-from posttrain.config import load_config
+import torch
+
+from posttrain.io import atomic_dir, write_json
 from posttrain.methods import METHODS
+from posttrain.report.html import build_report
+from posttrain.stages import cached_run
+
+# Typical wall time of each default run on 2 CPU cores (seconds), for the time-remaining estimate.
+EXPECTED_SECONDS = {"sft": 110}
+QUICK_FACTOR = 0.25
 
 
 def selected_methods(category: str | None, names: list[str] | None) -> list:
@@ -17,27 +34,45 @@ def selected_methods(category: str | None, names: list[str] | None) -> list:
     return [m for m in chosen if category is None or m.category == category]
 
 
+def machine_description() -> str:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    return f"{platform.system()} {platform.machine()}, {device}, torch {torch.__version__}"
+
+
 def run_demo(args) -> int:
     methods = selected_methods(args.category, args.method)
-    results, skipped = [], [m for m in methods if not m.available]
-    for method in skipped:
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for method in (m for m in methods if not m.available):
         print(f"[{method.category}] {method.name}: not available yet in this version; skipped")
-    for method in (m for m in methods if m.available):
+    runnable = [m for m in methods if m.available]
+    started = time.perf_counter()
+    for i, method in enumerate(runnable):
+        _announce(i, runnable, started, args.quick)
         module = method.load()
         overrides = [f"{k}={v}" for k, v in module.QUICK.items()] if args.quick else []
-        cfg = load_config(module.CONFIG, None, overrides + [f"output_dir={Path(args.output_dir) / method.name}"])
-        print(f"\n=== [{method.category}] {method.name}: {method.title} ===")
-        start = time.perf_counter()
-        summary = module.run(cfg)
-        results.append((method, summary, time.perf_counter() - start))
-    print("\n" + comparison_table(results))
+        stage = cached_run(method.name, overrides)
+        with atomic_dir(out / method.name) as tmp:
+            shutil.copytree(stage, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint", "*.lock"))
+    total = time.perf_counter() - started
+    write_json(out / "run.json", {"command": " ".join(["run_all_demonstrations.py", *sys.argv[1:]]),
+                                  "machine": machine_description(), "time_s": total,
+                                  "methods": [m.name for m in runnable], "quick": args.quick})
+    report = build_report(out)
+    print("\n" + (out / "comparison.md").read_text())
+    print(f"done in {total:.0f}s; report: {report}")
     return 0
 
 
-def comparison_table(results) -> str:
-    """Method, category, held-out accuracy before -> after, and wall time of the whole stage."""
-    rows = ["| method | category | accuracy before | accuracy after | gain | stage time (s) |", "|---|---|---|---|---|---|"]
-    for method, summary, seconds in results:
-        before, after = summary["baseline"]["accuracy"], summary["metrics"]["accuracy"]
-        rows.append(f"| {method.name} | {method.category} | {before:.3f} | {after:.3f} | {after - before:+.3f} | {seconds:.0f} |")
-    return "\n".join(rows)
+def _announce(i: int, runnable: list, started: float, quick: bool) -> None:
+    """One line per stage: which, how far along, elapsed and an estimate of what is left."""
+    factor = QUICK_FACTOR if quick else 1.0
+    left = sum(EXPECTED_SECONDS.get(m.name, 120) * factor for m in runnable[i:])
+    elapsed = time.perf_counter() - started
+    method = runnable[i]
+    print(f"\n=== stage {i + 1}/{len(runnable)}: [{method.category}] {method.name} ({method.title}) | "
+          f"elapsed {_clock(elapsed)}, about {_clock(left)} left ===", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"

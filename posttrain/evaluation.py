@@ -3,10 +3,14 @@
     accuracy      fraction of problems whose greedy answer the verifier accepts
     pass@k        chance that at least one of k samples is right (unbiased, Chen et al. 2021, Eq. 1)
     maj@k         accuracy of the most common answer among k samples (self-consistency)
+    best-of-n     expected correctness of the top-scored of n samples, from k >= n samples
+    AUC, ECE      how well scores separate right from wrong, and how calibrated probabilities are
+    overoptimisation   where a proxy reward keeps rising while verified accuracy falls (reward hacking)
 """
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 
 from posttrain.generation import generate
@@ -29,6 +33,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, fmt: str = "direct", 
     """
     if not problems:
         return {"accuracy": None, "n": 0}
+    start = time.perf_counter()
     prompts = [render(p, fmt, style)[0] for p in problems]
     budget = max_new_tokens or max_new_tokens_for(tokenizer, problems, "cot", style)
     samples = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
@@ -46,6 +51,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, fmt: str = "direct", 
         "completions": samples.texts,
         "correct": correct,
         "generated_tokens": samples.num_tokens,
+        "seconds": time.perf_counter() - start,  # wall time of the generation and checking above
     }
 
 
@@ -70,3 +76,58 @@ def majority_vote(answers: list[str | None]) -> tuple[str | None, float]:
 
 def answers_of(completions: list[str]) -> list[str | None]:
     return [extract_answer(c) for c in completions]
+
+
+def best_of_n(scores: list[float], values: list[float], n: int) -> float:
+    """E[value of the top-scored sample among n drawn without replacement from the k given].
+
+    The same idea as the unbiased pass@k: rank the k samples by score (best first, stable); the
+    sample of rank i (0-based) is the best of a random n-subset when the other n-1 members all rank
+    below it, which happens with probability C(k-1-i, n-1) / C(k, n). Using every subset at once
+    gives a smooth curve in n instead of the noise of one random draw of n samples.
+    """
+    k = len(scores)
+    if not 1 <= n <= k:
+        raise ValueError(f"best-of-n needs 1 <= n <= k (n={n}, k={k})")
+    order = sorted(range(k), key=lambda i: -scores[i])
+    total = math.comb(k, n)
+    return sum(values[j] * math.comb(k - 1 - rank, n - 1) / total for rank, j in enumerate(order))
+
+
+def auc(scores: list[float], labels: list[float]) -> float | None:
+    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties 1/2."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def calibration(probs: list[float], labels: list[float], bins: int = 10) -> dict:
+    """Reliability table (equal-width confidence bins) and expected calibration error.
+
+    ECE = sum_b (n_b / N) |accuracy_b - mean confidence_b|   (Guo et al. 2017, Eq. 3)
+    """
+    table = []
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        members = [(p, y) for p, y in zip(probs, labels) if lo <= p < hi or (b == bins - 1 and p == 1.0)]
+        if members:
+            table.append({"lo": lo, "hi": hi, "n": len(members),
+                          "confidence": sum(p for p, _ in members) / len(members),
+                          "accuracy": sum(y for _, y in members) / len(members)})
+    ece = sum(row["n"] * abs(row["accuracy"] - row["confidence"]) for row in table) / max(1, len(probs))
+    return {"ece": ece, "bins": table}
+
+
+def overoptimisation_point(ns: list[int], proxy: list[float], accuracy: list[float], tolerance: float) -> int | None:
+    """The first n where accuracy has fallen more than `tolerance` below its best so far while the
+    proxy reward is still above its value at that best: optimising the proxy now hurts. None if never."""
+    best = 0
+    for i in range(1, len(ns)):
+        if accuracy[i] > accuracy[best]:
+            best = i
+        elif accuracy[best] - accuracy[i] > tolerance and proxy[i] > proxy[best]:
+            return ns[i]
+    return None

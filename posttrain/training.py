@@ -85,7 +85,8 @@ def make_accelerator(precision: str = "auto"):
 
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    # cpu=True is what makes Accelerate join a torchrun process group over gloo on CPU-only machines
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
 
 
 def _shard(batch: dict, rank: int, world: int) -> dict:
@@ -169,8 +170,9 @@ def train(
     model.train()
 
     history, last_metrics, tokens = [], {}, 0
-    writer = JsonlWriter(output_dir / "metrics.jsonl", resume_step=start)
-    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    main_process = accelerator.is_main_process  # only rank 0 writes files
+    writer = JsonlWriter(output_dir / "metrics.jsonl", resume_step=start) if main_process else None
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not main_process, dynamic_ncols=True)
     t0 = time.perf_counter()
     step = start
     try:
@@ -192,23 +194,24 @@ def train(
                 model.train()
             if evaluated or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 history.append(last_metrics)
-                if accelerator.is_main_process:
+                if main_process:
                     writer.log(last_metrics)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and accelerator.is_main_process:
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and main_process:
                 save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, step + 1)
             elapsed = time.perf_counter() - t0
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
             bar.update(1)
     except KeyboardInterrupt:
         done = step  # the interrupted step did not finish
-        if accelerator.is_main_process:
+        if main_process:
             save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, done)
         raise TrainingInterrupted(
             f"interrupted after step {done}; checkpoint saved in {ckpt}. Run the same command with --resume to continue."
         ) from None
     finally:
         bar.close()
-        writer.close()
+        if writer:
+            writer.close()
     elapsed = time.perf_counter() - t0
     model.eval()
     return TrainResult(history, last_metrics, elapsed, tokens / max(elapsed, 1e-9))
@@ -226,6 +229,10 @@ def _optimizer_step(model, optimizer, batch: dict, loss_fn, cfg: TrainingConfig,
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v / len(micro_batches)
         totals["_tokens"] = totals.get("_tokens", 0) + _count_tokens(micro)
+    if accelerator.num_processes > 1:  # report the global batch's metrics, not this rank's share
+        names = [k for k in totals if k != "_tokens"]
+        values = accelerator.reduce(torch.tensor([totals[k] for k in names], device=accelerator.device), "mean")
+        totals.update(zip(names, values.tolist()))
     if cfg.max_grad_norm:
         totals["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
     optimizer.step()

@@ -2,12 +2,13 @@
 world problems, save the model and write `summary.json` (the output contract)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from posttrain.config import config_to_dict
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate
-from posttrain.io import JsonlWriter, atomic_dir, write_json
+from posttrain.io import JsonlWriter, atomic_dir, read_json, write_json
 from posttrain.models import count_params
 from posttrain.world import render, sample_problems
 
@@ -41,15 +42,41 @@ def world_examples(skill: str, difficulties, n: int, fmt: str, seed: int) -> lis
 
 def write_samples(path: Path, result: dict, limit: int = 50) -> None:
     """A few prompts of an `eval_skill` result with their completions and verdicts, for reading by eye."""
+    if not is_main_process():
+        return
     with JsonlWriter(path, resume_step=0) as writer:
         for prompt, completion, ok in list(zip(result["prompts"], result["completions"], result["correct"]))[:limit]:
             writer.log({"prompt": prompt, "completion": completion, "correct": bool(ok)})
 
 
+def is_main_process() -> bool:
+    """True outside distributed runs, and on rank 0 of a torchrun / accelerate launch."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def save_model(model, tokenizer, path: Path) -> None:
+    if not is_main_process():
+        return
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def resumable(path: Path, resume: bool, compute) -> dict:
+    """`compute()`'s result, kept as JSON at `path`; a `--resume` run reads it back instead of recomputing.
+
+    For runs that train several models from one base (SFT variants, CoT vs direct answers): each
+    finished model leaves its result, so an interrupted run continues with the first unfinished one.
+    Fresh and resumed runs both return the JSON round trip, so they hold identical values (string keys).
+    """
+    if resume and path.exists():
+        return read_json(path)
+    result = json.loads(json.dumps(compute()))  # the same JSON round trip a resumed run reads back
+    if is_main_process():
+        write_json(path, result)
+    return result
 
 
 def write_summary(out: Path, method: str, cfg, metrics: dict, baseline: dict, model, train_result, **extra) -> dict:
@@ -63,6 +90,7 @@ def write_summary(out: Path, method: str, cfg, metrics: dict, baseline: dict, mo
         "tokens_per_s": train_result.tokens_per_s if train_result else None,
         **extra,
     }
-    write_json(out / "summary.json", summary)
+    if is_main_process():
+        write_json(out / "summary.json", summary)
     return summary
 

@@ -1,0 +1,124 @@
+"""Shared pieces of the side-by-side benchmarks: models, data, timing, and the side-by-side driver.
+
+Each benchmark script runs every side in its own subprocess (so peak memory is that side's alone),
+with the same model, data, batch and sequence length; warm-up steps are excluded and the median
+step time is reported. Run a script with no arguments to get the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SIZES = ("tiny", "110m")
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def load(size: str):
+    """(model, tokenizer): the embedded tiny model, or a random-init ~110M Llama sharing its tokenizer
+    but with a 32k vocabulary (the reference figures' shape; token ids beyond the tokenizer's are unused)."""
+    from posttrain.models import load_model
+
+    model, tokenizer = load_model("posttrain:tiny")
+    if size == "110m":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                             num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    return model.to(device()), tokenizer
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated, or this process's peak resident set on the CPU (MB)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed_steps(step_fn, warmup: int, steps: int) -> list[float]:
+    """Seconds per call of `step_fn`, warm-up calls excluded."""
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        start = time.perf_counter()
+        step_fn(i)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def side_main(run_side) -> None:
+    """Entry point of one side's subprocess: prints one JSON line of its measurements."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--side", required=True)
+    parser.add_argument("--size", choices=SIZES, default="tiny")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    result = run_side(args)
+    result.update(side=args.side, size=args.size, peak_mb=peak_memory_mb(),
+                  median_s=statistics.median(result.pop("times")))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main(module: str, run_side, sides: list[str], unit: str, per_step: str) -> None:
+    """`python -m benchmarks.X [--size ...]` compares the sides; with --side it is one side's process."""
+    if "--side" in sys.argv:
+        side_main(run_side)
+    else:
+        compare(module, sides, unit, per_step)
+
+
+def compare(module: str, sides: list[str], unit: str, per_step: str) -> None:
+    """Run each side in a subprocess and print a table with throughput ratios to the last side."""
+    parser = argparse.ArgumentParser(description=f"posttrain vs others: {unit}")
+    parser.add_argument("--size", choices=SIZES, default="tiny")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    rows = []
+    for side in sides:
+        cmd = [sys.executable, "-m", module, "--side", side, "--size", args.size, "--warmup", str(args.warmup),
+               "--steps", str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"side {side} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(line[7:]))
+    base = rows[-1][per_step] / rows[-1]["median_s"]
+    where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    print(f"{unit}, size={args.size}, device={where}, median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"| side | {unit} | median step (ms) | peak memory (MB) | MFU | vs {rows[-1]['side']} |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        rate = r[per_step] / r["median_s"]
+        mfu = f"{100 * rate * r['flops_per_token'] / H100_BF16_FLOPS:.1f}%" if "flops_per_token" in r else ""
+        print(f"| {r['side']} | {rate:,.1f} | {1000 * r['median_s']:.1f} | {r['peak_mb']:.0f} | {mfu} | {rate / base:.2f}x |")
+
+
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
+
+
+def training_flops_per_token(model, seq_len: int) -> float:
+    """6N + 6 L d T: weights' forward+backward plus attention scores, per token (the DESIGN.md formula)."""
+    n = sum(p.numel() for p in model.parameters())
+    c = model.config
+    return 6 * n + 6 * c.num_hidden_layers * c.hidden_size * seq_len

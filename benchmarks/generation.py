@@ -1,0 +1,65 @@
+"""Rollout generation: posttrain's sampler vs `model.generate` (new tokens/s).
+
+Every side samples (temperature 1) exactly NEW_TOKENS tokens for each of BATCH prompts of world
+questions: posttrain's sampler ignores EOS here, `generate` gets min_new_tokens. Sides: posttrain,
+HF generate with the dynamic cache, HF generate with cache_implementation="static".
+
+    python -m benchmarks.generation                       # tiny model, batch 64
+    python -m benchmarks.generation --size 110m --batch 256
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from benchmarks.common import device, load, main, timed_steps
+from posttrain.generation import generate
+from posttrain.world import render, sample_problems
+
+NEW_TOKENS = 256
+BATCH = int(os.environ.get("BENCH_BATCH", "64"))
+
+
+class NeverStops:
+    """The tokenizer, with an end-of-sequence id no sampled token can have: every row runs to the end."""
+
+    eos_token_id = -1
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+
+def prompts() -> list[str]:
+    return [render(p, "cot")[0] for p in sample_problems("add", 3, BATCH, "test", seed=0)]
+
+
+def run_side(args) -> dict:
+    model, tokenizer = load(args.size)
+    model.eval()
+    texts = prompts()
+    if args.side == "posttrain":
+        never = NeverStops(tokenizer)
+        step = lambda i: generate(model, never, texts, max_new_tokens=NEW_TOKENS, temperature=1.0,  # noqa: E731
+                                  seed=i, batch_size=BATCH)
+    else:
+        tokenizer.padding_side = "left"
+        enc = tokenizer(texts, return_tensors="pt", padding=True).to(device())
+        extra = {"cache_implementation": "static"} if args.side == "hf-static" else {}
+
+        @torch.no_grad()
+        def step(i):
+            model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=True,
+                           temperature=1.0, top_p=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id, **extra)
+    return {"times": timed_steps(step, args.warmup, args.steps), "new_tokens": BATCH * NEW_TOKENS}
+
+
+if __name__ == "__main__":
+    main(__spec__.name, run_side, ["posttrain", "hf-static", "hf-dynamic"], f"new tokens/s (batch {BATCH})",
+         "new_tokens")

@@ -1,0 +1,94 @@
+"""SFT training step: posttrain's loop vs TRL's SFTTrainer (tokens/s, peak memory, MFU on a GPU).
+
+Same model, same prompt/completion examples (chain-of-thought 3-digit addition from the world),
+batch 32, completion-only loss, AdamW, no packing on either side.
+
+    python -m benchmarks.sft_step                 # embedded tiny model (CPU or GPU)
+    python -m benchmarks.sft_step --size 110m     # random-init ~110M Llama, bf16 (GPU)
+"""
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+import time
+
+from benchmarks.common import device, load, main, sync, timed_steps, training_flops_per_token
+from posttrain.data import EncodedDataset, encode_pair
+from posttrain.losses.sft import causal_lm_loss
+from posttrain.methods.common import world_examples
+
+BATCH = 32
+
+
+def examples(n: int = 2048) -> list[tuple[str, str]]:
+    return world_examples("add", 3, n, "cot", seed=0)
+
+
+def tokens_per_batch(tokenizer) -> float:
+    rows = [encode_pair(tokenizer, p, c) for p, c in examples()]
+    return BATCH * sum(len(ids) for ids, _ in rows) / len(rows)
+
+
+def run_posttrain(args) -> dict:
+    from posttrain.training import TrainingConfig, _optimizer_step, lr_lambda, make_accelerator
+
+    model, tokenizer = load(args.size)
+    cfg = TrainingConfig(steps=args.warmup + args.steps, batch_size=BATCH, lr=1e-4)
+    accelerator = make_accelerator(cfg.precision)
+    data = EncodedDataset([encode_pair(tokenizer, p, c) for p, c in examples()], tokenizer.pad_token_id, BATCH, 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device() == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    def step(i):
+        _optimizer_step(model, optimizer, data.batch(i), causal_lm_loss, cfg, accelerator)
+        scheduler.step()
+
+    return measured(timed_steps(step, args.warmup, args.steps), model, tokenizer)
+
+
+def measured(times: list[float], model, tokenizer) -> dict:
+    result = {"times": times, "tokens": tokens_per_batch(tokenizer)}
+    if device() == "cuda":
+        result["flops_per_token"] = training_flops_per_token(model, int(result["tokens"] / BATCH))
+    return result
+
+
+def run_trl(args) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = load(args.size)
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            sync()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            sync()
+            times.append(time.perf_counter() - self.start)
+
+    data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in examples()])
+    with tempfile.TemporaryDirectory() as tmp:
+        config = SFTConfig(output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=args.warmup + args.steps,
+                           learning_rate=1e-4, logging_steps=10**6, save_strategy="no", report_to=[],
+                           completion_only_loss=True, packing=False, dataset_num_proc=1, bf16=args.size == "110m",
+                           use_cpu=device() == "cpu", disable_tqdm=True, max_length=1024)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                             callbacks=[StepTimer()])
+        trainer.train()
+    return measured(times[args.warmup:], model, tokenizer)
+
+
+def run_side(args) -> dict:
+    return {"posttrain": run_posttrain, "trl": run_trl}[args.side](args)
+
+
+if __name__ == "__main__":
+    main(__spec__.name, run_side, ["posttrain", "trl"], "tokens/s", "tokens")

@@ -1,0 +1,82 @@
+"""The self-contained HTML report of a demonstration run (`report.html`).
+
+Built from the run folder's files alone (`<method>/summary.json`, `<method>/*.png`, `run.json`):
+plots are embedded as data URIs and there is no script, stylesheet or font from the network, so
+the file opens offline and can be mailed around. `posttrain report DIR` rebuilds it.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from posttrain.errors import UserError
+from posttrain.io import write_text
+from posttrain.methods import METHODS
+from posttrain.report.insights import insights
+from posttrain.report.table import comparison_rows, load_summaries, to_csv, to_markdown
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; font-size: 0.9em; } td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th { background: #f3f3f3; } td:first-child, td:nth-child(2) { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; } .plots { display: flex; flex-wrap: wrap; gap: 1em; }
+.plots figure { margin: 0; width: 48%; } figcaption { font-size: 0.85em; color: #555; }
+code { background: #f5f5f5; padding: 1px 4px; }
+"""
+
+
+def _table_html(rows: list[dict]) -> str:
+    markdown = to_markdown(rows).splitlines()
+    header = [c.strip() for c in markdown[0].strip("|").split("|")]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in markdown[2:]]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    rows_html = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table><tr>{head}</tr>{rows_html}</table>"
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    caption = html.escape(path.stem.replace("_", " "))
+    return f'<figure><img alt="{caption}" src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
+
+
+def _method_section(run_dir: Path, name: str, summary: dict) -> str:
+    method = METHODS[name]
+    before, after = summary["baseline"].get("accuracy"), summary["metrics"].get("accuracy")
+    numbers = f"held-out accuracy {before:.3f} &rarr; {after:.3f}" if before is not None and after is not None else ""
+    plots = "".join(_image(p) for p in sorted((run_dir / name).glob("*.png")))
+    return (f"<h3>{html.escape(name)} <small>({method.category}: {html.escape(method.title)})</small></h3>"
+            f"<p>{numbers}; run folder <code>{html.escape(name)}/</code></p><div class='plots'>{plots}</div>")
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write `comparison.md`, `comparison.csv` and `report.html` into `run_dir` from its files alone."""
+    run_dir = Path(run_dir)
+    summaries = load_summaries(run_dir)
+    if not summaries:
+        raise UserError(f"'{run_dir}' holds no method runs (expected <method>/summary.json folders)")
+    rows = comparison_rows(summaries)
+    write_text(run_dir / "comparison.md", to_markdown(rows))
+    write_text(run_dir / "comparison.csv", to_csv(rows))
+    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    machine = html.escape(run_info.get("machine", "unknown machine"))
+    command = html.escape(run_info.get("command", ""))
+    items = "".join(f"<li>{html.escape(text)}</li>" for text in insights(summaries)) or "<li>No method ran.</li>"
+    sections = "".join(_method_section(run_dir, n, s) for n, s in summaries.items())
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>posttrain report</title><style>{STYLE}</style></head>
+<body>
+<h1>posttrain report</h1>
+<p>Command <code>{command}</code> on {machine}. Every number below is read from the runs' <code>summary.json</code> files.</p>
+<h2>Method comparison</h2>
+{_table_html(rows)}
+<h2>Key insights</h2>
+<ul>{items}</ul>
+<h2>Methods</h2>
+{sections}
+</body></html>
+"""
+    write_text(run_dir / "report.html", page)
+    return run_dir / "report.html"

@@ -1,0 +1,81 @@
+"""The measured method comparison table, built from each run's summary.json alone.
+
+One row per method: training wall time, inference cost per problem (generated tokens and seconds
+of the headline evaluation), trainable parameters, held-out accuracy before and after, and the KL
+from the starting model where the method reports one. A cell is empty when the run did not
+measure that quantity; nothing is filled in by assumption.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from posttrain.methods import METHODS
+
+COLUMNS = ["method", "category", "train time (s)", "tokens / problem", "s / problem", "trainable params",
+           "trainable %", "accuracy before", "accuracy after", "gain", "KL"]
+
+
+def load_summaries(run_dir: str | Path) -> dict[str, dict]:
+    """method name -> summary, for every `<run_dir>/<method>/summary.json`, in registry order."""
+    run_dir = Path(run_dir)
+    found = {}
+    for name in METHODS:
+        path = run_dir / name / "summary.json"
+        if path.exists():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def _per_problem(metrics: dict, key: str):
+    if metrics.get(key) is None or not metrics.get("n"):
+        return None
+    return metrics[key] / metrics["n"]
+
+
+def row(name: str, summary: dict) -> dict:
+    metrics, baseline, params = summary.get("metrics", {}), summary.get("baseline", {}), summary.get("params", {})
+    before, after = baseline.get("accuracy"), metrics.get("accuracy")
+    trainable, total = params.get("trainable"), params.get("total")
+    trains = bool(trainable) and summary.get("time_s")
+    return {
+        "method": name,
+        "category": METHODS[name].category,
+        "train time (s)": summary.get("time_s") if trains else None,
+        "tokens / problem": _per_problem(metrics, "generated_tokens"),
+        "s / problem": _per_problem(metrics, "seconds"),
+        "trainable params": trainable if trains else None,
+        "trainable %": 100 * trainable / total if trains and total else None,
+        "accuracy before": before,
+        "accuracy after": after,
+        "gain": after - before if before is not None and after is not None else None,
+        "KL": metrics.get("kl"),
+    }
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def comparison_rows(summaries: dict[str, dict]) -> list[dict]:
+    return [row(name, summary) for name, summary in summaries.items()]
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows({c: "" if r[c] is None else r[c] for c in COLUMNS} for r in rows)
+    return buffer.getvalue()
