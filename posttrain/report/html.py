@@ -61,15 +61,15 @@ def build_report(run_dir: str | Path) -> Path:
     write_text(run_dir / "comparison.md", to_markdown(rows))
     write_text(run_dir / "comparison.csv", to_csv(rows))
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    machine = html.escape(run_info.get("machine", "unknown machine"))
-    command = html.escape(run_info.get("command", ""))
+    origin = (f"Command <code>{html.escape(run_info['command'])}</code> on {html.escape(run_info['machine'])}, "
+              f"{run_info['time_s']:.0f} s in all." if run_info else f"Runs in <code>{html.escape(str(run_dir))}</code>.")
     items = "".join(f"<li>{html.escape(text)}</li>" for text in insights(summaries)) or "<li>No method ran.</li>"
     sections = "".join(_method_section(run_dir, n, s) for n, s in summaries.items())
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>posttrain report</title><style>{STYLE}</style></head>
 <body>
 <h1>posttrain report</h1>
-<p>Command <code>{command}</code> on {machine}. Every number below is read from the runs' <code>summary.json</code> files.</p>
+<p>{origin} Every number below is read from the runs' <code>summary.json</code> files.</p>
 <h2>Method comparison</h2>
 {_table_html(rows)}
 <h2>Key insights</h2>

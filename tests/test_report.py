@@ -1,0 +1,82 @@
+"""The comparison table and report.html, built from a run folder's files alone."""
+import csv
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.config import load_config
+from posttrain.demo import selected_methods
+from posttrain.methods import METHODS
+from posttrain.methods.finetuning import sft
+from posttrain.report.table import load_summaries
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, quick_model):
+    root = tmp_path_factory.mktemp("demo")
+    overrides = [f"{k}={v}" for k, v in sft.QUICK.items()] + [f"model={quick_model}", f"output_dir={root / 'sft'}"]
+    sft.run(load_config(sft.SFTConfig, None, overrides + ["difficulties=2"]))
+    assert main(["report", str(root)]) == 0
+    return root
+
+
+def test_table_numbers_come_from_the_summaries(run_dir):
+    summary = json.loads((run_dir / "sft" / "summary.json").read_text())
+    row = next(csv.DictReader((run_dir / "comparison.csv").open()))
+    assert row["method"] == "sft" and row["category"] == "fine-tuning"
+    assert float(row["accuracy before"]) == summary["baseline"]["accuracy"]
+    assert float(row["accuracy after"]) == summary["metrics"]["accuracy"]
+    assert int(row["trainable params"]) == summary["params"]["trainable"]
+    assert float(row["tokens / problem"]) == summary["metrics"]["generated_tokens"] / summary["metrics"]["n"]
+    assert row["KL"] == ""  # SFT reports none: the cell stays empty rather than invented
+    page = (run_dir / "report.html").read_text()
+    assert f"{summary['metrics']['accuracy']:.3f}" in page and f"{summary['baseline']['accuracy']:.3f}" in page
+
+
+def test_report_is_self_contained(run_dir):
+    page = (run_dir / "report.html").read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+    assert "<script" not in page and "<link" not in page
+    assert page.count("data:image/png;base64,") == len(list((run_dir / "sft").glob("*.png"))) >= 2
+
+
+def test_report_command_needs_a_run_folder(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no method runs" in capsys.readouterr().err
+
+
+def test_selection_runs_exactly_the_named_stages():
+    assert [m.name for m in selected_methods("rl", None)] == [n for n, m in METHODS.items() if m.category == "rl"]
+    assert [m.name for m in selected_methods(None, ["sft", "dpo"])] == ["sft", "dpo"]
+    assert selected_methods("test-time", ["sft"]) == []
+
+
+PROBE = """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  const net = performance.getEntriesByType('resource').filter(e => !e.name.startsWith('data:')).length;
+  document.title = `images ${ok}/${imgs.length} network ${net}`;
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium_with_every_plot_loaded(run_dir, tmp_path):
+    probed = tmp_path / "probed.html"
+    probed.write_text((run_dir / "report.html").read_text().replace("</body>", PROBE + "</body>"))
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    title = re.search(r"<title>(.*?)</title>", dom).group(1)
+    n = len(list((run_dir / "sft").glob("*.png")))
+    assert title == f"images {n}/{n} network 0", title
