@@ -22,8 +22,9 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # End-to-end runs of the default methods on the full embedded model (builds it once: ~4 minutes).
+# SLOW_TESTS narrows it to some files, e.g. make test-slow SLOW_TESTS=tests/test_sft.py
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow $(SLOW_TESTS)
 
 clean:
 	rm -rf $(VENV) runs

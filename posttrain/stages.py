@@ -46,10 +46,11 @@ def cached_run(method: str, overrides: list[str] = ()) -> Path:
 # The shared starting policy of reward modelling, DPO/PPO/GRPO and test-time scaling: chain-of-
 # thought SFT on 4-digit addition from only 256 demonstrations. Measured held-out greedy accuracy
 # 0.49 (0.00 before): a policy that knows the procedure but slips, leaving room for the methods.
-POLICY = ["difficulties=4", "train_examples=256", "steps=200", "eval_problems=300", "old_skill_problems=50"]
+POLICY = ["difficulties=4", "train_examples=256", "steps=200", "eval_problems=300", "old_skill_problems=50",
+          "variants=plain"]
 # Its smoke-sized twin on the quick base model, for fast tests (2-digit addition, measured 0.43).
 POLICY_QUICK = ["model=posttrain:tiny-quick", "difficulties=2", "train_examples=256", "steps=100",
-                "eval_problems=100", "old_skill_problems=20"]
+                "eval_problems=100", "old_skill_problems=20", "variants=plain"]
 
 
 def policy(quick: bool = False) -> Path:

@@ -1,5 +1,6 @@
-"""SFT end to end on the quick embedded model: it learns, it keeps the output contract, and a run
-killed mid-way then resumed ends with the same metrics as an uninterrupted one."""
+"""SFT end to end on the quick embedded model: it learns, it keeps the output contract, plain SFT
+forgets what L2-SP and replay keep, and a run killed mid-way then resumed ends with the same
+metrics as an uninterrupted one."""
 import json
 import os
 import signal
@@ -37,18 +38,35 @@ def test_sft_output_contract(straight_run):
     for key in ("method", "config", "metrics", "baseline", "params", "time_s", "tokens_per_s"):
         assert key in summary
     assert summary["params"]["trainable"] == summary["params"]["total"] > 500_000
-    assert set(summary["metrics"]["forgetting"]) == {"sub", "compare", "reverse", "sort"}
+    forgetting = summary["metrics"]["forgetting"]
+    assert list(forgetting) == ["plain", "l2sp:0.01", "replay:0.3"]
+    assert all(set(v["old_skills"]) == {"sub", "compare", "reverse", "sort"} for v in forgetting.values())
+    assert forgetting["plain"]["target_accuracy"] == summary["metrics"]["accuracy"]
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
-    for name in ("metrics.jsonl", "training_curve.png", "accuracy_by_skill.png", "samples.jsonl"):
+    for name in ("metrics.jsonl", "training_curve.png", "accuracy_by_skill.png", "frontier.png", "samples.jsonl",
+                 "variants/l2sp-0.01/metrics.jsonl", "variants/replay-0.3/metrics.jsonl"):
         assert (out / name).stat().st_size > 0
     AutoModelForCausalLM.from_pretrained(out / "model")  # a standard HF folder
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
+def test_plain_sft_forgets_what_l2sp_and_replay_keep(straight_run):
+    """On the quick model only comparison is an old skill worth the name (base ~0.5); plain SFT on
+    addition takes it down, both defences keep it and still learn the target."""
+    summary = straight_run[1]
+    forgetting, base = summary["metrics"]["forgetting"], summary["baseline"]
+    assert forgetting["plain"]["drop"]["compare"] >= 0.2
+    for variant in ("l2sp:0.01", "replay:0.3"):
+        assert forgetting[variant]["old_skills"]["compare"] >= forgetting["plain"]["old_skills"]["compare"] + 0.2
+        assert forgetting[variant]["target_accuracy"] >= base["accuracy"] + 0.05
+    assert forgetting["l2sp:0.01"]["weight_shift"] < 0.5 * forgetting["plain"]["weight_shift"]  # L2-SP's doing
+
+
 def test_killed_and_resumed_run_ends_with_the_same_metrics(straight_run, quick_model, tmp_path):
+    """Killed during the first variant; the resumed run finishes it, then trains the next one fresh."""
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "posttrain", "sft", "--model", quick_model, "--output-dir", str(out),
-            *QUICK, "checkpoint_every=20"]
+            *QUICK, "variants=plain,l2sp:0.01", "checkpoint_every=20"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "checkpoint" / "state.json"
     deadline = time.time() + 120
@@ -63,7 +81,10 @@ def test_killed_and_resumed_run_ends_with_the_same_metrics(straight_run, quick_m
     resumed = json.loads((out / "summary.json").read_text())
     straight = straight_run[1]
     assert resumed["metrics"]["accuracy"] == straight["metrics"]["accuracy"]
-    assert resumed["metrics"]["forgetting"] == straight["metrics"]["forgetting"]
+    for variant in ("plain", "l2sp:0.01"):
+        got, want = (dict(run["metrics"]["forgetting"][variant]) for run in (resumed, straight))
+        assert got.pop("weight_shift") == pytest.approx(want.pop("weight_shift"), rel=1e-5)
+        assert got == want
     last = lambda path: [json.loads(line) for line in path.read_text().splitlines()][-1]  # noqa: E731
     assert last(out / "metrics.jsonl")["loss"] == pytest.approx(last(straight_run[0] / "metrics.jsonl")["loss"], abs=1e-6)
 

@@ -1,35 +1,67 @@
-"""Supervised fine-tuning (SFT): maximise log p(completion | prompt) on demonstrations.
+"""Supervised fine-tuning (SFT), and what it costs: catastrophic forgetting, and two defences.
 
-    loss = -1/N sum_t log pi(y_t | x, y_<t)      over completion tokens (EOS included), N of them
-         + l2sp/2 * ||theta - theta_0||^2         optional: L2-SP, stay near the pretrained weights
+    plain     loss = -1/N sum_t log pi(y_t | x, y_<t)    over completion tokens (EOS included), N of them
+    l2sp:S    loss = plain + S/2 * ||theta - theta_0||^2  L2-SP (Li et al. 2018, Eq. 3): stay near the base
+    replay:F  plain, on batches where a fraction F of the rows are old-skill examples (rehearsal)
 
 By default the demonstrations are the world's main task (multi-digit addition) at a difficulty the
 base model fails, written as chain-of-thought solutions. SFT lifts held-out accuracy on that task;
-the price can be forgetting of skills the base model had, which this run measures on the other
-skills (accuracy before and after). Two mitigations are options: L2-SP (`l2sp=STRENGTH`) and replay
-(`replay_fraction=F`: a fraction F of the training rows are old-skill examples).
+the price is forgetting. Every world prompt has the same shape (`Q: 34-12`), and a model trained
+only on addition learns to answer every prompt with addition: plain SFT takes the base model's
+old skills (subtraction, comparison, reversing and sorting lists) to near zero.
+
+Each entry of `variants` trains from the same base model on the same target batches for the same
+steps (replay adds its old-skill rows on top of the target rows rather than replacing any), and is
+evaluated on the same held-out target problems and old-skill problems. `summary.json` holds
+`metrics.forgetting`, one entry per variant (target accuracy, old-skill accuracy, drop from the
+base, and how far the weights moved), and `frontier.png` plots old-skill against target accuracy:
+the adaptation-forgetting frontier. The first variant is the headline: its target accuracy is
+`metrics.accuracy` and its model is saved in `model/`; the others train in `variants/<name>/`.
+
+Why the defences work here. Learning 3-digit addition is a small edit of a base model that already
+adds 1-2 digit numbers step by step; plain SFT nevertheless moves the weights far, because Adam
+takes steps of about the learning rate on every weight whose gradient is non-zero, however small and
+noisy, and the drift accumulates into "everything is addition". L2-SP gives each weight a pull back
+to its base value that outweighs those small gradients, so only the weights the target needs move
+(at S=0.03 the weights move ~15x less than under plain SFT, `weight_shift`, with the same target
+accuracy); too strong (S=0.3) and the target cannot be learnt either, which is the frontier's other
+end. Replay attacks the cause instead: the batches show that other prompts still want other
+procedures. Subtraction, the skill most like addition, needs the most rehearsal to survive.
 
 With `--data FILE.jsonl` (prompt/completion or messages records) the run fine-tunes on that data
-instead; 10% of the records are held out and accuracy is exact match of the greedy completion.
+with the first variant only (there are no old-skill probes to compare variants on, and replay
+needs world data); 10% of the records are held out and accuracy is exact match of the greedy
+completion.
 
     posttrain sft --output-dir runs/sft
-    posttrain sft --model Qwen/Qwen2.5-0.5B --data my.jsonl steps=500 lr=2e-5
+    posttrain sft variants=plain,l2sp:0.01,replay:0.3
+    posttrain sft --model Qwen/Qwen2.5-0.5B --data my.jsonl steps=500 lr=2e-5 variants=plain
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
+from functools import partial
+
+import torch
+import torch.nn.functional as F
 
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
 from posttrain.generation import generate
-from posttrain.losses.sft import causal_lm_loss, l2sp_penalty
-from posttrain.methods.common import eval_skill, headline, prepare_output, save_model, world_examples, write_samples, write_summary
+from posttrain.losses.sft import IGNORE, causal_lm_loss, l2sp_penalty
+from posttrain.methods.common import (eval_skill, headline, prepare_output, resumable, save_model, world_examples,
+                                      write_samples, write_summary)
 from posttrain.models import DEFAULT_MODEL, load_model
 from posttrain.records import read_sft
-from posttrain.report.plots import before_after_bars, training_curve
-from posttrain.training import TrainingConfig, train
-from posttrain.world import EASY_DIFFICULTY, FORMATS, MAIN_SKILL, SKILLS
+from posttrain.report.finetuning_plots import frontier, grouped_bars
+from posttrain.report.plots import training_curve
+from posttrain.training import TrainingConfig, TrainResult, train
+from posttrain.world import EASY_DIFFICULTY, FORMATS, MAIN_SKILL, SKILLS, render, sample_problems
+
+FORGOTTEN = 0.05  # an old-skill accuracy drop of at least this much counts as forgetting
+TARGET_TOLERANCE = 0.03  # a mitigation may cost this much target accuracy and still count as "best"
 
 
 @dataclasses.dataclass
@@ -43,11 +75,11 @@ class SFTConfig(TrainingConfig):
     train_examples: int = 4000  # demonstrations drawn from the train split
     eval_problems: int = 500  # held-out test problems for accuracy before and after
     old_skills: list[str] = dataclasses.field(default_factory=lambda: ["sub", "compare", "reverse", "sort"])  # forgetting
-    old_skill_problems: int = 200  # test problems per old skill
-    l2sp: float = 0.0  # L2-SP strength toward the pretrained weights (0: off)
-    replay_fraction: float = 0.0  # fraction of training rows that replay old skills (0: off)
-    eval_every: int = 0  # steps between held-out accuracy checks during training (0: only at the end)
-    steps: int = 250
+    old_skill_problems: int = 100  # test problems per old skill
+    variants: list[str] = dataclasses.field(  # each trained from the base: plain | l2sp:STRENGTH | replay:FRACTION
+        default_factory=lambda: ["plain", "l2sp:0.003", "l2sp:0.03", "l2sp:0.3", "replay:0.4"])
+    eval_every: int = 0  # steps between held-out accuracy checks of the first variant (0: only at the end)
+    steps: int = 100
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 20
@@ -58,26 +90,75 @@ class SFTConfig(TrainingConfig):
             raise UserError(f"skills must be among {', '.join(SKILLS)}")
         if self.format not in FORMATS:
             raise UserError(f"format must be one of {', '.join(FORMATS)}, got '{self.format}'")
-        if not 0 <= self.replay_fraction < 1:
-            raise UserError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
-        if self.l2sp < 0:
-            raise UserError(f"l2sp must be >= 0, got {self.l2sp}")
+        if not self.variants:
+            raise UserError("variants must name at least one variant, e.g. variants=plain")
+        kinds = [parse_variant(v)[0] for v in self.variants]
+        if self.data and kinds[0] == "replay":
+            raise UserError("replay mixes in world old-skill problems, which --data runs do not have; use plain or l2sp:S")
 
 
 CONFIG = SFTConfig
 # --quick: a smoke-sized run for tests and the quick demonstration.
-QUICK = {"steps": 60, "train_examples": 1000, "eval_problems": 100, "old_skill_problems": 50}
+QUICK = {"steps": 60, "train_examples": 1000, "eval_problems": 100, "old_skill_problems": 50,
+         "variants": "plain,l2sp:0.01,replay:0.3"}
 
 
-def training_rows(cfg: SFTConfig) -> list[tuple[str, str]]:
-    """World demonstrations, plus old-skill rows when replay is on (a fraction of all rows)."""
-    rows = world_examples(cfg.skill, cfg.difficulties, cfg.train_examples, cfg.format, cfg.seed)
-    n_replay = round(cfg.train_examples * cfg.replay_fraction / (1 - cfg.replay_fraction))
-    rng = random.Random(cfg.seed + 1)
-    for i in range(n_replay):
-        skill = cfg.old_skills[i % len(cfg.old_skills)]
-        rows += world_examples(skill, EASY_DIFFICULTY[skill], 1, rng.choice(["direct", "cot"]), cfg.seed * 100_003 + i)
+def parse_variant(spec: str) -> tuple[str, float]:
+    """`plain` -> ("plain", 0); `l2sp:0.01` -> ("l2sp", 0.01); `replay:0.2` -> ("replay", 0.2)."""
+    kind, _, value = spec.partition(":")
+    try:
+        strength = float(value) if value else 0.0
+    except ValueError:
+        strength = -1.0
+    valid = (kind == "plain" and not value) or (kind == "l2sp" and strength > 0) or (kind == "replay" and 0 < strength < 1)
+    if not valid:
+        raise UserError(f"variant '{spec}': expected plain, l2sp:STRENGTH (> 0) or replay:FRACTION (in (0, 1))")
+    return kind, strength
+
+
+def replay_rows(cfg: SFTConfig, n: int) -> list[tuple[str, str]]:
+    """About `n` old-skill training pairs at each skill's easy difficulty, in direct and CoT format by turns."""
+    per_skill = -(-n // len(cfg.old_skills))
+    rows = []
+    for skill in cfg.old_skills:
+        problems = sample_problems(skill, EASY_DIFFICULTY[skill], per_skill, "train", cfg.seed, distinct=False)
+        rows += [render(p, fmt) for p, fmt in zip(problems, itertools.cycle(("direct", "cot")))]
     return rows
+
+
+def concat_batches(a: dict, b: dict, pad_id: int) -> dict:
+    """Stack two right-padded batches into one, padding the narrower to the wider's length."""
+    fill = {"input_ids": pad_id, "labels": IGNORE, "attention_mask": 0}
+    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    return {k: torch.cat([F.pad(x[k], (0, width - x[k].shape[1]), value=v) for x in (a, b)]) for k, v in fill.items()}
+
+
+def variant_batches(cfg: SFTConfig, spec: str, target: EncodedDataset, tokenizer):
+    """batch_fn of a variant: the target batch of the step, plus old-skill rows for replay:F.
+
+    Replay adds rows instead of replacing target rows, so every variant sees the same target data.
+    """
+    kind, fraction = parse_variant(spec)
+    if kind != "replay":
+        return target.batch
+    per_batch = max(1, round(cfg.batch_size * fraction / (1 - fraction)))  # F of the rows in each batch
+    pairs = replay_rows(cfg, per_batch * cfg.steps // 2)  # each replayed example seen about twice
+    replay = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, per_batch, cfg.seed)
+    return lambda step: concat_batches(target.batch(step), replay.batch(step), tokenizer.pad_token_id)
+
+
+def variant_loss(spec: str, anchors: dict | None):
+    """loss_fn of a variant: masked cross-entropy, plus the L2-SP pull toward the base weights for l2sp:S."""
+    kind, strength = parse_variant(spec)
+    if kind != "l2sp":
+        return causal_lm_loss
+
+    def loss_fn(model, batch):
+        loss, metrics = causal_lm_loss(model, batch)
+        penalty = l2sp_penalty(model, anchors, strength)
+        return loss + penalty, {**metrics, "l2sp": penalty.item()}
+
+    return loss_fn
 
 
 def evaluate_world(model, tokenizer, cfg: SFTConfig) -> dict:
@@ -109,6 +190,60 @@ def split_records(records: list, seed: int) -> tuple[list, list]:
     return records[n_held:] or records, records[:n_held]
 
 
+def forgetting_entry(after: dict, baseline: dict) -> dict:
+    """One variant's row of metrics.forgetting: target accuracy, old-skill accuracy, drop from the base."""
+    drop = {s: baseline["old_skills"][s] - acc for s, acc in after["old_skills"].items()}
+    return {"target_accuracy": after["accuracy"], "old_skills": after["old_skills"], "drop": drop,
+            "weight_shift": after["weight_shift"],
+            "mean_old_accuracy": sum(after["old_skills"].values()) / len(drop), "mean_drop": sum(drop.values()) / len(drop)}
+
+
+def best_mitigation(forgetting: dict) -> dict | None:
+    """The variant keeping the least of plain SFT's forgetting, among those within TARGET_TOLERANCE of its
+    target accuracy. `kept_drop`: the largest share of plain SFT's drop the variant keeps, over the skills
+    plain SFT forgot (0: nothing forgotten, 1: as much as plain SFT; gains count as 0)."""
+    plain = forgetting.get("plain")
+    if not plain:
+        return None
+    forgotten = [s for s, d in plain["drop"].items() if d >= FORGOTTEN]
+    candidates = [v for v, f in forgetting.items()
+                  if v != "plain" and f["target_accuracy"] >= plain["target_accuracy"] - TARGET_TOLERANCE]
+    if not forgotten or not candidates:
+        return None
+    kept = {v: max(max(forgetting[v]["drop"][s], 0.0) / plain["drop"][s] for s in forgotten) for v in candidates}
+    best = min(kept, key=kept.get)
+    return {"variant": best, "kept_drop": kept[best], "forgotten_skills": forgotten,
+            "target_loss": plain["target_accuracy"] - forgetting[best]["target_accuracy"]}
+
+
+def train_variant(cfg: SFTConfig, spec: str, folder, target: EncodedDataset, evaluate_fn, resume: bool,
+                  headline_run: bool) -> dict:
+    """Train one variant from the base model into `folder`; returns its evaluation and timing."""
+    model, tokenizer = load_model(cfg.model)
+    # The base weights: L2-SP's anchor, and the origin of the weight shift reported for world runs.
+    # (A user's large model on --data skips this copy unless L2-SP needs it.)
+    anchors = None
+    if parse_variant(spec)[0] == "l2sp" or not cfg.data:
+        anchors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    eval_fn = None
+    if headline_run and cfg.eval_every and not cfg.data:
+        eval_fn = lambda step: {"eval_accuracy": eval_skill(  # noqa: E731
+            model, tokenizer, cfg.skill, cfg.difficulties, cfg.eval_problems, cfg.format, cfg.seed)["accuracy"]}
+    result = train(model, variant_batches(cfg, spec, target, tokenizer), variant_loss(spec, anchors), cfg, folder,
+                   resume=resume, eval_fn=eval_fn, eval_every=cfg.eval_every, desc=f"sft {spec}")
+    after = evaluate_fn(model)
+    if anchors:
+        after["weight_shift"] = l2sp_penalty(model, anchors, 2.0).sqrt().item()  # ||theta - theta_0||_2
+    training_curve(result.history, folder / "training_curve.png", f"SFT ({spec}) on {cfg.data or cfg.skill}",
+                   eval_metric="eval_accuracy" if eval_fn else None)
+    if headline_run:
+        save_model(model, tokenizer, folder / "model")
+        if "_main" in after:
+            write_samples(folder / "samples.jsonl", after["_main"])
+    after.pop("_main", None)
+    return {"after": after, "time_s": result.time_s, "tokens_per_s": result.tokens_per_s}
+
+
 def run(cfg: SFTConfig, resume: bool = False) -> dict:
     records = read_sft(cfg.data) if cfg.data else None  # bad data fails before anything slow
     out = prepare_output(cfg.output_dir, resume)
@@ -118,34 +253,38 @@ def run(cfg: SFTConfig, resume: bool = False) -> dict:
         pairs = [(prompt_of(r), r.completion) for r in records]
         evaluate_fn = lambda m: evaluate_records(m, tokenizer, held_out)  # noqa: E731
     else:
-        pairs = training_rows(cfg)
+        pairs = world_examples(cfg.skill, cfg.difficulties, cfg.train_examples, cfg.format, cfg.seed)
         evaluate_fn = lambda m: evaluate_world(m, tokenizer, cfg)  # noqa: E731
 
     baseline = evaluate_fn(model)
-    dataset = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
-    anchors = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.l2sp else {}
+    baseline.pop("_main", None)
+    target = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
+    variants = cfg.variants[:1] if records else cfg.variants
+    runs = {}
+    for i, spec in enumerate(variants):  # a finished variant leaves variant.json: --resume skips it
+        folder = out if i == 0 else out / "variants" / spec.replace(":", "-")
+        continue_training = resume and (i == 0 or (folder / "checkpoint").exists())  # later ones may not have started
+        runs[spec] = resumable(folder / "variant.json", resume, partial(
+            train_variant, cfg, spec, folder, target, evaluate_fn, continue_training, headline_run=i == 0))
+    first = runs[variants[0]]
+    metrics = {**first["after"], "train_examples": len(target), "train_tokens": target.tokens(),
+               "variant_time_s": {spec: r["time_s"] for spec, r in runs.items()}}
+    if not records:
+        forgetting = {spec: forgetting_entry(r["after"], baseline) for spec, r in runs.items()}
+        metrics["forgetting"] = forgetting
+        metrics["best_mitigation"] = best_mitigation(forgetting)
+        metrics.pop("old_skills")  # per variant in metrics.forgetting
+        plot_forgetting(cfg, baseline, forgetting, out)
+    timing = TrainResult([], {}, sum(r["time_s"] for r in runs.values()), first["tokens_per_s"])  # all variants
+    return write_summary(out, "sft", cfg, metrics, baseline, model, timing, model_dir=str(out / "model"))
 
-    def loss_fn(model, batch):
-        loss, metrics = causal_lm_loss(model, batch)
-        if anchors:
-            penalty = l2sp_penalty(model, anchors, cfg.l2sp)
-            loss, metrics = loss + penalty, {**metrics, "l2sp": penalty.item()}
-        return loss, metrics
 
-    result = train(model, dataset.batch, loss_fn, cfg, out, resume=resume, desc="sft")
-    after = evaluate_fn(model)
-    save_model(model, tokenizer, out / "model")
-    training_curve(result.history, out / "training_curve.png", f"SFT on {cfg.data or cfg.skill}")
-
-    extra = {}
-    if not cfg.data:
-        extra["forgetting"] = {s: {"before": baseline["old_skills"][s], "after": after["old_skills"][s],
-                                   "drop": baseline["old_skills"][s] - after["old_skills"][s]} for s in cfg.old_skills}
-        before_after_bars({cfg.skill: (baseline["accuracy"], after["accuracy"]),
-                           **{s: (v["before"], v["after"]) for s, v in extra["forgetting"].items()}},
-                          out / "accuracy_by_skill.png", "Held-out accuracy before and after SFT")
-        write_samples(out / "samples.jsonl", after.pop("_main"))
-        baseline.pop("_main")
-    metrics = {**after, **extra, "train_examples": len(dataset), "train_tokens": dataset.tokens()}
-    return write_summary(out, "sft", cfg, metrics, baseline, model, result, model_dir=str(out / "model"))
-
+def plot_forgetting(cfg: SFTConfig, baseline: dict, forgetting: dict, out) -> None:
+    """frontier.png (old-skill vs target accuracy per variant) and accuracy_by_skill.png (per skill)."""
+    base_old = sum(baseline["old_skills"].values()) / len(baseline["old_skills"])
+    frontier({v: (f["target_accuracy"], f["mean_old_accuracy"]) for v, f in forgetting.items()},
+             (baseline["accuracy"], base_old), out / "frontier.png",
+             f"Adaptation vs forgetting: SFT on {cfg.skill} {cfg.difficulties} digits")
+    series = {"base": {cfg.skill: baseline["accuracy"], **baseline["old_skills"]}}
+    series.update({v: {cfg.skill: f["target_accuracy"], **f["old_skills"]} for v, f in forgetting.items()})
+    grouped_bars(series, out / "accuracy_by_skill.png", "Held-out accuracy per skill, base and after each variant")

@@ -1,0 +1,1 @@
+"""Reinforcement learning and preference optimisation: reward models, DPO, PPO, GRPO."""

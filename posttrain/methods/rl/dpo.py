@@ -1,0 +1,267 @@
+"""Direct Preference Optimisation (DPO, Rafailov et al. 2023) and its variants IPO, cDPO and SimPO.
+
+DPO fits the policy to preference pairs directly, with the reference policy standing in for a
+reward model: the implicit reward of a completion is beta * log(pi(y|x) / ref(y|x)).
+
+    pairs:   the SFT policy samples G completions per training prompt; the verifier labels them;
+             a correct completion is `chosen`, an incorrect one of the same prompt `rejected`
+             (or user pairs: `--data pairs.jsonl` with prompt/chosen/rejected records)
+    ref:     log ref(y|x) of every completion, computed once before training (precompute_ref_logps),
+             so only the policy is in memory while it trains
+    step:    chosen and rejected rows in one forward, summed completion log-probs,
+             loss = DPO_LOSSES[loss](...)  (losses/dpo.py: sigmoid | cdpo | ipo | simpo)
+
+Unlike the paper, which uses human preference data and a separately trained SFT model, the pairs here
+are on-policy samples of the shared chain-of-thought SFT policy (posttrain.stages.policy: 4-digit
+addition, held-out greedy accuracy ~0.5) judged by the world's verifier. Held-out accuracy and the KL
+to the reference are measured every `eval_every` steps: the run's points on the reward-KL frontier
+(reward_kl_frontier.png, with sibling PPO/GRPO runs). `beta_sweep=0.03,0.3,1` retrains on the same
+pairs at each beta and plots accuracy and KL against beta (beta_sweep.png).
+
+    posttrain dpo --output-dir runs/dpo
+    posttrain dpo loss=ipo beta=0.5
+    posttrain dpo --model ./my-policy --data pairs.jsonl
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import torch
+
+from posttrain.data import encode_pair, pad_batch
+from posttrain.errors import UserError
+from posttrain.generation import sequence_logprobs
+from posttrain.losses.dpo import DPO_LOSSES, PairLogps, chosen_nll, preference_metrics
+from posttrain.losses.sft import IGNORE
+from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
+from posttrain.methods.finetuning.sft import split_records
+from posttrain.models import load_model
+from posttrain.records import read_preferences
+from posttrain.report.plots import training_curve
+from posttrain.report.rl_plots import beta_sweep_plot, draw_frontier
+from posttrain.rl.frontier import HeldOut, reference_kl
+from posttrain.rl.rollouts import cot_prompts, policy_path, sample_rollouts, training_problems
+from posttrain.training import TrainingConfig, train
+
+
+@dataclasses.dataclass
+class DPOConfig(TrainingConfig):
+    model: str = "sft-policy"  # starting policy and reference: sft-policy (shared CoT SFT model), a folder or hub id
+    data: str | None = None  # JSONL of prompt/chosen/rejected pairs; default: pairs from the policy's own samples
+    output_dir: str = "runs/dpo"  # where summary.json, metrics.jsonl, plots and the model go
+    difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
+    loss: str = "sigmoid"  # sigmoid (DPO) | cdpo | ipo | simpo
+    beta: float = 0.1  # strength of the pull toward the reference (SimPO: the reward scale)
+    label_smoothing: float = 0.1  # cdpo: probability that a pair's label is flipped
+    simpo_gamma: float = 0.5  # simpo: target margin of the length-normalised rewards
+    rpo_alpha: float = 0.0  # weight of the chosen completions' NLL added to the loss (RPO; 0: plain DPO)
+    pair_prompts: int = 256  # training prompts sampled for pairs
+    samples_per_prompt: int = 8  # completions sampled per prompt (one shared prefill)
+    pairs_per_prompt: int = 2  # at most this many (correct, incorrect) pairs per prompt
+    temperature: float = 1.0  # sampling temperature of the pair completions
+    precompute_ref_logps: bool = True  # reference log-probs once up front (false: keep the reference model)
+    beta_sweep: list[float] = dataclasses.field(default_factory=list)  # extra betas trained on the same pairs
+    eval_every: int = 25  # steps between held-out accuracy/KL measurements (0: start and end only)
+    eval_problems: int = 300  # held-out test problems for accuracy
+    kl_problems: int = 100  # held-out prompts whose samples measure KL to the reference
+    steps: int = 100
+    batch_size: int = 32  # pairs per step
+    lr: float = 1e-4
+    warmup_steps: int = 10
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss not in DPO_LOSSES:
+            raise UserError(f"loss must be one of {', '.join(DPO_LOSSES)}, got '{self.loss}'")
+        if self.beta <= 0 or any(b <= 0 for b in self.beta_sweep):
+            raise UserError("beta (and every beta_sweep value) must be > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.rpo_alpha < 0:
+            raise UserError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        if self.samples_per_prompt < 2 or self.pairs_per_prompt < 1:
+            raise UserError("samples_per_prompt must be >= 2 and pairs_per_prompt >= 1")
+
+
+CONFIG = DPOConfig
+# --quick: the smoke-sized twin policy on 2-digit addition.
+QUICK = {"model": "sft-policy-quick", "difficulties": "2", "pair_prompts": 64, "steps": 20, "eval_every": 0,
+         "eval_problems": 100, "kl_problems": 32}
+
+LOSS_OPTIONS = {"cdpo": ("label_smoothing",), "simpo": ("simpo_gamma",)}  # config fields a loss needs
+
+
+def bind_loss(cfg: DPOConfig, beta: float):
+    """DPO_LOSSES[cfg.loss] with beta and the loss's own options filled in."""
+    options = {name.removeprefix("simpo_"): getattr(cfg, name) for name in LOSS_OPTIONS.get(cfg.loss, ())}
+    return functools.partial(DPO_LOSSES[cfg.loss], beta=beta, **options)
+
+
+def policy_pairs(model, tokenizer, cfg: DPOConfig, max_new_tokens: int) -> tuple[list, dict]:
+    """(chosen, rejected) encoded rows from the policy's own samples, and how they were found."""
+    problems = training_problems(cfg.difficulties, cfg.pair_prompts, cfg.seed)
+    rollouts = sample_rollouts(model, tokenizer, *cot_prompts(problems), num_samples=cfg.samples_per_prompt,
+                               max_new_tokens=max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    pairs, G = [], cfg.samples_per_prompt
+    for start in range(0, len(rollouts.texts), G):
+        group = range(start, start + G)
+        right = list({rollouts.texts[i]: i for i in group if rollouts.rewards[i] == 1}.values())  # distinct texts
+        wrong = list({rollouts.texts[i]: i for i in group if rollouts.rewards[i] == 0}.values())
+        pairs += [(rollouts.row(c), rollouts.row(r)) for c, r in list(zip(right, wrong))[: cfg.pairs_per_prompt]]
+    if not pairs:
+        raise UserError("no preference pairs: every prompt's samples were all right or all wrong; "
+                        "raise samples_per_prompt or temperature")
+    info = {"pairs": len(pairs), "sampled_accuracy": rollouts.rewards.mean().item(),
+            "completions_sampled": len(rollouts.texts)}
+    return pairs, info
+
+
+def pair_tensors(pairs: list, pad_id: int) -> dict:
+    """Pairs as (P, 2, T) tensors, chosen at [:, 0] and rejected at [:, 1]: one forward takes both."""
+    flat = pad_batch([row for pair in pairs for row in pair], pad_id)  # (2P, T), rows c0 r0 c1 r1 ...
+    return {k: v.view(len(pairs), 2, -1) for k, v in flat.items()}
+
+
+def pair_logps(model, batch: dict) -> torch.Tensor:
+    """Summed completion log-probs (B, 2) of a (B, 2, T) pair batch, chosen and rejected in one forward."""
+    flat = {k: batch[k].flatten(0, 1) for k in ("input_ids", "attention_mask", "labels")}
+    return sequence_logprobs(model, flat).view(-1, 2)
+
+
+@torch.no_grad()
+def all_pair_logps(model, tensors: dict, chunk: int = 64) -> torch.Tensor:
+    """pair_logps over every pair, a chunk at a time: (P, 2)."""
+    model.eval()
+    rows = len(tensors["input_ids"])
+    return torch.cat([pair_logps(model, {k: v[i : i + chunk] for k, v in tensors.items()}) for i in range(0, rows, chunk)])
+
+
+def pair_batches(tensors: dict, batch_size: int, seed: int):
+    """batch_fn for training.train: an epoch-wise seeded shuffle of the pairs, a pure function of the step."""
+    n = len(tensors["input_ids"])
+
+    def batch(step: int) -> dict:
+        per_epoch = max(1, n // batch_size)
+        epoch, index = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        picks = order[index * batch_size : (index + 1) * batch_size]
+        width = int(tensors["attention_mask"][picks].sum(-1).max())  # right padding: trim shared pad columns
+        return {k: v[picks][..., :width] if v.dim() == 3 else v[picks] for k, v in tensors.items()}
+
+    return batch
+
+
+def dpo_loss_fn(loss, beta: float, rpo_alpha: float, reference=None):
+    """loss_fn for training.train: reference log-probs from the batch, or from `reference` when given."""
+
+    def loss_fn(model, batch):
+        logps = pair_logps(model, batch)  # (B, 2)
+        if reference is None:
+            ref = batch["ref_logps"]
+        else:
+            with torch.no_grad():
+                ref = pair_logps(reference, batch)
+        tokens = (batch["labels"][..., 1:] != IGNORE).sum(-1)  # (B, 2) completion lengths
+        p = PairLogps(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], tokens[:, 0], tokens[:, 1])
+        nll = chosen_nll(p).mean()
+        value = loss(p).mean() + rpo_alpha * nll
+        return value, {"loss": value.item(), "nll/chosen": nll.item(), **preference_metrics(p, beta)}
+
+    return loss_fn
+
+
+def encode_records(tokenizer, records) -> list:
+    return [(encode_pair(tokenizer, r.prompt, r.chosen), encode_pair(tokenizer, r.prompt, r.rejected)) for r in records]
+
+
+def measure_on_records(model, *, tokenizer, records, start_path: str, seed: int, kl: bool = True) -> dict:
+    """User pairs: held-out preference accuracy, and KL to the start policy on samples for their prompts."""
+    held = pair_tensors(encode_records(tokenizer, records), tokenizer.pad_token_id)
+    result = {"accuracy": preference_accuracy(model, held), "n": len(records)}
+    if kl:
+        budget = int((held["labels"][..., 1:] != IGNORE).sum(-1).max()) + 8  # the longest held-out completion, and slack
+        prompts = sorted({r.prompt for r in records})
+        result["kl"] = reference_kl(model, load_model(start_path)[0], tokenizer, prompts, max_new_tokens=budget, seed=seed)
+    return result
+
+
+def preference_accuracy(model, tensors: dict) -> float:
+    """Share of pairs whose chosen completion has the higher per-token log-prob under `model`."""
+    tokens = (tensors["labels"][..., 1:] != IGNORE).sum(-1)
+    logps = all_pair_logps(model, tensors) / tokens
+    return (logps[:, 0] > logps[:, 1]).float().mean().item()
+
+
+def train_dpo(cfg: DPOConfig, start_path: str, tensors: dict, beta: float, out, resume: bool, measure) -> tuple:
+    """Train a fresh copy of the start policy on the pairs at `beta`; returns (model, tokenizer, TrainResult)."""
+    model, tokenizer = load_model(start_path)
+    reference = None if cfg.precompute_ref_logps else load_model(start_path)[0].requires_grad_(False)
+    loss_fn = dpo_loss_fn(bind_loss(cfg, beta), beta, cfg.rpo_alpha, reference)
+
+    def eval_fn(step: int) -> dict:
+        if step == cfg.steps:
+            return {}  # the final measurement follows training
+        point = measure(model)
+        return {"eval/accuracy": point["accuracy"], "eval/kl": point["kl"]}
+
+    result = train(model, pair_batches(tensors, cfg.batch_size, cfg.seed), loss_fn, dataclasses.replace(cfg, beta=beta),
+                   out, resume=resume, eval_fn=eval_fn if measure else None, eval_every=cfg.eval_every, desc=f"dpo b={beta}")
+    return model, tokenizer, result
+
+
+def run(cfg: DPOConfig, resume: bool = False) -> dict:
+    records = read_preferences(cfg.data) if cfg.data else None  # bad data fails before anything slow
+    out = prepare_output(cfg.output_dir, resume)
+    start_path = policy_path(cfg.model)
+    model, tokenizer = load_model(start_path)
+    if records:
+        train_records, held_records = split_records(records, cfg.seed)
+        pairs, pair_info = encode_records(tokenizer, train_records), {"pairs": len(train_records)}
+        measure = functools.partial(measure_on_records, tokenizer=tokenizer, records=held_records, start_path=start_path,
+                                    seed=cfg.seed)
+    else:
+        held_out = HeldOut.of(tokenizer, cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed)
+        measure = functools.partial(held_out.measure, tokenizer=tokenizer)
+        pairs, pair_info = policy_pairs(model, tokenizer, cfg, held_out.max_new_tokens)
+
+    baseline = measure(model, kl=False)
+    tensors = pair_tensors(pairs, tokenizer.pad_token_id)
+    if cfg.precompute_ref_logps:
+        tensors["ref_logps"] = all_pair_logps(model, tensors)  # the start policy is the reference
+    del model  # a fresh copy is trained (the beta sweep starts from it again)
+
+    model, tokenizer, result = train_dpo(cfg, start_path, tensors, cfg.beta, out, resume, measure)
+    after = measure(model)
+    save_model(model, tokenizer, out / "model")
+    if not records:
+        write_samples(out / "samples.jsonl", after)
+    training_curve(result.history, out / "training_curve.png", f"DPO ({cfg.loss}, beta={cfg.beta})",
+                   metric="loss", eval_metric="eval/accuracy")
+    frontier = frontier_points(out, baseline["accuracy"], cfg.steps, after)
+    sweep = beta_sweep(cfg, start_path, tensors, out, after, measure) if cfg.beta_sweep else []
+    train_metrics = {k: v for k, v in result.final_metrics.items() if k.startswith(("rewards/", "logps/"))}
+    metrics = {**headline(after), **train_metrics, **pair_info, "frontier": frontier, "beta_sweep": sweep}
+    summary = write_summary(out, "dpo", cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
+    draw_frontier(out)
+    return summary
+
+
+def frontier_points(out, start_accuracy: float, steps: int, after: dict) -> list[dict]:
+    """Start, every held-out measurement in metrics.jsonl (a resumed run keeps its earlier ones), end."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    middle = [{"step": r["step"], "accuracy": r["eval/accuracy"], "kl": r["eval/kl"]} for r in lines if "eval/kl" in r]
+    return [{"step": 0, "accuracy": start_accuracy, "kl": 0.0}, *middle,
+            {"step": steps, "accuracy": after["accuracy"], "kl": after["kl"]}]
+
+
+def beta_sweep(cfg: DPOConfig, start_path: str, tensors: dict, out, after: dict, measure) -> list[dict]:
+    """Retrain on the same pairs at each extra beta; accuracy and KL at the end of each run, plotted."""
+    points = [{"beta": cfg.beta, "accuracy": after["accuracy"], "kl": after["kl"]}]
+    for beta in cfg.beta_sweep:
+        model, _, _ = train_dpo(cfg, start_path, tensors, beta, out / "beta_sweep" / f"beta={beta}", False, None)
+        point = measure(model)
+        points.append({"beta": beta, "accuracy": point["accuracy"], "kl": point["kl"]})
+    beta_sweep_plot(points, out / "beta_sweep.png")
+    return points

@@ -1,0 +1,223 @@
+"""Proximal Policy Optimisation for language models (Schulman et al. 2017; Ouyang et al. 2022, Sec. 3.5).
+
+Actor-critic: a value head on the policy's last hidden state estimates how good each prefix is.
+
+    for each step:
+        sample completions of P training prompts from the current policy; score them (verifier or ORM)
+        per-token reward   r_t = -kl_coef * (log pi(y_t) - log ref(y_t))  (+ the score on the last token)
+        GAE(gamma, lambda) over completion tokens -> advantages (whitened) and value targets
+        `epochs` passes of minibatches:
+            loss = clipped surrogate + vf_coef * clipped value loss - ent_coef * entropy   (losses/ppo.py)
+
+The start is the shared chain-of-thought SFT policy (posttrain.stages.policy: 4-digit addition, held-out
+greedy accuracy ~0.5). Departures from InstructGPT: the value head shares the policy's trunk (one forward
+gives both) instead of a separate critic initialised from the reward model, and the default reward is
+the world's verifier (1/0) rather than a learned reward model (`reward=orm` uses the outcome reward
+model). Every `eval_every` steps the run measures held-out accuracy and KL to the SFT reference: its
+points on the reward-KL frontier (reward_kl_frontier.png, together with sibling DPO/GRPO runs).
+
+    posttrain ppo --output-dir runs/ppo
+    posttrain ppo kl_coef=0.2 epochs=2
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from posttrain.errors import UserError
+from posttrain.generation import token_logprobs
+from posttrain.io import JsonlWriter
+from posttrain.losses.ppo import clipped_surrogate, clipped_value_loss, entropy_bonus
+from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
+from posttrain.models import load_model
+from posttrain.report.plots import training_curve
+from posttrain.report.rl_plots import draw_frontier
+from posttrain.rl.advantages import gae, masked_mean, whiten
+from posttrain.rl.frontier import HeldOut
+from posttrain.rl.kl import kl_k1
+from posttrain.rl.rollouts import (completion_stats, cot_prompts, forward_logprobs, policy_path, reward_function,
+                                   sample_rollouts, training_problems)
+from posttrain.training import TrainingConfig, TrainResult, lr_lambda, make_accelerator
+
+
+@dataclasses.dataclass
+class PPOConfig(TrainingConfig):
+    model: str = "sft-policy"  # starting policy: sft-policy (shared CoT SFT model), a model folder or hub id
+    output_dir: str = "runs/ppo"  # where summary.json, metrics.jsonl, plots and the model go
+    difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
+    reward: str = "verifier"  # verifier (1/0 outcome) | orm (the outcome reward model)
+    reward_model: str | None = None  # ORM folder for reward=orm (default: the cached `posttrain reward` one)
+    prompts_per_step: int = 32  # training prompts per rollout batch
+    samples_per_prompt: int = 4  # completions per prompt (one shared prefill)
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    epochs: int = 2  # passes over each rollout batch
+    kl_coef: float = 0.05  # beta of the per-token KL penalty in the reward
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    clip_eps: float = 0.2  # clip range of the probability ratio
+    value_clip: float = 0.2  # clip range of the value update
+    vf_coef: float = 0.1  # weight of the value loss (it shares the policy's trunk)
+    value_lr: float = 1e-3  # learning rate of the value head (new weights learn faster than the tuned trunk)
+    ent_coef: float = 0.0  # weight of the entropy bonus
+    eval_every: int = 10  # steps between held-out accuracy/KL measurements (0: start and end only)
+    eval_problems: int = 300  # held-out test problems for accuracy
+    kl_problems: int = 100  # held-out prompts whose samples measure KL to the reference
+    steps: int = 40  # rollout batches
+    batch_size: int = 64  # completions per optimizer step (minibatch of a rollout batch)
+    lr: float = 2e-5
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0  # constant learning rate after warmup
+    log_every: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.reward not in ("verifier", "orm"):
+            raise UserError(f"reward must be verifier or orm, got '{self.reward}'")
+        if min(self.kl_coef, self.vf_coef, self.ent_coef) < 0 or self.clip_eps <= 0 or self.value_clip <= 0:
+            raise UserError("kl_coef, vf_coef and ent_coef must be >= 0; clip_eps and value_clip > 0")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise UserError("gamma and lam must be in [0, 1]")
+        if self.temperature <= 0 or self.epochs < 1 or self.samples_per_prompt < 1:
+            raise UserError("temperature must be > 0; epochs and samples_per_prompt >= 1")
+
+
+CONFIG = PPOConfig
+# --quick: the smoke-sized twin policy on 2-digit addition.
+QUICK = {"model": "sft-policy-quick", "difficulties": "2", "steps": 8, "eval_every": 0, "eval_problems": 100,
+         "kl_problems": 32}
+
+
+class ValueHead(torch.nn.Module):
+    """V(prefix) = w . h + b on the policy's last hidden state; starts at 0 so early advantages are returns."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden).squeeze(-1)
+
+
+def forward_with_values(model, head, batch: dict):
+    """(log-probs (N, T-1), values (N, T-1), logits (N, T, V)); values[t] scores the prefix that emits t+1."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    return token_logprobs(out.logits, batch["labels"]), head(out.hidden_states[-1][:, :-1]), out.logits
+
+
+def run(cfg: PPOConfig, resume: bool = False) -> dict:
+    if resume:
+        raise UserError("ppo does not resume; rerun it (a default run takes about three minutes)")
+    out = prepare_output(cfg.output_dir, resume)
+    start_path = policy_path(cfg.model)
+    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model)
+    model, tokenizer = load_model(start_path)
+    reference = load_model(start_path)[0].requires_grad_(False)
+    head = ValueHead(model.config.hidden_size)
+    held_out = HeldOut.of(tokenizer, cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed)
+    baseline = held_out.measure(model, tokenizer, kl=False)
+    frontier = [{"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0}]
+    problems = training_problems(cfg.difficulties, cfg.steps * cfg.prompts_per_step, cfg.seed)
+
+    accelerator = make_accelerator(cfg.precision)
+    torch.manual_seed(cfg.seed)
+    rows = cfg.prompts_per_step * cfg.samples_per_prompt
+    updates = cfg.steps * cfg.epochs * -(-rows // cfg.batch_size)
+    groups = [{"params": list(model.parameters())}, {"params": list(head.parameters()), "lr": cfg.value_lr}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
+    model, head, optimizer = accelerator.prepare(model, head, optimizer)
+    reference.to(accelerator.device)
+
+    writer, history, tokens = JsonlWriter(out / "metrics.jsonl", resume_step=0), [], 0
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="ppo", dynamic_ncols=True)
+    for step in bar:
+        batch_problems = problems[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]
+        rollouts = sample_rollouts(model, tokenizer, *cot_prompts(batch_problems), num_samples=cfg.samples_per_prompt,
+                                   max_new_tokens=held_out.max_new_tokens, temperature=cfg.temperature,
+                                   seed=cfg.seed * 1_000_003 + step, reward_fn=reward_fn)
+        metrics = optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts, cfg)
+        tokens += int(rollouts.batch["attention_mask"].sum())
+        metrics = {"step": step + 1, **metrics, **completion_stats(rollouts), "lr": scheduler.get_last_lr()[0]}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            point = held_out.measure(model, tokenizer, reference)
+            frontier.append({"step": step + 1, "accuracy": point["accuracy"], "kl": point["kl"]})
+            metrics.update({"eval/accuracy": point["accuracy"], "eval/kl": point["kl"]})
+        writer.log(metrics)
+        history.append(metrics)
+        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
+    writer.close()
+    elapsed = time.perf_counter() - t0
+
+    after = held_out.measure(model, tokenizer, reference)
+    frontier.append({"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]})
+    save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
+    save_file(accelerator.unwrap_model(head).state_dict(), str(out / "model" / "value_head.safetensors"))
+    write_samples(out / "samples.jsonl", after)
+    training_curve(history, out / "training_curve.png", "PPO: mean verifier score of the rollouts",
+                   metric="objective/scores", eval_metric="eval/accuracy")
+    metrics = {**headline(after), "frontier": frontier, "completions_sampled": cfg.steps * rows}
+    result = TrainResult(history, history[-1], elapsed, tokens / elapsed)
+    summary = write_summary(out, "ppo", cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
+    draw_frontier(out)
+    return summary
+
+
+def optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts, cfg: PPOConfig) -> dict:
+    """Rewards, GAE, then `epochs` passes of minibatch PPO updates over one rollout batch."""
+    device = accelerator.device
+    batch = {k: v.to(device) for k, v in rollouts.batch.items()}
+    mask, scores = rollouts.mask.to(device), rollouts.rewards.to(device)
+    with torch.no_grad():
+        old_logp, old_values, _ = forward_with_values(model, head, batch)
+        ref_logp = forward_logprobs(reference, batch)[0]
+        kl = kl_k1(old_logp, ref_logp) * mask  # (N, T-1)
+        rewards = -cfg.kl_coef * kl
+        last = mask.cumsum(-1).argmax(-1)  # index of each completion's last token (EOS)
+        rewards[torch.arange(len(scores)), last] += scores
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, mask)
+    stats = rollout_stats(scores, kl, old_logp, old_values, returns, mask, cfg.kl_coef)
+
+    totals, count = {}, 0
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.epochs):
+        for rows in torch.randperm(len(scores), generator=generator).split(cfg.batch_size):
+            logp, values, logits = forward_with_values(model, head, {k: v[rows] for k, v in batch.items()})
+            pg_loss, pg_metrics = clipped_surrogate(logp, old_logp[rows], advantages[rows], mask[rows], cfg.clip_eps)
+            vf_loss, vf_metrics = clipped_value_loss(values, old_values[rows], returns[rows], mask[rows], cfg.value_clip)
+            entropy, ent_metrics = entropy_bonus(logits[:, :-1], mask[rows])
+            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+            accelerator.backward(loss)
+            metrics = {"loss": loss.item(), **pg_metrics, **vf_metrics, **ent_metrics}
+            if cfg.max_grad_norm:
+                metrics["grad_norm"] = float(accelerator.clip_grad_norm_(list(model.parameters()) + list(head.parameters()),
+                                                                         cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            totals = {k: totals.get(k, 0.0) + v for k, v in metrics.items()}
+            count += 1
+    return {**stats, **{k: v / count for k, v in totals.items()}}
+
+
+def rollout_stats(scores, kl, logp, values, returns, mask, kl_coef: float) -> dict:
+    """What TRL's PPO trainer logs about a rollout batch, before it is optimised on."""
+    kl_per_completion = kl.sum(-1)  # (N,)
+    residual = returns - values
+    explained = 1 - masked_mean((residual - masked_mean(residual, mask)) ** 2, mask) / \
+        masked_mean((returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8)
+    return {
+        "objective/scores": scores.mean().item(),
+        "objective/kl": kl_per_completion.mean().item(),
+        "objective/entropy": (-logp * mask).sum(-1).mean().item(),  # sampled estimate, nats per completion
+        "objective/rlhf_reward": (scores - kl_coef * kl_per_completion).mean().item(),
+        "val/explained_variance": explained.item(),
+        "val/mean": masked_mean(values, mask).item(),
+    }

@@ -1,0 +1,69 @@
+"""Figures of the preference and RL methods: the reward-KL frontier and DPO's beta sweep.
+
+Both read only what the runs wrote: each DPO/PPO/GRPO summary.json keeps `metrics.frontier`, a
+list of {step, accuracy, kl} measured on held-out problems during the run (step 0 is the start).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from posttrain.io import read_json
+from posttrain.report.plots import plt, save_figure
+
+RL_METHODS = ("dpo", "ppo", "grpo")
+COLOURS = {"dpo": "tab:blue", "ppo": "tab:orange", "grpo": "tab:green"}
+
+
+def latest_runs(folder: Path) -> dict[str, dict]:
+    """The newest summary of each RL method among the run folders inside `folder`."""
+    found: dict[str, tuple[float, dict]] = {}
+    for path in Path(folder).glob("*/summary.json"):
+        summary = read_json(path)
+        method = summary.get("method")
+        if method in RL_METHODS and "frontier" in summary.get("metrics", {}):
+            mtime = path.stat().st_mtime
+            if method not in found or mtime > found[method][0]:
+                found[method] = (mtime, summary)
+    return {m: found[m][1] for m in RL_METHODS if m in found}
+
+
+def reward_kl_frontier(summaries: dict[str, dict], path) -> None:
+    """Held-out accuracy against KL(pi || ref) for each method, one line per run, on one figure.
+
+    The DPO paper's Fig. 2 (left) draws reward against KL the same way: a method is better when its
+    curve reaches higher accuracy for the same distance from the reference policy.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, summary in summaries.items():
+        points = sorted(summary["metrics"]["frontier"], key=lambda p: p["step"])
+        ax.plot([p["kl"] for p in points], [p["accuracy"] for p in points], "o-", color=COLOURS.get(method),
+                label=f"{method.upper()} ({points[0]['accuracy']:.2f} -> {points[-1]['accuracy']:.2f})")
+    ax.set_xlabel("KL(policy || SFT reference), nats per completion")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_title("Reward-KL frontier on 4-digit addition")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def beta_sweep_plot(points: list[dict], path) -> None:
+    """DPO's beta against held-out accuracy (left axis) and KL to the reference (right axis)."""
+    points = sorted(points, key=lambda p: p["beta"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    betas = [p["beta"] for p in points]
+    ax.plot(betas, [p["accuracy"] for p in points], "o-", color="tab:blue")
+    ax.set_xscale("log")
+    ax.set_xlabel("beta")
+    ax.set_ylabel("held-out accuracy", color="tab:blue")
+    twin = ax.twinx()
+    twin.plot(betas, [p["kl"] for p in points], "s--", color="tab:red")
+    twin.set_ylabel("KL to reference (nats)", color="tab:red")
+    ax.set_title("DPO beta sweep: a smaller beta lets the policy move further")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def draw_frontier(out: Path) -> None:
+    """Write `<out>/reward_kl_frontier.png` with this run and the newest sibling runs of the other methods."""
+    this = read_json(Path(out) / "summary.json")
+    reward_kl_frontier({**latest_runs(Path(out).parent), this["method"]: this}, Path(out) / "reward_kl_frontier.png")

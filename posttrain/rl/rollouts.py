@@ -1,0 +1,162 @@
+"""Rollouts: sample completions from the policy, score them, and lay them out as token tensors.
+
+    prompts --generate(num_samples=G)--> completions --reward_fn(prompt, completion, answer)--> rewards (N,)
+    prompt + completion ids, right-padded:        input_ids, attention_mask, labels (N, T)
+    completion positions of token_logprobs' grid: mask (N, T-1)
+
+Every per-token quantity of the RL losses (log-probs, values, advantages, KL) lives on that
+(N, T-1) grid, where position t scores token t+1. The shared sampler shares one prompt prefill
+across the G samples of a prompt. Rewards follow the world's contract: a function of the prompt,
+the completion and the reference answer (posttrain.world.verify is one).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable
+
+import torch
+
+from posttrain.data import pad_batch
+from posttrain.errors import UserError
+from posttrain.generation import generate, token_logprobs
+from posttrain.losses.sft import IGNORE
+from posttrain.world import MAIN_SKILL, render, sample_problems, verify
+from posttrain.world.skills import Problem
+
+# The shared chain-of-thought SFT policy (posttrain.stages.policy) by name, so configs can say it.
+POLICIES = {"sft-policy": False, "sft-policy-quick": True}
+
+PROMPT_STREAM = 7919  # seed offset of RL training prompts (see training_problems)
+
+RewardFn = Callable[[list[str], list[str], list[str]], list[float]]  # (prompts, completions, answers) -> rewards
+
+
+def policy_path(name: str) -> str:
+    """A model name for load_model: the shared SFT policy for 'sft-policy[-quick]', else `name` itself."""
+    if name not in POLICIES:
+        return name
+    from posttrain.stages import policy  # builds it on first use (cached afterwards)
+
+    return str(policy(quick=POLICIES[name]) / "model")
+
+
+def training_problems(difficulties, n: int, seed: int) -> list[Problem]:
+    """`n` distinct training-split addition problems for RL prompts.
+
+    The SFT policy's demonstrations were drawn from the same split with the run's seed; a different
+    stream (seed + PROMPT_STREAM) gives problems it has not memorised (its accuracy on its own
+    demonstrations is ~0.85 against ~0.45 on fresh ones, measured), where the reward says most.
+    """
+    return sample_problems(MAIN_SKILL, difficulties, n, "train", seed + PROMPT_STREAM)
+
+
+def cot_prompts(problems: list[Problem]) -> tuple[list[str], list[str]]:
+    """(chain-of-thought prompts, reference answers) of world problems."""
+    return [render(p, "cot")[0] for p in problems], [p.answer for p in problems]
+
+
+def verifier_rewards(prompts: list[str], completions: list[str], answers: list[str]) -> list[float]:
+    """The world's outcome reward: 1.0 when the completion's answer is right, else 0.0."""
+    return [verify(q, c, a) for q, c, a in zip(prompts, completions, answers)]
+
+
+def reward_function(name: str, policy: str, reward_model: str | None = None) -> RewardFn:
+    """The reward a run optimises: the world's verifier, or the score of a learned reward model.
+
+    For 'orm' / 'prm' the model is `reward_model` (a folder `posttrain reward` wrote: the ORM's reward,
+    or the PRM's aggregate of step probabilities); by default the one trained on the shared SFT policy.
+    """
+    if name == "verifier":
+        return verifier_rewards
+    if name not in ("orm", "prm"):
+        raise UserError(f"reward must be verifier, orm or prm, got '{name}'")
+    from posttrain.methods import METHODS
+
+    if not METHODS["reward"].available:
+        raise UserError(f"reward={name} needs the reward models of `posttrain reward`, not available yet; use reward=verifier")
+    from posttrain.reward_models import load_reward_model
+
+    scorer = load_reward_model(reward_model or default_reward_model(name, policy))
+    return lambda prompts, completions, answers: scorer.score(prompts, completions)
+
+
+def default_reward_model(kind: str, policy: str) -> str:
+    """The ORM or PRM folder of the cached `reward` stage trained on the shared SFT policy `policy`."""
+    if policy not in POLICIES:
+        raise UserError(f"reward={kind} with model '{policy}': give reward_model=FOLDER (one `posttrain reward` wrote)")
+    from posttrain.methods import METHODS
+    from posttrain.stages import cached_run
+
+    quick = METHODS["reward"].load().QUICK if POLICIES[policy] else {}
+    return str(cached_run("reward", [f"{k}={v}" for k, v in quick.items()]) / kind)
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """N = prompts x samples completions in prompt-major order, with their rewards and token tensors."""
+
+    prompts: list[str]  # one per row
+    texts: list[str]
+    rewards: torch.Tensor  # (N,); zeros when nothing scored them
+    batch: dict  # input_ids, attention_mask, labels: (N, T)
+    stopped: list[bool]  # ended with EOS (False: cut at max_new_tokens)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(N, T-1): 1 where token_logprobs scores a completion token (EOS included)."""
+        return (self.batch["labels"][:, 1:] != IGNORE).float()
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+    def row(self, i: int) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of row i without its padding, as data.encode_pair lays them out."""
+        n = int(self.batch["attention_mask"][i].sum())
+        return self.batch["input_ids"][i, :n].tolist(), self.batch["labels"][i, :n].tolist()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one CPU thread. Decoding is a long chain of tiny matmuls: a second thread only
+    adds synchronisation, and on a busy machine its waiting made sampling ~10x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def sample_rollouts(model, tokenizer, prompts: list[str], answers: list[str] | None = None, *, num_samples: int,
+                    max_new_tokens: int, temperature: float, seed: int, reward_fn: RewardFn = verifier_rewards) -> Rollouts:
+    """Sample `num_samples` completions per prompt; score them against `answers` when given."""
+    with one_thread():
+        samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                           num_samples=num_samples, seed=seed)
+    rows = [(prompt + ids, [IGNORE] * len(prompt) + ids) for prompt, ids in zip(samples.prompt_ids, samples.token_ids)]
+    row_prompts = [q for q in prompts for _ in range(num_samples)]
+    if answers is None:
+        scores = [0.0] * len(rows)
+    else:
+        scores = reward_fn(row_prompts, samples.texts, [a for a in answers for _ in range(num_samples)])
+    return Rollouts(row_prompts, samples.texts, torch.tensor(scores, dtype=torch.float32),
+                    pad_batch(rows, tokenizer.pad_token_id), samples.stopped)
+
+
+def forward_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi of every next token (N, T-1), logits (N, T, V)) of a right-padded batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return token_logprobs(logits, batch["labels"]), logits
+
+
+def completion_stats(rollouts: Rollouts) -> dict:
+    """Completion lengths as TRL's GRPO trainer logs them; clipped: cut at max_new_tokens."""
+    lengths = rollouts.lengths
+    return {
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": 1 - sum(rollouts.stopped) / len(rollouts.stopped),
+    }
