@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the post-training demonstrations on the embedded default model.
 
-    python run_all_demonstrations.py                         # every available method
+    python run_all_demonstrations.py                         # every method
     python run_all_demonstrations.py --category fine-tuning  # fine-tuning | rl | test-time
     python run_all_demonstrations.py --method sft --quick    # one method, small and fast
 """

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for method in METHODS.values():
-        sub = commands.add_parser(method.name, help=method.title + ("" if method.available else " [not available yet]"))
+        sub = commands.add_parser(method.name, help=method.title)
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         sub.add_argument("--config", help="YAML file of config values (overrides on the command line win)")
         sub.add_argument("--output-dir", help="where the run writes its files")
@@ -70,9 +70,6 @@ def method_config(method, args):
 
 def run_method(name: str, args) -> int:
     method = METHODS[name]
-    if not method.available:
-        raise UserError(f"method '{name}' ({method.title}) is not available yet in posttrain {__version__}; "
-                        "`posttrain --help` lists the methods that are")
     module, cfg = method_config(method, args)
     if args.show_config:
         from posttrain.config import config_to_dict

@@ -43,12 +43,9 @@ def run_demo(args) -> int:
     methods = selected_methods(args.category, args.method)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for method in (m for m in methods if not m.available):
-        print(f"[{method.category}] {method.name}: not available yet in this version; skipped")
-    runnable = [m for m in methods if m.available]
     started = time.perf_counter()
-    for i, method in enumerate(runnable):
-        _announce(i, runnable, started, args.quick)
+    for i, method in enumerate(methods):
+        _announce(i, methods, started, args.quick)
         module = method.load()
         overrides = [f"{k}={v}" for k, v in module.QUICK.items()] if args.quick else []
         stage = cached_run(method.name, overrides)
@@ -57,20 +54,20 @@ def run_demo(args) -> int:
     total = time.perf_counter() - started
     write_json(out / "run.json", {"command": " ".join(["run_all_demonstrations.py", *sys.argv[1:]]),
                                   "machine": machine_description(), "time_s": total,
-                                  "methods": [m.name for m in runnable], "quick": args.quick})
+                                  "methods": [m.name for m in methods], "quick": args.quick})
     report = build_report(out)
     print("\n" + (out / "comparison.md").read_text())
     print(f"done in {total:.0f}s; report: {report}")
     return 0
 
 
-def _announce(i: int, runnable: list, started: float, quick: bool) -> None:
+def _announce(i: int, methods: list, started: float, quick: bool) -> None:
     """One line per stage: which, how far along, elapsed and an estimate of what is left."""
     factor = QUICK_FACTOR if quick else 1.0
-    left = sum(EXPECTED_SECONDS.get(m.name, 120) * factor for m in runnable[i:])
+    left = sum(EXPECTED_SECONDS.get(m.name, 120) * factor for m in methods[i:])
     elapsed = time.perf_counter() - started
-    method = runnable[i]
-    print(f"\n=== stage {i + 1}/{len(runnable)}: [{method.category}] {method.name} ({method.title}) | "
+    method = methods[i]
+    print(f"\n=== stage {i + 1}/{len(methods)}: [{method.category}] {method.name} ({method.title}) | "
           f"elapsed {_clock(elapsed)}, about {_clock(left)} left ===", flush=True)
 
 

@@ -9,7 +9,9 @@
 """
 from __future__ import annotations
 
+import itertools
 import math
+import random
 import time
 from collections import Counter
 
@@ -72,6 +74,21 @@ def majority_vote(answers: list[str | None]) -> tuple[str | None, float]:
     top = max(votes.values())
     winner = next(a for a in answers if a is not None and votes[a] == top)
     return winner, top / len(answers)
+
+
+def majority_at_n(answers: list[str | None], reference: str, n: int, trials: int = 200, seed: int = 0) -> float:
+    """Expected correctness of the majority answer of n of the k samples (maj@n): the mean over every
+    n-subset when there are at most `trials` of them, else over `trials` seeded random n-subsets."""
+    k = len(answers)
+    if not 1 <= n <= k:
+        raise ValueError(f"maj@n needs 1 <= n <= k (n={n}, k={k})")
+    if math.comb(k, n) <= trials:
+        subsets = list(itertools.combinations(range(k), n))
+    else:
+        rng = random.Random(seed)
+        subsets = [sorted(rng.sample(range(k), n)) for _ in range(trials)]
+    # subsets keep sample order, so majority_vote's tie-break (first seen) is the sampling order
+    return sum(majority_vote([answers[i] for i in s])[0] == reference for s in subsets) / len(subsets)
 
 
 def answers_of(completions: list[str]) -> list[str | None]:

@@ -5,7 +5,8 @@ Sampling, per batch of prompts:
     2. prefill once (one forward over the prompts), keeping only the last position's logits
     3. for N samples per prompt, repeat the prompt's cache N times instead of re-running the prefill
     4. decode: sample a token per row (temperature, top-p), feed it back with the cache, until
-       every row has produced EOS or `max_new_tokens` tokens
+       every row has produced EOS (or one of `stop_ids`, e.g. a newline to generate one reasoning
+       step at a time) or `max_new_tokens` tokens
 
 Log-probs: log pi(y_t | x, y_<t) for the completion tokens of a teacher-forced batch.
 """
@@ -27,9 +28,9 @@ class Samples:
     """Completions in prompt-major order: row i*N + j is sample j of prompt i."""
 
     texts: list[str]
-    token_ids: list[list[int]]  # completion tokens, EOS included when the model stopped
+    token_ids: list[list[int]]  # completion tokens, EOS (or the stop token) included when the model stopped
     prompt_ids: list[list[int]]  # one entry per row (repeated for the N samples)
-    stopped: list[bool]  # whether the row ended with EOS rather than hitting max_new_tokens
+    stopped: list[bool]  # whether the row ended with EOS or a stop token rather than hitting max_new_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -62,8 +63,11 @@ def generate(
     num_samples: int = 1,
     seed: int = 0,
     batch_size: int = 256,
+    stop_ids: tuple[int, ...] = (),
 ) -> Samples:
-    """Sample `num_samples` completions for each prompt; see the module docstring."""
+    """Sample `num_samples` completions for each prompt; see the module docstring.
+
+    A row also stops after emitting any token in `stop_ids` (kept in its output, like EOS)."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     generator = torch.Generator(device=_device(model)).manual_seed(seed)
     was_training = model.training
@@ -72,7 +76,8 @@ def generate(
     prompts_per_chunk = max(1, batch_size // num_samples)
     for start in range(0, len(encoded), prompts_per_chunk):
         chunk = encoded[start : start + prompts_per_chunk]
-        ids, stopped = _generate_chunk(model, tokenizer, chunk, max_new_tokens, temperature, top_p, num_samples, generator)
+        ids, stopped = _generate_chunk(model, tokenizer, chunk, max_new_tokens, temperature, top_p, num_samples, generator,
+                                       (tokenizer.eos_token_id, *stop_ids))
         out.token_ids += ids
         out.stopped += stopped
         out.prompt_ids += [p for p in chunk for _ in range(num_samples)]
@@ -90,8 +95,9 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_p, num_samples, generator):
-    device, pad, eos = _device(model), tokenizer.pad_token_id, tokenizer.eos_token_id
+def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_p, num_samples, generator, stops):
+    device, pad = _device(model), tokenizer.pad_token_id
+    stop_set = torch.tensor(stops, device=device)
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (P, W)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -110,7 +116,7 @@ def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_
         token = sample_next(logits, temperature, top_p, generator)
         token = token.masked_fill(done, pad)  # finished rows emit padding
         new_tokens.append(token)
-        done |= token == eos
+        done |= torch.isin(token, stop_set)
         if done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
@@ -119,9 +125,9 @@ def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_
     tokens = torch.stack(new_tokens, dim=1).tolist()  # (R, steps)
     ids, stopped = [], []
     for row in tokens:
-        cut = row.index(eos) + 1 if eos in row else len(row)
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), None)
         ids.append(row[:cut])
-        stopped.append(eos in row)
+        stopped.append(cut is not None)
     return ids, stopped
 
 

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from posttrain.errors import UserError
+from posttrain.errors import UserError, where
 from posttrain.io import atomic_dir, read_json
 
 CONFIG_FILE = "adapter_config.json"
@@ -41,8 +41,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype, device=base.weight.device))
+        like = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))  # (out, r): zero, so B A = 0 at the start
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as PEFT does
         self.dropout = nn.Dropout(dropout)
         self.merged = False
@@ -167,15 +168,18 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     for field, supported in (("peft_type", "LORA"), ("use_dora", False), ("bias", "none"), ("rank_pattern", {}),
                              ("alpha_pattern", {}), ("use_rslora", False), ("fan_in_fan_out", False)):
         if config.get(field, supported) != supported:
-            raise UserError(f"{config_path}: field '{field}' is {config[field]!r}; only plain LoRA ({field}={supported!r}) is supported")
+            raise UserError(f"{where(config_path, field=field)} is {config[field]!r}; "
+                            f"only plain LoRA ({field}={supported!r}) is supported")
     if not isinstance(config.get("target_modules"), list):
-        raise UserError(f"{config_path}: field 'target_modules' must be a list of module names (regex strings are not supported)")
+        raise UserError(f"{where(config_path, field='target_modules')} must be a list of module names "
+                        "(regex strings are not supported)")
     inject(model, list(config["target_modules"]), config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0))
     expected = adapter_state(model)
     saved = load_file(str(directory / WEIGHTS_FILE))
     if set(saved) != set(expected):
         extra, missing = sorted(set(saved) - set(expected)), sorted(set(expected) - set(saved))
-        raise UserError(f"{directory / WEIGHTS_FILE} does not fit this model: unexpected keys {extra[:3]}, missing {missing[:3]}")
+        raise UserError(f"{directory / WEIGHTS_FILE} does not fit this model: "
+                        f"unexpected keys {extra[:3]}, missing {missing[:3]}")
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
             layer.lora_A.copy_(saved[f"{PEFT_PREFIX}{name}.lora_A.weight"])

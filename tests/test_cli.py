@@ -36,19 +36,12 @@ def test_help_lists_categories_and_methods(capsys):
     out = capsys.readouterr().out
     for word in ("fine-tuning", "rl", "test-time", "sft", "lora", "dpo", "ppo", "grpo", "best-of-n", "cot-prompt"):
         assert word in out
-    assert "not available yet" in out
 
 
 def test_runner_script_help_lists_methods():
     out = subprocess.run([sys.executable, str(ROOT / "run_all_demonstrations.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--category" in out and "--method" in out and "--quick" in out and "best-of-n" in out
-
-
-def test_method_not_built_yet_says_so(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "tree-search", "--output-dir", str(tmp_path))
-    assert_one_line_error(code, err, "tree-search", "not available yet")
-    assert not any(tmp_path.iterdir())
 
 
 def test_malformed_jsonl_names_file_and_line(capsys, tmp_path, tiny_model_dir):

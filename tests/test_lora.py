@@ -122,17 +122,16 @@ def test_load_adapter_refuses_what_it_cannot_load(tokenizer, tmp_path):
 
 @pytest.fixture(scope="module")
 def quick_base():
-    """The shared quick SFT policy (2-digit addition, about 0.4 held-out accuracy): it is mid-way
-    through learning, so 30 steps show a clear gain, where the quick base model barely moves."""
-    from posttrain.stages import policy
+    """The model QUICK adapts: the shared quick SFT policy (built once, cached)."""
+    from posttrain.rl.rollouts import policy_path
 
-    return str(policy(quick=True) / "model")
+    return policy_path(lora_method.QUICK["model"])
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, quick_base):
+def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
-    cfg = load_config(lora_method.LoRAConfig, None, QUICK + [f"model={quick_base}", f"output_dir={out}"])
+    cfg = load_config(lora_method.LoRAConfig, None, QUICK + [f"output_dir={out}"])
     return out, lora_method.run(cfg)
 
 

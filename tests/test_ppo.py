@@ -10,6 +10,7 @@ from posttrain.errors import UserError
 from posttrain.losses.ppo import clipped_surrogate, clipped_value_loss, entropy_bonus, token_entropy
 from posttrain.methods.rl import ppo
 from posttrain.models import load_model
+from posttrain.reward_models import new_reward_model
 from posttrain.rl.advantages import masked_mean
 from posttrain.rl.rollouts import cot_prompts, policy_path, sample_rollouts, training_problems
 
@@ -109,6 +110,16 @@ def test_the_value_head_learns_the_expected_score():
         optimizer.step()
         optimizer.zero_grad()
     assert masked_mean(values.detach(), rollouts.mask).item() > 0.8
+
+
+def test_outcome_reward_model_scores_the_rollouts(tmp_path):
+    """reward=orm scores completions with a reward model folder (an untrained one here: the wiring only)."""
+    new_reward_model(policy_path("sft-policy-quick"), "orm").save(tmp_path / "orm")
+    cfg = load_config(ppo.PPOConfig, None, TINY + ["steps=1", "eval_every=0", "reward=orm",
+                                                   f"reward_model={tmp_path / 'orm'}", f"output_dir={tmp_path / 'run'}"])
+    ppo.run(cfg)
+    score = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["objective/scores"]
+    assert score not in (0.0, 0.25, 0.5, 0.75, 1.0)  # a learned score, not the verifier's 1/0
 
 
 def test_reward_choices_are_checked():

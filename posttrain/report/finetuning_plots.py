@@ -29,7 +29,8 @@ def grouped_bars(series: dict[str, dict[str, float]], path, title: str, ylabel: 
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
         offset = (i - (len(series) - 1) / 2) * width
-        ax.bar([g + offset for g in range(len(groups))], [values.get(g) or 0.0 for g in groups], width=width, label=name)
+        heights = [values.get(g) or 0.0 for g in groups]  # a group the series did not measure: no bar
+        ax.bar([i + offset for i in range(len(groups))], heights, width=width, label=name)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylim(0, 1)
     ax.set_ylabel(ylabel)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from posttrain.report.plots import plt, save_figure
 
-# (key in a sweep row, panel title, scale applied to the value)
+# (key in a sweep row, panel title, scale applied to the value, log y axis)
 SWEEP_PANELS = [
-    ("accuracy", "held-out accuracy", 1.0),
-    ("trainable_fraction", "trainable parameters (% of total)", 100.0),
-    ("time_s", "training wall time (s)", 1.0),
-    ("peak_memory_mb", "peak memory during training (MB)", 1.0),
+    ("accuracy", "held-out accuracy", 1.0, False),
+    ("trainable_fraction", "trainable parameters (% of total)", 100.0, True),
+    ("time_s", "training wall time (s)", 1.0, False),
+    ("peak_memory_mb", "peak memory during training (MB)", 1.0, False),
 ]
 
 
@@ -16,13 +16,15 @@ def rank_sweep_panels(rows: list[dict], full: dict | None, path) -> None:
     """One panel per measure against LoRA rank (log2 axis); full fine-tuning as a dashed line."""
     fig, axes = plt.subplots(2, 2, figsize=(8.8, 6.0))
     ranks = [row["r"] for row in rows]
-    for ax, (key, title, scale) in zip(axes.flat, SWEEP_PANELS):
+    for ax, (key, title, scale, log_y) in zip(axes.flat, SWEEP_PANELS):
         points = [(row["r"], row[key] * scale) for row in rows if row.get(key) is not None]
         if points:
             ax.plot(*zip(*points), "o-", color="tab:blue", label="LoRA")
         if full and full.get(key) is not None:
             ax.axhline(full[key] * scale, color="tab:red", linestyle="--", label="full fine-tuning")
         ax.set_xscale("log", base=2)
+        if log_y:
+            ax.set_yscale("log")
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.set_xlabel("rank r")
         ax.set_title(title, fontsize=10)

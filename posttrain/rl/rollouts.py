@@ -71,10 +71,6 @@ def reward_function(name: str, policy: str, reward_model: str | None = None) -> 
         return verifier_rewards
     if name not in ("orm", "prm"):
         raise UserError(f"reward must be verifier, orm or prm, got '{name}'")
-    from posttrain.methods import METHODS
-
-    if not METHODS["reward"].available:
-        raise UserError(f"reward={name} needs the reward models of `posttrain reward`, not available yet; use reward=verifier")
     from posttrain.reward_models import load_reward_model
 
     scorer = load_reward_model(reward_model or default_reward_model(name, policy))

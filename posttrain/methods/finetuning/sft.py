@@ -94,7 +94,8 @@ class SFTConfig(TrainingConfig):
             raise UserError("variants must name at least one variant, e.g. variants=plain")
         kinds = [parse_variant(v)[0] for v in self.variants]
         if self.data and kinds[0] == "replay":
-            raise UserError("replay mixes in world old-skill problems, which --data runs do not have; use plain or l2sp:S")
+            raise UserError("replay mixes in world old-skill problems, which --data runs do not have; "
+                            "lead with plain or l2sp:S")
 
 
 CONFIG = SFTConfig
@@ -110,7 +111,8 @@ def parse_variant(spec: str) -> tuple[str, float]:
         strength = float(value) if value else 0.0
     except ValueError:
         strength = -1.0
-    valid = (kind == "plain" and not value) or (kind == "l2sp" and strength > 0) or (kind == "replay" and 0 < strength < 1)
+    valid = ((kind == "plain" and not value) or (kind == "l2sp" and strength > 0)
+             or (kind == "replay" and 0 < strength < 1))
     if not valid:
         raise UserError(f"variant '{spec}': expected plain, l2sp:STRENGTH (> 0) or replay:FRACTION (in (0, 1))")
     return kind, strength
@@ -194,8 +196,8 @@ def forgetting_entry(after: dict, baseline: dict) -> dict:
     """One variant's row of metrics.forgetting: target accuracy, old-skill accuracy, drop from the base."""
     drop = {s: baseline["old_skills"][s] - acc for s, acc in after["old_skills"].items()}
     return {"target_accuracy": after["accuracy"], "old_skills": after["old_skills"], "drop": drop,
-            "weight_shift": after["weight_shift"],
-            "mean_old_accuracy": sum(after["old_skills"].values()) / len(drop), "mean_drop": sum(drop.values()) / len(drop)}
+            "mean_old_accuracy": sum(after["old_skills"].values()) / len(drop),
+            "mean_drop": sum(drop.values()) / len(drop), "weight_shift": after["weight_shift"]}
 
 
 def best_mitigation(forgetting: dict) -> dict | None:

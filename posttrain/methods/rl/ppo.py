@@ -63,13 +63,13 @@ class PPOConfig(TrainingConfig):
     vf_coef: float = 0.1  # weight of the value loss (it shares the policy's trunk)
     value_lr: float = 1e-3  # learning rate of the value head (new weights learn faster than the tuned trunk)
     ent_coef: float = 0.0  # weight of the entropy bonus
-    eval_every: int = 10  # steps between held-out accuracy/KL measurements (0: start and end only)
+    eval_every: int = 15  # steps between held-out accuracy/KL measurements (0: start and end only)
     eval_problems: int = 300  # held-out test problems for accuracy
     kl_problems: int = 100  # held-out prompts whose samples measure KL to the reference
-    steps: int = 40  # rollout batches
+    steps: int = 45  # rollout batches
     batch_size: int = 64  # completions per optimizer step (minibatch of a rollout batch)
-    lr: float = 2e-5
-    warmup_steps: int = 0
+    lr: float = 5e-5
+    warmup_steps: int = 5
     min_lr_ratio: float = 1.0  # constant learning rate after warmup
     log_every: int = 1
 

@@ -1,0 +1,179 @@
+"""Instruction tuning: many skills, many phrasings, and whether the model follows phrasings it never saw.
+
+Multi-task SFT on natural-language requests (FLAN, Wei et al. 2022; here on the world's skills):
+
+    Q: What is 34 plus 58?            Q: Sort the list 3 1 4 1.         Q: hey, flip 2 7 1 around?
+    34+58                             sort 3 1 4 1                      reverse 2 7 1
+    Let's think step by step.         Let's think step by step.         Let's think step by step.
+    4+8+0=12, digits 2, carry 1       smallest 1, so far 1              take 1, so far 1
+    ...                               ...                               ...
+    A: 92                             A: 1 1 3 4                        A: 1 7 2
+
+Every skill has six phrasings (styles, `world/formats.py`). Training uses only the seen ones; two
+styles ("formal", "story") and one skill-style combination (sort asked politely) are held out, so
+the evaluation separates seen phrasings (fitting the training distribution), held-out phrasings
+(new wording of known skills) and the held-out combination (a known skill and a known style, never
+together). Problems are at each skill's easy difficulty, where the base model is good when asked
+symbolically (`Q: 34+58`): the run measures following instructions, not learning arithmetic, and
+reports the symbolic accuracy before and after as the ceiling and as a forgetting probe. The
+headline accuracy is on held-out phrasings; before and after use the same test problems.
+
+Design choices, each measured while building this (seed 0, 400 steps, held-out styles / seen):
+- The answer first restates the request as the world's symbolic question, then reasons (`restate`).
+  Answering directly (`A: 92`) leaves 2-digit addition out of reach of the tiny model (add: 0.0 on
+  every phrasing); plain chains of thought reach 0.83 on seen phrasings but copy operands by their
+  position in the seen templates, which fails on new templates; restating makes skill choice and
+  operand copying one short line, which the base's own chain of thought then follows.
+- A fifth of the examples are asked symbolically (`symbolic_fraction`): without them the model
+  forgets its native format (symbolic accuracy 0.77 -> 0.68 and 0.36 on two seeds) and the
+  held-out combination stays at 0.56; with them symbolic stays at 0.97 and sort-politely reaches
+  0.80, because "sort" in `sort 3 1 4 1` keeps the verb tied to its skill.
+
+What it cannot do here: held-out *styles* barely move (0.05 -> 0.13-0.26 depending on seed and
+mix). The formal phrasings share keywords with seen ones ("sum of", "minus", "reverse", "ascending
+order") and are sometimes followed; the story phrasings ("I have 72 apples and give away 32. How
+many apples are left?") are made of words that occur in no training or pretraining text, so
+nothing tells the model whether apples are added or given away. The base model also is not at
+zero on seen phrasings: a tenth of its pretraining documents are instruction-format examples.
+
+    posttrain instruction --output-dir runs/instruction
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from posttrain.data import EncodedDataset, encode_pair
+from posttrain.errors import UserError
+from posttrain.evaluation import evaluate
+from posttrain.losses.sft import causal_lm_loss
+from posttrain.methods.common import prepare_output, save_model, write_summary
+from posttrain.models import DEFAULT_MODEL, load_model
+from posttrain.report.finetuning_plots import grouped_bars
+from posttrain.report.plots import training_curve
+from posttrain.training import TrainingConfig, train
+from posttrain.world import (EASY_DIFFICULTY, HELD_OUT_COMBINATION, HELD_OUT_STYLES, SKILLS, STYLES, is_seen_phrasing,
+                             render, sample_problems)
+
+GROUPS = ("seen", "held_out_styles", "held_out_combination")
+# What an example's answer looks like. `restate` first writes the request as the world's symbolic
+# question (`34+58`, `sort 3 1 4 1`): picking the skill and copying its operands is then one short
+# line, after which the base model's own chain of thought for that question takes over.
+COMPLETIONS = {
+    "restate": lambda p: f"{p.expression}\n{render(p, 'cot')[1]}",
+    "cot": lambda p: render(p, "cot")[1],
+    "direct": lambda p: render(p, "direct")[1],
+}
+
+
+@dataclasses.dataclass
+class InstructionConfig(TrainingConfig):
+    model: str = DEFAULT_MODEL  # embedded model name, local folder or hub id
+    output_dir: str = "runs/instruction"  # where summary.json, plots and the model go
+    skills: list[str] = dataclasses.field(default_factory=lambda: list(SKILLS))  # tasks mixed in the data
+    train_examples: int = 8000  # instruction examples, skills and seen phrasings in turn
+    completion: str = "restate"  # restate (the symbolic question, then its chain of thought) | cot | direct
+    symbolic_fraction: float = 0.2  # share of examples asked symbolically (`Q: 34+58`, the base's format): keeps it
+    eval_per_cell: int = 50  # test problems per skill, each asked in every style
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+
+    def validate(self) -> None:
+        super().validate()
+        if self.completion not in COMPLETIONS:
+            raise UserError(f"completion must be one of {', '.join(COMPLETIONS)}, got '{self.completion}'")
+        if not 0 <= self.symbolic_fraction < 1:
+            raise UserError(f"symbolic_fraction must be in [0, 1), got {self.symbolic_fraction}")
+        if not self.skills or any(s not in SKILLS for s in self.skills):
+            raise UserError(f"skills must be a non-empty list among {', '.join(SKILLS)}, got {self.skills}")
+
+
+CONFIG = InstructionConfig
+# --quick: a smoke-sized run for tests (on the default model: the quick one cannot do the skills yet).
+QUICK = {"train_examples": 2000, "eval_per_cell": 20, "steps": 100}
+
+
+def training_pairs(cfg: InstructionConfig) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs: skills in turn, each cycling through its seen phrasings."""
+    per_skill = -(-cfg.train_examples // len(cfg.skills))
+    pairs = []
+    for skill in cfg.skills:
+        styles = itertools.cycle([s for s in STYLES if is_seen_phrasing(skill, s)])
+        problems = sample_problems(skill, EASY_DIFFICULTY[skill], per_skill, "train", cfg.seed, distinct=False)
+        for i, p in enumerate(problems):
+            symbolic = (i + 1) * cfg.symbolic_fraction // 1 > i * cfg.symbolic_fraction // 1  # every 1/F-th example
+            prompt = render(p, "direct")[0] if symbolic else render(p, "instruction", next(styles))[0]
+            pairs.append((prompt, COMPLETIONS[cfg.completion](p)))
+    return pairs
+
+
+def accuracy_table(model, tokenizer, tests: dict) -> dict[str, dict[str, float]]:
+    """skill -> style -> greedy accuracy, plus style "symbolic" (`Q: 34+58`, the skill without wording)."""
+    problems = [p for skill_problems in tests.values() for p in skill_problems]
+    table = {skill: {} for skill in tests}
+    for style in (*STYLES, "symbolic"):
+        fmt, phrasing = ("direct", "question") if style == "symbolic" else ("instruction", style)
+        correct = evaluate(model, tokenizer, problems, fmt=fmt, style=phrasing)["correct"]  # budget: a CoT's length
+        start = 0
+        for skill, skill_problems in tests.items():
+            block = correct[start : start + len(skill_problems)]
+            table[skill][style] = sum(block) / len(block)
+            start += len(block)
+    return table
+
+
+def group_of(skill: str, style: str) -> str | None:
+    if style in HELD_OUT_STYLES:
+        return "held_out_styles"
+    if (skill, style) == HELD_OUT_COMBINATION:
+        return "held_out_combination"
+    return "seen" if style in STYLES else None
+
+
+def group_accuracy(table: dict) -> dict:
+    """Mean accuracy of the cells in each group (cells hold equally many problems), and the symbolic ceiling."""
+    cells = {g: [] for g in GROUPS}
+    for skill, by_style in table.items():
+        for style, accuracy in by_style.items():
+            if group_of(skill, style):
+                cells[group_of(skill, style)].append(accuracy)
+    result = {g: sum(v) / len(v) if v else None for g, v in cells.items()}
+    result["symbolic"] = sum(t["symbolic"] for t in table.values()) / len(table)
+    return result
+
+
+def style_accuracy(table: dict) -> dict:
+    """Mean accuracy over skills for each phrasing style (and symbolic)."""
+    return {style: sum(by_style[style] for by_style in table.values()) / len(table) for style in (*STYLES, "symbolic")}
+
+
+def summarise(table: dict, n_per_cell: int) -> dict:
+    """The summary's view of an accuracy table: headline (held-out phrasings), groups, and every cell."""
+    groups = group_accuracy(table)
+    n_held_out = n_per_cell * sum(group_of(k, s) == "held_out_styles" for k in table for s in STYLES)
+    return {"accuracy": groups["held_out_styles"], "n": n_held_out, **groups, "by_skill_style": table}
+
+
+def run(cfg: InstructionConfig, resume: bool = False) -> dict:
+    out = prepare_output(cfg.output_dir, resume)
+    model, tokenizer = load_model(cfg.model)
+    tests = {s: sample_problems(s, EASY_DIFFICULTY[s], cfg.eval_per_cell, "test", cfg.seed) for s in cfg.skills}
+    baseline = summarise(accuracy_table(model, tokenizer, tests), cfg.eval_per_cell)
+
+    pairs = training_pairs(cfg)
+    rows = [encode_pair(tokenizer, *p) for p in pairs]
+    dataset = EncodedDataset(rows, tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
+    result = train(model, dataset.batch, causal_lm_loss, cfg, out, resume=resume, desc="instruction")
+    after = summarise(accuracy_table(model, tokenizer, tests), cfg.eval_per_cell)
+    save_model(model, tokenizer, out / "model")
+
+    training_curve(result.history, out / "training_curve.png", "Instruction tuning on seen phrasings")
+    groups = (*GROUPS, "symbolic")
+    grouped_bars({"base": {g: baseline[g] for g in groups}, "tuned": {g: after[g] for g in groups}},
+                 out / "accuracy_by_group.png", "Instruction following: seen vs held-out phrasings")
+    grouped_bars({"base": style_accuracy(baseline["by_skill_style"]), "tuned": style_accuracy(after["by_skill_style"])},
+                 out / "accuracy_by_style.png", "Accuracy per phrasing (formal and story held out)")
+    metrics = {**after, "train_examples": len(pairs), "train_tokens": dataset.tokens()}
+    return write_summary(out, "instruction", cfg, metrics, baseline, model, result, model_dir=str(out / "model"))

@@ -1,0 +1,186 @@
+"""Group Relative Policy Optimisation (GRPO, Shao et al. 2024, "DeepSeekMath", Sec. 4.1).
+
+No value model: the baseline of a completion is the other completions of the same prompt.
+
+    for each step:
+        P training prompts, G completions each (one shared prefill per prompt), rewards from the verifier
+        A_i = (r_i - mean(group)) / std(group)          or Dr. GRPO: r_i - mean(group)   (rl/advantages.py)
+        old log-probs (and the reference's, when beta > 0), then `epochs` passes of minibatches:
+            loss = clipped surrogate with A_i on every token + beta * k3 KL to the reference (losses/grpo.py)
+
+The start is the shared chain-of-thought SFT policy (posttrain.stages.policy: 4-digit addition, held-out
+greedy accuracy ~0.5); by default the verifier's 1/0 outcome reward is the only signal. Groups whose
+completions all agree (all right or all wrong) carry no advantage and are logged as `frac_reward_zero_std`.
+Departures from the paper: the loss is averaged per token by default (DAPO, `loss_aggregation=token`;
+`sequence` is the paper's Eq. 3); with beta = 0 no reference model is kept at all; and `reward=prm`
+scores each completion with the process reward model's aggregate of its step probabilities (the
+minimum, from `posttrain reward`) as one outcome-level reward, rather than the paper's per-step
+advantages (Sec. 4.1.3). Every
+`eval_every` steps the run measures held-out accuracy and the KL to the SFT reference: its points on
+the reward-KL frontier (reward_kl_frontier.png, together with sibling DPO/PPO runs).
+
+    posttrain grpo --output-dir runs/grpo
+    posttrain grpo scale_rewards=false beta=0          # Dr. GRPO without a reference model
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from posttrain.errors import UserError
+from posttrain.io import JsonlWriter
+from posttrain.losses.grpo import AGGREGATIONS, grpo_loss
+from posttrain.losses.ppo import entropy_bonus
+from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
+from posttrain.models import load_model
+from posttrain.report.plots import training_curve
+from posttrain.report.rl_plots import draw_frontier
+from posttrain.rl.advantages import group_advantages
+from posttrain.rl.frontier import HeldOut
+from posttrain.rl.rollouts import (completion_stats, cot_prompts, forward_logprobs, policy_path, reward_function,
+                                   sample_rollouts, training_problems)
+from posttrain.training import TrainingConfig, TrainResult, lr_lambda, make_accelerator
+
+
+@dataclasses.dataclass
+class GRPOConfig(TrainingConfig):
+    model: str = "sft-policy"  # starting policy: sft-policy (shared CoT SFT model), a model folder or hub id
+    output_dir: str = "runs/grpo"  # where summary.json, metrics.jsonl, plots and the model go
+    difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
+    reward: str = "verifier"  # verifier (1/0 outcome) | prm (process reward model: min of step scores)
+    reward_model: str | None = None  # PRM folder for reward=prm (default: the cached `posttrain reward` one)
+    prompts_per_step: int = 16  # training prompts per rollout batch
+    num_generations: int = 8  # G: completions per prompt
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    epochs: int = 1  # passes over each rollout batch (mu in the paper)
+    beta: float = 0.1  # weight of the k3 KL to the reference (0: no reference model kept)
+    clip_eps: float = 0.2  # clip range of the probability ratio
+    scale_rewards: bool = True  # divide by the group's std (false: Dr. GRPO)
+    loss_aggregation: str = "token"  # token (every token weighs the same) | sequence (paper's Eq. 3)
+    eval_every: int = 15  # steps between held-out accuracy/KL measurements (0: start and end only)
+    eval_problems: int = 300  # held-out test problems for accuracy
+    kl_problems: int = 100  # held-out prompts whose samples measure KL to the reference
+    steps: int = 45  # rollout batches
+    batch_size: int = 128  # completions per optimizer step (minibatch of a rollout batch)
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    min_lr_ratio: float = 1.0  # constant learning rate after warmup
+    log_every: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.reward not in ("verifier", "prm"):
+            raise UserError(f"reward must be verifier or prm, got '{self.reward}'")
+        if self.num_generations < 2:
+            raise UserError("num_generations must be >= 2: the group is the baseline")
+        if self.loss_aggregation not in AGGREGATIONS:
+            raise UserError(f"loss_aggregation must be one of {', '.join(AGGREGATIONS)}, got '{self.loss_aggregation}'")
+        if self.beta < 0 or self.clip_eps <= 0 or self.temperature <= 0 or self.epochs < 1:
+            raise UserError("beta must be >= 0; clip_eps, temperature and epochs must be > 0")
+
+
+CONFIG = GRPOConfig
+# --quick: the smoke-sized twin policy on 2-digit addition.
+QUICK = {"model": "sft-policy-quick", "difficulties": "2", "steps": 8, "eval_every": 0, "eval_problems": 100,
+         "kl_problems": 32}
+
+
+def run(cfg: GRPOConfig, resume: bool = False) -> dict:
+    if resume:
+        raise UserError("grpo does not resume; rerun it (a default run takes about three minutes)")
+    out = prepare_output(cfg.output_dir, resume)
+    start_path = policy_path(cfg.model)
+    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model)
+    model, tokenizer = load_model(start_path)
+    reference = load_model(start_path)[0].requires_grad_(False) if cfg.beta else None
+    held_out = HeldOut.of(tokenizer, cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed)
+    baseline = held_out.measure(model, tokenizer, kl=False)
+    frontier = [{"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0}]
+    problems = training_problems(cfg.difficulties, cfg.steps * cfg.prompts_per_step, cfg.seed)
+
+    accelerator = make_accelerator(cfg.precision)
+    torch.manual_seed(cfg.seed)
+    rows = cfg.prompts_per_step * cfg.num_generations
+    updates = cfg.steps * cfg.epochs * -(-rows // cfg.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if reference is not None:
+        reference.to(accelerator.device)
+
+    writer, history, tokens = JsonlWriter(out / "metrics.jsonl", resume_step=0), [], 0
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="grpo", dynamic_ncols=True)
+    for step in bar:
+        batch_problems = problems[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]
+        rollouts = sample_rollouts(model, tokenizer, *cot_prompts(batch_problems), num_samples=cfg.num_generations,
+                                   max_new_tokens=held_out.max_new_tokens, temperature=cfg.temperature,
+                                   seed=cfg.seed * 1_000_003 + step, reward_fn=reward_fn)
+        metrics = optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg)
+        tokens += int(rollouts.batch["attention_mask"].sum())
+        metrics = {"step": step + 1, **metrics, **reward_stats(rollouts.rewards, cfg.num_generations),
+                   **completion_stats(rollouts), "lr": scheduler.get_last_lr()[0]}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            point = held_out.measure(model, tokenizer, reference)
+            frontier.append({"step": step + 1, "accuracy": point["accuracy"], "kl": point["kl"]})
+            metrics.update({"eval/accuracy": point["accuracy"], "eval/kl": point["kl"]})
+        writer.log(metrics)
+        history.append(metrics)
+        bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics.get('kl', 0.0):.3f}")
+    writer.close()
+    elapsed = time.perf_counter() - t0
+
+    after = held_out.measure(model, tokenizer, reference)
+    frontier.append({"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]})
+    save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
+    write_samples(out / "samples.jsonl", after)
+    training_curve(history, out / "training_curve.png", "GRPO: mean reward of the rollouts", metric="reward",
+                   eval_metric="eval/accuracy")
+    metrics = {**headline(after), "frontier": frontier, "completions_sampled": cfg.steps * rows}
+    result = TrainResult(history, history[-1], elapsed, tokens / elapsed)
+    summary = write_summary(out, "grpo", cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
+    draw_frontier(out)
+    return summary
+
+
+def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg: GRPOConfig) -> dict:
+    """`epochs` passes of minibatch updates over one rollout batch; returns the averaged metrics."""
+    device = accelerator.device
+    batch = {k: v.to(device) for k, v in rollouts.batch.items()}
+    mask = rollouts.mask.to(device)
+    advantages = group_advantages(rollouts.rewards, cfg.num_generations, cfg.scale_rewards).to(device)
+    single_update = cfg.epochs == 1 and cfg.batch_size >= len(advantages)
+    with torch.no_grad():
+        # the sampling policy's log-probs; with a single update they equal the live ones (TRL skips them too)
+        old_logp = None if single_update else forward_logprobs(model, batch)[0]
+        ref_logp = forward_logprobs(reference, batch)[0] if reference is not None else None
+    totals, count = {}, 0
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.epochs):
+        for rows in torch.randperm(len(advantages), generator=generator).split(cfg.batch_size):
+            logp, logits = forward_logprobs(model, {k: v[rows] for k, v in batch.items()})
+            ref_rows = ref_logp[rows] if ref_logp is not None else None
+            old_rows = logp.detach() if old_logp is None else old_logp[rows]
+            loss, metrics = grpo_loss(logp, old_rows, ref_rows, advantages[rows], mask[rows],
+                                      clip_eps=cfg.clip_eps, beta=cfg.beta, aggregate=AGGREGATIONS[cfg.loss_aggregation])
+            with torch.no_grad():
+                metrics["entropy"] = entropy_bonus(logits[:, :-1], mask[rows])[0].item()
+            accelerator.backward(loss)
+            if cfg.max_grad_norm:
+                metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            totals = {k: totals.get(k, 0.0) + v for k, v in metrics.items()}
+            count += 1
+    return {k: v / count for k, v in totals.items()}
+
+
+def reward_stats(rewards: torch.Tensor, group_size: int) -> dict:
+    """Mean and std of the rollout rewards and the share of groups that teach nothing (all equal)."""
+    group_std = rewards.view(-1, group_size).std(-1)
+    return {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+            "frac_reward_zero_std": (group_std == 0).float().mean().item()}

@@ -1,0 +1,388 @@
+"""Reward modelling: an outcome (ORM) and a process (PRM) reward model learned from the policy's own
+solutions, judged on held-out problems, and a reward-hacking experiment with a flawed proxy.
+
+Data comes from the world, not from invented scores. The policy (by default the shared chain-of-
+thought SFT model, `posttrain.stages.policy`) samples several solutions per training problem; the
+verifier labels each solution right or wrong, the step checker labels each reasoning step.
+
+    ORM   a scalar head on the policy's backbone, read at the last token; Bradley-Terry loss on
+          (correct, incorrect) solution pairs of the same prompt (Ouyang et al. 2022, Eq. 1),
+          plus `orm_bce_weight` x BCE on correctness (optional)
+    PRM   the same architecture read at the newline that ends every step, and at the last token
+          for the answer; per-step BCE (Lightman et al. 2023); solution score = min or product of
+          the step probabilities (`prm_aggregate`)
+
+Held out (test-split problems, samples of the same policy): ORM pairwise accuracy and AUC; PRM step
+accuracy and first-error localisation (among solutions with a wrong step, how often the first step
+the PRM rejects is the first wrong one); calibration of the PRM's probabilities (reliability plot).
+
+Reward hacking (Gao et al. 2022, "Scaling laws for reward model overoptimization"): a proxy ORM is
+trained on preference data with a spurious feature, the way a length-biased rater would produce it:
+of two solutions of different length the longer one is preferred, and correctness only breaks ties.
+Best-of-N against the proxy for N = 1, 2, 4, ... (KL from the policy = log N - (N-1)/N) raises the
+proxy reward with N while verified accuracy, after a first rise, falls: large N finds the long wrong
+solutions the proxy loves. `evaluation.overoptimisation_point` flags the N where accuracy has fallen
+`hacking_tolerance` below its best while the proxy reward is still rising; the clean ORM's curve over
+the same N is the control, which a sound reward model does not trigger (this run's does: see below).
+
+Measured (default run, shared 4-digit policy, 768 held-out solutions of 48 problems): ORM pairwise
+accuracy 0.59 and AUC 0.56, PRM step accuracy 0.63 (always saying "right" scores 0.46) and first-error
+localisation 0.78, all below the policy's own mean token log-prob as a scorer (pairwise 0.77, AUC 0.85).
+Why: 95% of the policy's wrong solutions misread one digit of the first operand in the first step and
+then compute consistently from it, the same way in most samples of a problem. Catching that means
+reading the prompt better than the policy does; linear probes find no trace of it in the policy's
+hidden states (<= 0.60) and a scalar head needs far more than this run's 80 steps to learn it
+(0.68 step accuracy after 500 steps, measured). The hacking experiment shows the proxy's curve
+(accuracy 0.44 -> 0.45 at N=2 -> 0.31 at N=16, detector at N=8), but this weak clean ORM falls too.
+
+Options: `trainable_layers=K` trains only the top K blocks (cheaper per step, for larger backbones).
+With `--data FILE.jsonl` (prompt/chosen/rejected records) the run trains the ORM on that data instead;
+10% of the pairs are held out; there is no PRM or hacking experiment without step labels.
+
+    posttrain reward --output-dir runs/reward
+    posttrain reward --data prefs.jsonl --model ./my-sft-model
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from posttrain.data import encode_pair, pad_batch
+from posttrain.errors import UserError
+from posttrain.evaluation import auc, best_of_n, calibration, max_new_tokens_for, overoptimisation_point
+from posttrain.generation import generate, token_logprobs
+from posttrain.losses.reward import AGGREGATES, bradley_terry_loss, outcome_bce_loss, prm_step_loss
+from posttrain.losses.sft import IGNORE
+from posttrain.methods.common import prepare_output, write_summary
+from posttrain.models import load_model
+from posttrain.records import read_preferences
+from posttrain.report.reward_plots import hacking_plot, reliability_plot, reward_histograms
+from posttrain.reward_models import RewardModel, collate, encode, new_reward_model
+from posttrain.rl.rollouts import one_thread, policy_path
+from posttrain.training import TrainingConfig, TrainResult, train
+from posttrain.world import MAIN_SKILL, check_steps, first_error, render, sample_problems, verify
+
+
+@dataclasses.dataclass
+class RewardConfig(TrainingConfig):
+    model: str = "sft-policy"  # policy whose solutions are labelled and whose backbone the heads sit on
+    data: str | None = None  # JSONL of prompt/chosen/rejected pairs: train an ORM on them instead
+    output_dir: str = "runs/reward"  # where summary.json, plots and the orm/, prm/, proxy/ folders go
+    difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
+    train_problems: int = 192  # training problems (train split)
+    samples: int = 4  # solutions sampled per training problem
+    test_problems: int = 48  # held-out problems (test split)
+    test_samples: int = 16  # solutions per held-out problem; the largest N of the hacking curve
+    temperature: float = 1.0  # sampling temperature of the policy
+    orm_bce_weight: float = 1.0  # weight of BCE on correctness added to the ORM's Bradley-Terry loss
+    prm_aggregate: str = "min"  # PRM solution score: min | product of step probabilities
+    trainable_layers: int = 0  # top transformer blocks trained (the rest frozen); 0 trains all
+    hacking_tolerance: float = 0.05  # accuracy drop below the best so far that the hacking detector flags
+    steps: int = 80  # optimizer steps per reward model
+    batch_size: int = 16  # pairs (ORM) or solutions (PRM) per step
+    lr: float = 5e-4
+    warmup_steps: int = 10
+
+    def validate(self) -> None:
+        super().validate()
+        if self.prm_aggregate not in AGGREGATES:
+            raise UserError(f"prm_aggregate must be one of {', '.join(AGGREGATES)}, got '{self.prm_aggregate}'")
+        if self.samples < 2 or self.test_samples < 2:
+            raise UserError("samples and test_samples must be >= 2: pairs need two solutions of one prompt")
+        if self.temperature <= 0 or self.orm_bce_weight < 0 or self.trainable_layers < 0:
+            raise UserError("temperature must be > 0; orm_bce_weight and trainable_layers must be >= 0")
+
+
+CONFIG = RewardConfig
+# --quick: the smoke-sized twin policy on 2-digit addition.
+QUICK = {"model": "sft-policy-quick", "difficulties": "2", "train_problems": 48, "test_problems": 16,
+         "test_samples": 8, "steps": 20, "log_every": 1}
+
+
+@dataclasses.dataclass
+class Solution:
+    """One sampled solution with the world's labels."""
+
+    problem: int  # index of its problem; solutions of one problem share a prompt
+    prompt: str
+    completion: str
+    correct: bool
+    steps: list[bool]  # per reasoning step: equal to the reference step?
+
+    @property
+    def prm_labels(self) -> list[bool]:
+        """What the PRM is trained to predict: each step, then the answer (the outcome)."""
+        return self.steps + [self.correct]
+
+
+def sample_solutions(model, tokenizer, cfg: RewardConfig, split: str, n_problems: int, k: int) -> list[Solution]:
+    """`k` policy samples for each of `n_problems` problems of `split`, labelled by verifier and step checker."""
+    # seed + 1: the train-split problems of seed `seed` are the shared SFT policy's own demonstrations
+    problems = sample_problems(MAIN_SKILL, cfg.difficulties, n_problems, split, cfg.seed + 1)
+    prompts = [render(p, "cot")[0] for p in problems]
+    with one_thread():
+        texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens_for(tokenizer, problems),
+                         temperature=cfg.temperature, num_samples=k, seed=cfg.seed + (split == "test")).texts
+    return [Solution(i // k, prompts[i // k], text, bool(verify(prompts[i // k], text, problems[i // k].answer)),
+                     check_steps(problems[i // k], text)) for i, text in enumerate(texts)]
+
+
+def by_problem(solutions: list[Solution]) -> list[list[Solution]]:
+    groups: dict[int, list[Solution]] = {}
+    for s in solutions:
+        groups.setdefault(s.problem, []).append(s)
+    return list(groups.values())
+
+
+def distinct(group: list[Solution]) -> list[Solution]:
+    """One solution per distinct text: repeated samples would only repeat the same pair."""
+    return list({s.completion: s for s in group}.values())
+
+
+def correctness_pairs(solutions: list[Solution]) -> list[tuple[Solution, Solution]]:
+    """(chosen, rejected) = every (correct, incorrect) pair of distinct solutions to the same problem."""
+    return [(c, w) for group in map(distinct, by_problem(solutions)) for c in group if c.correct
+            for w in group if not w.correct]
+
+
+def length_biased_pairs(solutions: list[Solution]) -> list[tuple[Solution, Solution]]:
+    """The flawed rater: of two distinct solutions of different length the longer wins; correctness
+    breaks ties. Length is then perfectly 'predictive' of its preferences, correctness only partly."""
+    longer = lambda a, b: (len(a.completion), a.correct) > (len(b.completion), b.correct)  # noqa: E731
+    return [(a, b) for group in map(distinct, by_problem(solutions)) for a in group for b in group if longer(a, b)]
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Rows of an epoch-wise seeded shuffle: a pure function of the step (the loop's resume contract)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    order = order * (batch_size // n + 1)  # fewer rows than a batch: wrap around
+    return order[index * batch_size : index * batch_size + batch_size]
+
+
+def freeze_lower_layers(rm: RewardModel, trainable_layers: int) -> None:
+    """Train only the top `trainable_layers` blocks, what follows them (final norm) and the head."""
+    if not trainable_layers:
+        return
+    first = rm.backbone.config.num_hidden_layers - trainable_layers
+    embeddings = rm.backbone.get_input_embeddings().weight
+    for name, param in rm.backbone.named_parameters():
+        block = re.search(r"\.(\d+)\.", f".{name}")  # parameters of block i are named like `layers.i.`
+        param.requires_grad = int(block.group(1)) >= first if block else param is not embeddings
+
+
+def pair_batch(chosen: list, rejected: list, pad_id: int) -> dict:
+    """input_ids and attention_mask of shape (P, 2, T): [:, 0] chosen, [:, 1] rejected, one width, so
+    the training loop's micro-batch and per-process slicing (along dim 0) keeps every pair together."""
+    full = collate(chosen + rejected, pad_id)
+    p = len(chosen)
+    return {k: full[k].view(2, p, -1).transpose(0, 1) for k in ("input_ids", "attention_mask")}
+
+
+def train_orm(cfg: RewardConfig, pairs: list[tuple], name: str, out: Path, resume: bool,
+              bce_weight: float = 0.0) -> tuple[RewardModel, TrainResult]:
+    """An ORM on (chosen, rejected) pairs of (prompt, completion, correct) triples; BT (+ BCE) loss."""
+    if not pairs:
+        raise UserError(f"{name}: no preference pairs (every problem's samples were all right or all wrong); "
+                        "raise samples or temperature")
+    torch.manual_seed(cfg.seed)  # the head's initialisation
+    rm = new_reward_model(policy_path(cfg.model), "orm")
+    freeze_lower_layers(rm, cfg.trainable_layers)
+    tok = rm.tokenizer
+    encoded = [(encode(tok, c[0], c[1]), encode(tok, r[0], r[1])) for c, r in pairs]
+    outcomes = [(float(c[2] or 0), float(r[2] or 0)) for c, r in pairs]  # used only with bce_weight
+
+    def batch_fn(step: int) -> dict:
+        picks = batch_indices(len(pairs), cfg.batch_size, cfg.seed, step)
+        batch = pair_batch([encoded[i][0] for i in picks], [encoded[i][1] for i in picks], tok.pad_token_id)
+        batch["correct"] = torch.tensor([outcomes[i] for i in picks])  # (P, 2)
+        return batch
+
+    def loss_fn(model, batch):
+        rewards = model.rewards({k: batch[k].flatten(0, 1) for k in ("input_ids", "attention_mask")}).view(-1, 2)  # (P, 2)
+        loss, metrics = bradley_terry_loss(rewards[:, 0], rewards[:, 1])
+        if bce_weight:
+            bce, bce_metrics = outcome_bce_loss(rewards.flatten(), batch["correct"].flatten())
+            loss, metrics = loss + bce_weight * bce, {**metrics, **bce_metrics}
+        return loss, {"loss": loss.item(), **metrics}
+
+    logs = out / "training" / name
+    result = train(rm, batch_fn, loss_fn, cfg, logs, resume=resume and (logs / "checkpoint").exists(), desc=name)
+    return rm, result
+
+
+def train_prm(cfg: RewardConfig, solutions: list[Solution], out: Path, resume: bool) -> tuple[RewardModel, TrainResult]:
+    """A PRM on every training solution: BCE at each step's newline and at the final token."""
+    torch.manual_seed(cfg.seed)
+    rm = new_reward_model(policy_path(cfg.model), "prm", cfg.prm_aggregate)
+    freeze_lower_layers(rm, cfg.trainable_layers)
+    tok = rm.tokenizer
+    encoded = [encode(tok, s.prompt, s.completion) for s in solutions]
+
+    def batch_fn(step: int) -> dict:
+        picks = batch_indices(len(solutions), cfg.batch_size, cfg.seed, step)
+        batch = collate([encoded[i] for i in picks], tok.pad_token_id)
+        width = batch["steps"].shape[1]
+        batch["step_labels"] = torch.tensor([[float(x) for x in solutions[i].prm_labels] + [0.0] * (width - len(solutions[i].prm_labels))
+                                             for i in picks])
+        return batch
+
+    def loss_fn(model, batch):
+        loss, metrics = prm_step_loss(model.step_logits(batch), batch["step_labels"], batch["step_mask"])
+        return loss, {"loss": loss.item(), **metrics}
+
+    logs = out / "training" / "prm"
+    result = train(rm, batch_fn, loss_fn, cfg, logs, resume=resume and (logs / "checkpoint").exists(), desc="prm")
+    return rm, result
+
+
+@torch.no_grad()
+def likelihood_scores(model, tokenizer, solutions: list[Solution], batch_size: int = 128) -> list[float]:
+    """The policy's own confidence in each solution: its mean log-prob per completion token."""
+    model.eval()
+    scores = []
+    for start in range(0, len(solutions), batch_size):
+        rows = [encode_pair(tokenizer, s.prompt, s.completion) for s in solutions[start : start + batch_size]]
+        batch = pad_batch(rows, tokenizer.pad_token_id)
+        logps = token_logprobs(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                               batch["labels"])  # (B, T-1)
+        scores += (logps.sum(-1) / (batch["labels"][:, 1:] != IGNORE).sum(-1)).tolist()
+    return scores
+
+
+def pair_accuracy(scores: list[float], solutions: list[Solution]) -> dict:
+    """Fraction of (correct, incorrect) pairs of one problem that the scores order right (ties: 1/2)."""
+    index = {id(s): i for i, s in enumerate(solutions)}
+    pairs = correctness_pairs(solutions)
+    wins = sum((scores[index[id(c)]] > scores[index[id(w)]]) + 0.5 * (scores[index[id(c)]] == scores[index[id(w)]])
+               for c, w in pairs)
+    return {"accuracy": wins / len(pairs) if pairs else None, "pairs": len(pairs)}
+
+
+def evaluate_orm(orm: RewardModel, test: list[Solution]) -> dict:
+    scores = orm.score([s.prompt for s in test], [s.completion for s in test])
+    labels = [s.correct for s in test]
+    pairs = pair_accuracy(scores, test)
+    return {"orm_pair_accuracy": pairs["accuracy"], "orm_pairs": pairs["pairs"], "orm_auc": auc(scores, labels),
+            "_scores": scores}
+
+
+def evaluate_prm(prm: RewardModel, test: list[Solution]) -> dict:
+    """Step accuracy, first-error localisation, solution-level AUC/pairs and calibration of the PRM."""
+    prompts, completions = [s.prompt for s in test], [s.completion for s in test]
+    scores = prm.score(prompts, completions)
+    step_probs = prm.step_scores(prompts, completions)
+    flat = [(p, y) for probs, s in zip(step_probs, test) for p, y in zip(probs, s.steps)]
+    with_error = [(probs, s) for probs, s in zip(step_probs, test) if first_error(s.steps) is not None]
+    located = sum(first_error([p > 0.5 for p in probs]) == first_error(s.steps) for probs, s in with_error)
+    step_cal = calibration([p for p, _ in flat], [y for _, y in flat])
+    return {
+        "prm_step_accuracy": sum((p > 0.5) == y for p, y in flat) / len(flat),
+        "prm_step_label_mean": sum(y for _, y in flat) / len(flat),  # the accuracy of always saying "right"
+        "prm_first_error_accuracy": located / len(with_error) if with_error else None,
+        "prm_solutions_with_error": len(with_error),
+        "prm_pair_accuracy": pair_accuracy(scores, test)["accuracy"],
+        "prm_auc": auc(scores, [s.correct for s in test]),
+        "prm_step_ece": step_cal["ece"],
+        "prm_solution_ece": calibration(scores, [s.correct for s in test])["ece"],
+        "_scores": scores, "_step_calibration": step_cal,
+    }
+
+
+def hacking_curve(scores: list[float], test: list[Solution], ns: list[int]) -> list[dict]:
+    """Best-of-N against `scores`: mean selected score and verified accuracy for each N (expected over
+    all N-subsets of each problem's samples, evaluation.best_of_n)."""
+    index = {id(s): i for i, s in enumerate(test)}
+    groups = [([scores[index[id(s)]] for s in g], g) for g in by_problem(test)]
+    curve = []
+    for n in ns:
+        picked = [best_of_n(sc, sc, n) for sc, _ in groups]
+        right = [best_of_n(sc, [float(s.correct) for s in g], n) for sc, g in groups]
+        curve.append({"n": n, "reward": sum(picked) / len(picked), "accuracy": sum(right) / len(right)})
+    return curve
+
+
+def hacking_experiment(cfg: RewardConfig, proxy: RewardModel, orm_scores: list[float], test: list[Solution]) -> dict:
+    """Best-of-N curves of the proxy and the clean ORM, and where the detector fires on each."""
+    ns = [2**i for i in range(cfg.test_samples.bit_length()) if 2**i <= cfg.test_samples]
+    proxy_scores = proxy.score([s.prompt for s in test], [s.completion for s in test])
+    result = {}
+    for name, scores in (("proxy", proxy_scores), ("orm", orm_scores)):
+        curve = hacking_curve(scores, test, ns)
+        fired = overoptimisation_point(ns, [c["reward"] for c in curve], [c["accuracy"] for c in curve], cfg.hacking_tolerance)
+        result[name] = {"curve": curve, "detected_at_n": fired}
+    return result
+
+
+def run(cfg: RewardConfig, resume: bool = False) -> dict:
+    if cfg.data:
+        return run_on_preferences(cfg, read_preferences(cfg.data), resume)
+    out = prepare_output(cfg.output_dir, resume)
+    policy, tokenizer = load_model(policy_path(cfg.model))
+    train_set = sample_solutions(policy, tokenizer, cfg, "train", cfg.train_problems, cfg.samples)
+    test = sample_solutions(policy, tokenizer, cfg, "test", cfg.test_problems, cfg.test_samples)
+    # The baseline a reward model has to beat: the policy's own likelihood as a scorer of the same pairs.
+    likelihood = likelihood_scores(policy, tokenizer, test)
+    baseline = {"accuracy": pair_accuracy(likelihood, test)["accuracy"], "auc": auc(likelihood, [s.correct for s in test]),
+                "scorer": "policy mean token log-prob"}
+    del policy
+    triples = lambda pairs: [((c.prompt, c.completion, c.correct), (r.prompt, r.completion, r.correct)) for c, r in pairs]  # noqa: E731
+    orm, orm_run = train_orm(cfg, triples(correctness_pairs(train_set)), "orm", out, resume, cfg.orm_bce_weight)
+    prm, prm_run = train_prm(cfg, train_set, out, resume)
+    # the flawed rater's preferences alone: it never sees the verifier (no BCE on correctness)
+    proxy, proxy_run = train_orm(cfg, triples(length_biased_pairs(train_set)), "proxy", out, resume)
+
+    orm_eval, prm_eval = evaluate_orm(orm, test), evaluate_prm(prm, test)
+    hacking = hacking_experiment(cfg, proxy, orm_eval["_scores"], test)
+    for rm, name in ((orm, "orm"), (prm, "prm"), (proxy, "proxy")):
+        rm.save(out / name)
+    reward_histograms(test, orm_eval.pop("_scores"), prm_eval.pop("_scores"), out / "reward_distributions.png")
+    reliability_plot(prm_eval.pop("_step_calibration"), out / "prm_reliability.png")
+    hacking_plot(hacking, out / "reward_hacking.png")
+
+    correct = [s.correct for s in test]
+    metrics = {**orm_eval, **prm_eval, "accuracy": orm_eval["orm_pair_accuracy"], "hacking": hacking,
+               "train_solutions": len(train_set), "train_solution_accuracy": sum(s.correct for s in train_set) / len(train_set),
+               "test_solutions": len(test), "test_solution_accuracy": sum(correct) / len(correct)}
+    time_s = orm_run.time_s + prm_run.time_s + proxy_run.time_s
+    result = TrainResult(orm_run.history, orm_run.final_metrics, time_s, orm_run.tokens_per_s)
+    return write_summary(out, "reward", cfg, metrics, baseline, orm, result,
+                         reward_models={name: str(out / name) for name in ("orm", "prm", "proxy")})
+
+
+def run_on_preferences(cfg: RewardConfig, records: list, resume: bool) -> dict:
+    """An ORM on the user's preference pairs; held-out pairwise accuracy on a seeded 10% of them."""
+    out = prepare_output(cfg.output_dir, resume)
+    records = records[:]
+    random.Random(cfg.seed).shuffle(records)
+    n_held = max(1, len(records) // 10)
+    held, train_records = records[:n_held], records[n_held:] or records
+    pairs = [((r.prompt, r.chosen, None), (r.prompt, r.rejected, None)) for r in train_records]
+
+    def held_out_accuracy(model) -> float:
+        chosen = model.score([r.prompt for r in held], [r.chosen for r in held])
+        rejected = model.score([r.prompt for r in held], [r.rejected for r in held])
+        return sum(c > r for c, r in zip(chosen, rejected)) / len(held)
+
+    torch.manual_seed(cfg.seed)
+    baseline = {"accuracy": held_out_accuracy(new_reward_model(policy_path(cfg.model), "orm")), "scorer": "untrained head"}
+    orm, orm_run = train_orm(cfg, pairs, "orm", out, resume)  # no correctness labels: Bradley-Terry alone
+
+    orm.save(out / "orm")
+    metrics = {"accuracy": held_out_accuracy(orm), "orm_pair_accuracy": None, "held_out_pairs": len(held),
+               "train_pairs": len(pairs)}
+    metrics["orm_pair_accuracy"] = metrics["accuracy"]
+    return write_summary(out, "reward", cfg, metrics, baseline, orm, orm_run,
+                         reward_models={"orm": str(out / "orm")})
+
+
+def trained_reward_models(quick: bool = False) -> Path:
+    """The cached reward stage on the shared policy (orm/, prm/, proxy/ inside); runs it on first use."""
+    from posttrain.stages import cached_run
+
+    return cached_run("reward", [f"{k}={v}" for k, v in QUICK.items()] if quick else [])

@@ -1,0 +1,86 @@
+"""Self-consistency: sample k chains of thought and answer with the majority (Wang et al. 2023).
+
+    for each held-out problem: k samples at `temperature`, their final answers (the `A:` line)
+    maj@n   accuracy of the most common answer among n of them (ties: the first seen), n = 1, 2, 4, ..., k,
+            the expectation over n-subsets of the k samples (evaluation.majority_at_n)
+    confidence  the winning answer's vote share at n = k; problems split at the median share into a
+            more and a less confident half, each with its accuracy; reliability plot and ECE of the share
+
+No reward model and no training: the only signal is agreement between samples. The headline is maj@k
+(default k = 16) against the greedy accuracy of the same model.
+
+    posttrain self-consistency --output-dir runs/self-consistency
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from posttrain.errors import UserError
+from posttrain.evaluation import calibration, majority_at_n, majority_vote
+from posttrain.methods.common import prepare_output, write_summary
+from posttrain.methods.test_time import greedy_baseline, sample_solutions
+from posttrain.models import load_model
+from posttrain.report.test_time_plots import accuracy_vs_n, reliability
+from posttrain.rl.rollouts import policy_path
+from posttrain.training import TrainResult
+from posttrain.world import MAIN_SKILL, sample_problems
+
+
+@dataclasses.dataclass
+class SelfConsistencyConfig:
+    model: str = "sft-policy"  # sft-policy (shared CoT SFT model), a folder or hub id
+    output_dir: str = "runs/self-consistency"  # where summary.json and the plots go
+    difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
+    problems: int = 100  # held-out test problems
+    k: int = 16  # samples per problem (maj@k is the headline)
+    temperature: float = 1.0  # sampling temperature
+    subsets: int = 200  # random n-subsets per problem for maj@n with n < k
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.k < 2 or self.problems < 2 or self.temperature <= 0:
+            raise UserError("k and problems must be >= 2 and temperature > 0")
+
+
+CONFIG = SelfConsistencyConfig
+QUICK = {"model": "sft-policy-quick", "difficulties": "2", "problems": 40, "k": 8}
+
+
+def confidence_halves(shares: list[float], right: list[bool]) -> dict:
+    """Accuracy of the more and the less confident half of the problems (split by vote share, stable)."""
+    order = sorted(range(len(shares)), key=lambda i: -shares[i])
+    half = len(order) // 2
+    top, bottom = order[:half], order[half:]
+    mean = lambda idx: sum(right[i] for i in idx) / len(idx)  # noqa: E731
+    return {"confident_accuracy": mean(top), "unconfident_accuracy": mean(bottom),
+            "confident_mean_share": sum(shares[i] for i in top) / len(top),
+            "unconfident_mean_share": sum(shares[i] for i in bottom) / len(bottom)}
+
+
+def run(cfg: SelfConsistencyConfig, resume: bool = False) -> dict:
+    del resume  # nothing to resume: no training
+    start = time.perf_counter()
+    out = prepare_output(cfg.output_dir, resume=False)
+    model, tokenizer = load_model(policy_path(cfg.model))
+    problems = sample_problems(MAIN_SKILL, cfg.difficulties, cfg.problems, "test", cfg.seed)
+    baseline = greedy_baseline(model, tokenizer, problems)
+    samples = sample_solutions(model, tokenizer, problems, cfg.k, cfg.temperature, cfg.seed)
+
+    ns = sorted({2**i for i in range(cfg.k.bit_length()) if 2**i <= cfg.k} | {cfg.k})
+    references = [p.answer for p in problems]
+    maj = [sum(majority_at_n(a, r, n, cfg.subsets, cfg.seed + i) for i, (a, r) in enumerate(zip(samples.answers, references)))
+           / len(problems) for n in ns]
+    votes = [majority_vote(a) for a in samples.answers]
+    right = [answer == r for (answer, _), r in zip(votes, references)]
+    shares = [share for _, share in votes]
+    table = calibration(shares, right)
+    accuracy_vs_n(ns, {"majority": maj}, baseline["accuracy"], out / "accuracy_vs_k.png", "Self-consistency: maj@k")
+    reliability({"vote share": table}, out / "vote_share_reliability.png", "Vote share as confidence")
+    metrics = {"accuracy": maj[-1], "headline": f"maj@{cfg.k}", "by_k": {"k": ns, "majority": maj},
+               "sample_accuracy": sum(map(sum, samples.correct)) / (len(problems) * cfg.k),
+               **confidence_halves(shares, right), "vote_share_ece": table["ece"], "reliability": table["bins"],
+               "generated_tokens": sum(map(sum, samples.tokens))}
+    elapsed = time.perf_counter() - start
+    result = TrainResult([], {}, elapsed, sum(map(sum, samples.tokens)) / samples.seconds)
+    return write_summary(out, "self-consistency", cfg, metrics, baseline, model, result)

@@ -1,0 +1,153 @@
+"""GRPO's loss against hand-derived values and against TRL's GRPOTrainer."""
+import json
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from posttrain.config import load_config
+from posttrain.errors import UserError
+from posttrain.losses.grpo import AGGREGATIONS, grpo_loss, sequence_mean, token_mean
+from posttrain.methods.rl import grpo
+from posttrain.models import load_model
+from posttrain.reward_models import new_reward_model
+from posttrain.rl.advantages import group_advantages
+from posttrain.rl.rollouts import cot_prompts, forward_logprobs, policy_path, sample_rollouts, training_problems
+
+HALF, QUARTER = math.log(0.5), math.log(0.25)
+
+
+def test_grpo_loss_by_hand():
+    """Two completions of 2 and 1 tokens, advantages +1 and -1, on-policy (ratio 1), so each token's
+    surrogate is -A: (-1, -1) and (+1). pi(token) = 0.5 and ref(token) = 0.25 everywhere, so each
+    token's k3 = log 2 - 0.5 = 0.193147; beta = 0.1 adds 0.0193147 per token.
+        token-level:    (-1 - 1 + 1) / 3 + 0.0193147 = -0.313952
+        sequence-level: (-1 + 1) / 2     + 0.0193147 =  0.0193147
+    """
+    logp = torch.full((2, 2), HALF)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    advantages = torch.tensor([1.0, -1.0])
+    k3 = math.log(2) - 0.5
+    for aggregate, want in [(token_mean, -1 / 3 + 0.1 * k3), (sequence_mean, 0.1 * k3)]:
+        loss, metrics = grpo_loss(logp, logp, torch.full((2, 2), QUARTER), advantages, mask, beta=0.1, aggregate=aggregate)
+        assert loss.item() == pytest.approx(want, abs=1e-6)
+        assert metrics["kl"] == pytest.approx(k3, abs=1e-6)
+    assert set(AGGREGATIONS) == {"token", "sequence"}
+
+
+def test_beta_zero_needs_no_reference_and_clip_ratios_are_counted():
+    """Completion 1 (A = +1): ratio 1.5 on its first token -> clipped from above.
+    Completion 2 (A = -1): ratio 0.5 -> clipped from below. 2 of 3 tokens are clipped."""
+    logp = torch.zeros(2, 2)
+    old_logp = torch.tensor([[-math.log(1.5), 0.0], [-math.log(0.5), 0.0]])
+    loss, metrics = grpo_loss(logp, old_logp, None, torch.tensor([1.0, -1.0]), torch.tensor([[1, 1], [1, 0]]))
+    # surrogate: -min(1.5, 1.2) = -1.2; -1 (ratio 1); -min(-0.5, -0.8) = 0.8  -> token mean (-1.2 - 1 + 0.8) / 3
+    assert loss.item() == pytest.approx(-1.4 / 3, abs=1e-6)
+    assert "kl" not in metrics
+    assert metrics["clip_ratio/high_mean"] == pytest.approx(1 / 3)
+    assert metrics["clip_ratio/low_mean"] == pytest.approx(1 / 3)
+    assert metrics["clip_ratio/region_mean"] == pytest.approx(2 / 3)
+
+
+def trl_grpo_loss(loss_type, beta, eps, logp, old_logp, ref_logp, advantages, mask):
+    """TRL keeps GRPO's loss inline in GRPOTrainer._compute_loss; run it on a stand-in trainer whose
+    log-prob function returns ours."""
+    grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
+    rows, width = logp.shape
+    trainer = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+        model=SimpleNamespace(training=True), beta=beta, epsilon_low=eps, epsilon_high=eps, loss_type=loss_type,
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None), use_vllm=False, aux_loss_enabled=False,
+        current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
+        accelerator=SimpleNamespace(gather=lambda x: x, reduce=lambda x, reduction: x),
+    )
+    inputs = {"prompt_ids": torch.zeros(rows, 2, dtype=torch.long), "prompt_mask": torch.ones(rows, 2),
+              "completion_ids": torch.zeros(rows, width, dtype=torch.long), "completion_mask": mask.float(),
+              "advantages": advantages, "old_per_token_logps": old_logp, "ref_per_token_logps": ref_logp}
+    return grpo_trainer.GRPOTrainer._compute_loss(trainer, None, inputs)
+
+
+@pytest.mark.parametrize("aggregate, loss_type", [("token", "bnpo"), ("sequence", "grpo")])
+def test_parity_with_trl_grpo_trainer(aggregate, loss_type):
+    g = torch.Generator().manual_seed(0)
+    n, width = 8, 6
+    mask = (torch.arange(width)[None] < torch.randint(1, width + 1, (n, 1), generator=g)).float()
+    logp = -torch.rand(n, width, generator=g) * 2
+    old_logp = logp + 0.4 * torch.randn(n, width, generator=g)  # some ratios leave the clip range
+    ref_logp = logp + 0.3 * torch.randn(n, width, generator=g)
+    advantages = torch.randn(n, generator=g)
+    want = trl_grpo_loss(loss_type, 0.04, 0.2, logp, old_logp, ref_logp, advantages, mask)
+    got, _ = grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.04, aggregate=AGGREGATIONS[aggregate])
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+# ---- the method on the quick policy --------------------------------------------------------------------------
+
+TINY = ["model=sft-policy-quick", "difficulties=2", "steps=2", "prompts_per_step=4", "num_generations=4",
+        "batch_size=8", "eval_every=1", "eval_problems=20", "kl_problems=8", "temperature=0.7"]
+
+
+def test_a_grpo_step_moves_probability_toward_the_better_completions():
+    """One update on a rollout batch of the quick policy raises the summed log-prob of the completions
+    with a positive advantage and lowers those with a negative one."""
+    model, tokenizer = load_model(policy_path("sft-policy-quick"))
+    prompts, answers = cot_prompts(training_problems([2], 8, seed=0))
+    rollouts = sample_rollouts(model, tokenizer, prompts, answers, num_samples=8, max_new_tokens=60, temperature=1.0, seed=0)
+    advantages = group_advantages(rollouts.rewards, 8)
+    assert (advantages > 0).any() and (advantages < 0).any()
+
+    def completion_logps():
+        with torch.no_grad():
+            return (forward_logprobs(model, rollouts.batch)[0] * rollouts.mask).sum(-1)
+
+    before = completion_logps()
+    logp = forward_logprobs(model, rollouts.batch)[0]
+    loss, _ = grpo_loss(logp, logp.detach(), None, advantages, rollouts.mask)
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.03).step()  # a small step: the first-order effect shows
+    change = completion_logps() - before
+    assert change[advantages > 0].mean() > 0 > change[advantages < 0].mean()
+
+
+def test_grpo_run_output_contract(tmp_path):
+    summary = grpo.run(load_config(grpo.GRPOConfig, None, TINY + [f"output_dir={tmp_path}"]))
+    assert summary["method"] == "grpo" and summary["metrics"]["completions_sampled"] == 2 * 4 * 4
+    assert summary["metrics"]["kl"] >= 0 and "accuracy" in summary["baseline"]
+    assert [p["step"] for p in summary["metrics"]["frontier"]] == [0, 1, 2]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2]
+    for name in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio/region_mean",
+                 "completions/mean_length"):
+        assert name in lines[0]
+    assert "eval/accuracy" in lines[0]
+    for name in ("training_curve.png", "reward_kl_frontier.png", "samples.jsonl", "model/config.json"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_beta_zero_keeps_no_reference_and_dr_grpo_runs(tmp_path):
+    summary = grpo.run(load_config(grpo.GRPOConfig, None, TINY + ["beta=0", "scale_rewards=false", "eval_every=0",
+                                                                   f"output_dir={tmp_path}"]))
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert "kl" not in line  # no KL term without a reference
+    assert summary["metrics"]["kl"] >= 0  # the held-out KL is still measured (the reference is loaded for it)
+
+
+def test_process_rewards_from_a_reward_model_folder(tmp_path):
+    """reward=prm scores completions with a reward model folder (an untrained one here: the wiring only)."""
+    new_reward_model(policy_path("sft-policy-quick"), "prm").save(tmp_path / "prm")
+    cfg = load_config(grpo.GRPOConfig, None, TINY + ["steps=1", "eval_every=0", "reward=prm",
+                                                     f"reward_model={tmp_path / 'prm'}", f"output_dir={tmp_path / 'run'}"])
+    grpo.run(cfg)
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert 0 < line["reward"] < 1 and line["reward"] not in (0.25, 0.5, 0.75)  # PRM probabilities, not 1/0 verdicts
+
+
+def test_reward_choices_are_checked(tmp_path):
+    with pytest.raises(UserError, match="verifier or prm"):
+        load_config(grpo.GRPOConfig, None, ["reward=orm"])
+    cfg = load_config(grpo.GRPOConfig, None, ["reward=prm", f"model={tmp_path}", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match="reward_model=FOLDER"):
+        grpo.run(cfg)
