@@ -1,18 +1,35 @@
-"""Reward models: a transformer backbone with a scalar head, and the one loader every user of them calls.
+"""Reward models: a transformer with a scoring head, and the one loader every user of them calls.
 
-    tokens ──► backbone (a causal LM without its LM head) ──► hidden (B, T, d) ──► head ──► values (B, T)
+Both heads give a value at every position, v (B, T); how the values are read is the model's `kind`:
 
-    ORM (outcome):  r(x, y) = values at the last real token of prompt + completion + EOS
-    PRM (process):  one logit per reasoning step, at the token that ends the step's line (its newline),
+    ORM (outcome):  r(x, y) = v at the last real token of prompt + completion + EOS
+    PRM (process):  one logit per reasoning step, v at the token that ends the step's line (its newline),
                     plus one at the last token for the answer; score = min or product of sigmoid(logits)
+
+Two heads (`head`):
+
+    value       tokens -> backbone (a causal LM without its LM head) -> hidden (B, T, d) -> linear -> v
+                the classic scalar head (Ouyang et al. 2022; Lightman et al. 2023)
+    likelihood  v_t = bias + beta * sum_{s <= t, s in completion} (log pi(y_s | x, y_<s) - log_ref)
+                pi is the full causal LM (fine-tuned with the head); beta, log_ref and bias are three
+                learned scalars. This is the implicit PRM of Yuan et al. 2024 ("Free process rewards
+                without process labels": q_t = beta * sum log pi/pi_ref) with a uniform reference
+                (log pi_ref = log_ref on every token): a step is judged by how likely the model finds
+                every token written up to its end, read exactly where a wrong token appears.
+
+Why two: on our world the policy's mistakes are misread operand digits, and a scalar head must learn
+to re-read the prompt from the newline after the step, which a 0.9M-parameter backbone does not do in
+a short run (held-out step accuracy 0.63); the likelihood head starts from the policy's own token
+probabilities and reaches 0.92 in the same time (measured; see `posttrain reward`).
 
 Positions are counted over real tokens only (as the sampler does), so a row's values do not depend
 on whether the batch is padded on the left or the right.
 
-On disk a reward model is an ordinary folder: the backbone and tokenizer via `save_pretrained`
-(loadable with `AutoModel.from_pretrained`), `head.safetensors` (the head's weight and bias) and
-`reward_model.json` (kind, aggregate). `load_reward_model(path)` is the single entry point used by
-best-of-N, tree search and PPO/GRPO; `score(prompts, completions)` and `step_scores(...)` are its API.
+On disk a reward model is an ordinary folder: the transformer and tokenizer via `save_pretrained`
+(loadable with `AutoModel`/`AutoModelForCausalLM.from_pretrained`), `head.safetensors` (the head's
+parameters) and `reward_model.json` (kind, aggregate, head). `load_reward_model(path)` is the single
+entry point used by best-of-N, tree search and PPO/GRPO; `score(prompts, completions)` and
+`step_scores(...)` are its API.
 """
 from __future__ import annotations
 
@@ -41,6 +58,7 @@ class Encoded:
 
     ids: list[int]
     steps: list[int]  # token index ending each reasoning step (then the last token, when `final`)
+    prompt_len: int  # ids[prompt_len:] is the completion (and EOS)
 
 
 def step_end_chars(completion: str) -> list[int]:
@@ -71,13 +89,15 @@ def encode(tokenizer, prompt, completion: str, final: bool = True) -> Encoded:
     ids = prompt_ids + tokens["input_ids"] + ([tokenizer.eos_token_id] if final else [])
     spans = tokens["offset_mapping"]
     steps = [len(prompt_ids) + next(i for i, (s, e) in enumerate(spans) if s <= c < e) for c in step_end_chars(completion)]
-    return Encoded(ids, steps + ([len(ids) - 1] if final else []))
+    return Encoded(ids, steps + ([len(ids) - 1] if final else []), len(prompt_ids))
 
 
 def collate(rows: list[Encoded], pad_id: int) -> dict:
-    """Right-padded input_ids/attention_mask (B, T), and step indices with their mask (B, S)."""
+    """Right-padded input_ids/attention_mask/completion_mask (B, T), step indices and their mask (B, S)."""
     batch = pad_batch([(r.ids, r.ids) for r in rows], pad_id)
     del batch["labels"]  # a reward model predicts no tokens
+    batch["completion_mask"] = torch.tensor([[0] * r.prompt_len + [1] * (len(r.ids) - r.prompt_len)
+                                             + [0] * (batch["input_ids"].shape[1] - len(r.ids)) for r in rows])
     width = max(1, max(len(r.steps) for r in rows))
     batch["steps"] = torch.tensor([r.steps + [0] * (width - len(r.steps)) for r in rows])
     batch["step_mask"] = torch.tensor([[1] * len(r.steps) + [0] * (width - len(r.steps)) for r in rows])
@@ -90,33 +110,36 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask * positions).argmax(-1)
 
 
-class RewardModel(nn.Module):
-    """A backbone and a linear head giving one value per position; `kind` says how values are read."""
+def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counted over real tokens only: the padding side does not change a row's values."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
-    def __init__(self, backbone, tokenizer, kind: str = "orm", aggregate: str = "min"):
+
+class RewardModel(nn.Module):
+    """A transformer and a head giving one value per position; `kind` says how the values are read.
+
+    Subclasses define the head: `values(batch) -> (B, T)`, `head_name` and how `transformer` is loaded."""
+
+    head_name = ""
+    auto_class = ""  # the transformers Auto class that loads `transformer` from a folder
+
+    def __init__(self, transformer, tokenizer, kind: str = "orm", aggregate: str = "min"):
         super().__init__()
         if kind not in KINDS or aggregate not in AGGREGATES:
             raise UserError(f"reward model kind must be one of {KINDS} and aggregate one of {tuple(AGGREGATES)}")
-        self.backbone, self.tokenizer, self.kind, self.aggregate = backbone, tokenizer, kind, aggregate
-        hidden = backbone.config.hidden_size
-        self.head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))  # TRL's init: rewards start near 0
-        nn.init.zeros_(self.head.bias)
+        self.backbone, self.tokenizer, self.kind, self.aggregate = transformer, tokenizer, kind, aggregate
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Values (B, T): the head applied to the last hidden state at every position."""
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: padding side is irrelevant
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
+    def values(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
 
     def rewards(self, batch: dict) -> torch.Tensor:
         """(B,): the value at each row's last real token (the ORM's reward)."""
-        values = self(batch["input_ids"], batch["attention_mask"])
+        values = self.values(batch)
         return values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
 
     def step_logits(self, batch: dict) -> torch.Tensor:
         """(B, S): the values at each row's step tokens (padding steps hold junk; see step_mask)."""
-        return self(batch["input_ids"], batch["attention_mask"]).gather(1, batch["steps"])
+        return self.values(batch).gather(1, batch["steps"])
 
     @torch.no_grad()
     def score(self, prompts: list, completions: list[str], batch_size: int = 128) -> list[float]:
@@ -154,28 +177,93 @@ class RewardModel(nn.Module):
             self.backbone.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, str(Path(tmp) / HEAD))
-            write_json(Path(tmp) / SPEC, {"kind": self.kind, "aggregate": self.aggregate})
+            write_json(Path(tmp) / SPEC, {"kind": self.kind, "aggregate": self.aggregate, "head": self.head_name})
 
 
-def new_reward_model(model_name: str, kind: str, aggregate: str = "min") -> RewardModel:
-    """A fresh head on the backbone of causal LM `model_name` (e.g. the policy: it already reads the task)."""
-    from transformers import AutoModel, AutoTokenizer
+class ValueHeadRewardModel(RewardModel):
+    """v = linear(last hidden state): the classic scalar reward head."""
+
+    head_name, auto_class = "value", "AutoModel"
+
+    def __init__(self, backbone, tokenizer, kind: str = "orm", aggregate: str = "min"):
+        super().__init__(backbone, tokenizer, kind, aggregate)
+        hidden = backbone.config.hidden_size
+        self.head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))  # TRL's init: rewards start near 0
+        nn.init.zeros_(self.head.bias)
+
+    def values(self, batch: dict) -> torch.Tensor:
+        """(B, T): the head applied to the last hidden state at every position."""
+        mask = batch["attention_mask"]
+        hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=mask,
+                               position_ids=real_positions(mask)).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+
+class LikelihoodHead(nn.Module):
+    """beta, log_ref and bias. Adam moves a parameter by about lr per step, and these three must move
+    by ~1 in a run tuned for the transformer's lr, so each is stored divided by SCALE: in effect a
+    SCALE-times larger learning rate for the head (log pi is about -0.1 per token, hence log_ref's start)."""
+
+    SCALE = 30.0
+
+    def __init__(self):
+        super().__init__()
+        self.raw = nn.Parameter(torch.tensor([1.0, -0.1, 2.0]) / self.SCALE)  # beta, log_ref, bias
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        beta, log_ref, bias = self.raw * self.SCALE
+        return beta, log_ref, bias
+
+
+class LikelihoodRewardModel(RewardModel):
+    """v_t = bias + beta * sum over completion tokens up to t of (log pi(token) - log_ref); see the module docstring."""
+
+    head_name, auto_class = "likelihood", "AutoModelForCausalLM"
+
+    def __init__(self, lm, tokenizer, kind: str = "orm", aggregate: str = "min"):
+        super().__init__(lm, tokenizer, kind, aggregate)
+        self.head = LikelihoodHead()
+
+    def values(self, batch: dict) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = self.backbone(input_ids=ids, attention_mask=mask, position_ids=real_positions(mask)).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)  # (B, T): log pi of token t at t
+        beta, log_ref, bias = self.head()
+        per_token = (logp - log_ref) * batch["completion_mask"]  # prompt and padding add nothing
+        return bias + beta * per_token.cumsum(-1)
+
+
+REWARD_MODELS = {cls.head_name: cls for cls in (ValueHeadRewardModel, LikelihoodRewardModel)}
+
+
+def _transformer(source, head: str):
+    import transformers
+
+    if head not in REWARD_MODELS:
+        raise UserError(f"reward model head must be one of {', '.join(REWARD_MODELS)}, got '{head}'")
+    auto = getattr(transformers, REWARD_MODELS[head].auto_class)
+    return auto.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+
+
+def new_reward_model(model_name: str, kind: str, aggregate: str = "min", head: str = "likelihood") -> RewardModel:
+    """A fresh head on causal LM `model_name` (e.g. the policy: it already reads the task)."""
+    from transformers import AutoTokenizer
 
     source = resolve_model_path(model_name)
-    backbone = AutoModel.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
-    return RewardModel(backbone, AutoTokenizer.from_pretrained(source), kind, aggregate)
+    return REWARD_MODELS[head](_transformer(source, head), AutoTokenizer.from_pretrained(source), kind, aggregate)
 
 
 def load_reward_model(path: str | Path) -> RewardModel:
     """The reward model saved in folder `path` (by `RewardModel.save`), ready to score, in eval mode."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(path)
     if not (path / SPEC).exists():
-        raise UserError(f"'{path}' is not a reward model folder (expected {SPEC}, {HEAD} and a backbone)")
+        raise UserError(f"'{path}' is not a reward model folder (expected {SPEC}, {HEAD} and a transformer)")
     spec = read_json(path / SPEC)
-    backbone = AutoModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    model = RewardModel(backbone, AutoTokenizer.from_pretrained(path), spec["kind"], spec["aggregate"])
+    head = spec.get("head", "value")
+    model = REWARD_MODELS[head](_transformer(path, head), AutoTokenizer.from_pretrained(path), spec["kind"], spec["aggregate"])
     model.head.load_state_dict(load_file(str(path / HEAD)))
     return model.eval()
-

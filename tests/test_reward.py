@@ -11,7 +11,7 @@ from posttrain.errors import UserError
 from posttrain.evaluation import auc, best_of_n, calibration, overoptimisation_point
 from posttrain.losses.reward import bradley_terry_loss, min_score, outcome_bce_loss, prm_step_loss, product_score
 from posttrain.methods.rl import reward_model
-from posttrain.reward_models import RewardModel, collate, encode, last_token_index, load_reward_model, step_end_chars
+from posttrain.reward_models import LikelihoodRewardModel, ValueHeadRewardModel, collate, encode, last_token_index, load_reward_model, step_end_chars
 from posttrain.world import completion_steps, render, sample_problems
 from tests.conftest import random_model
 
@@ -48,21 +48,29 @@ def test_prm_aggregates_ignore_padding():
     assert product_score(probs, mask).tolist() == pytest.approx([0.45, 0.016])
 
 
-def test_scalar_head_reads_the_last_real_token_under_left_and_right_padding(tokenizer):
-    rm = RewardModel(random_model(tokenizer).model, tokenizer, "orm").eval()
+def left_padded(short, long, pad_id: int) -> dict:
+    pad = len(long.ids) - len(short.ids)
+    completion = lambda r, p: [0] * (p + r.prompt_len) + [1] * (len(r.ids) - r.prompt_len)  # noqa: E731
+    return {"input_ids": torch.tensor([[pad_id] * pad + short.ids, long.ids]),
+            "attention_mask": torch.tensor([[0] * pad + [1] * len(short.ids), [1] * len(long.ids)]),
+            "completion_mask": torch.tensor([completion(short, pad), completion(long, 0)])}
+
+
+@pytest.mark.parametrize("head", [ValueHeadRewardModel, LikelihoodRewardModel])
+def test_scalar_head_reads_the_last_real_token_under_left_and_right_padding(tokenizer, head):
+    model = random_model(tokenizer)
+    rm = head(model.model if head is ValueHeadRewardModel else model, tokenizer, "orm").eval()
     short, long = encode(tokenizer, "Q: 1+2\n", "A: 3"), encode(tokenizer, "Q: 12+34\n", "A: 46")
     right = collate([short, long], tokenizer.pad_token_id)
-    pad = len(long.ids) - len(short.ids)
-    left = {"input_ids": torch.tensor([[tokenizer.pad_token_id] * pad + short.ids, long.ids]),
-            "attention_mask": torch.tensor([[0] * pad + [1] * len(short.ids), [1] * len(long.ids)])}
+    left = left_padded(short, long, tokenizer.pad_token_id)
     assert last_token_index(right["attention_mask"]).tolist() == [len(short.ids) - 1, len(long.ids) - 1]
     assert last_token_index(left["attention_mask"]).tolist() == [len(long.ids) - 1] * 2
     with torch.no_grad():
-        alone = rm.rewards({"input_ids": torch.tensor([short.ids]), "attention_mask": torch.ones(1, len(short.ids), dtype=torch.long)})
+        alone = rm.rewards(collate([short], tokenizer.pad_token_id))
         assert torch.allclose(rm.rewards(right), rm.rewards(left), atol=1e-5)
         assert torch.allclose(rm.rewards(right)[0], alone[0], atol=1e-5)
         # and it is the value at that token, not at the padding after it
-        values = rm(right["input_ids"], right["attention_mask"])
+        values = rm.values(right)
         assert rm.rewards(right)[0] == values[0, len(short.ids) - 1]
 
 
@@ -82,11 +90,11 @@ def test_step_positions_are_the_newlines_ending_each_step(tokenizer):
 
 def test_saved_reward_model_loads_and_scores_the_same(tokenizer, tmp_path):
     torch.manual_seed(0)
-    rm = RewardModel(random_model(tokenizer).model, tokenizer, "prm", aggregate="product").eval()
+    rm = LikelihoodRewardModel(random_model(tokenizer), tokenizer, "prm", aggregate="product").eval()
     prompts, completions = ["Q: 12+34\n"] * 2, ["Let's think step by step.\n2+4+0=6, digits 6, carry 0\nA: 46", "A: 47"]
     rm.save(tmp_path / "prm")
     loaded = load_reward_model(tmp_path / "prm")
-    assert loaded.kind == "prm" and loaded.aggregate == "product"
+    assert loaded.kind == "prm" and loaded.aggregate == "product" and isinstance(loaded, LikelihoodRewardModel)
     assert loaded.score(prompts, completions) == pytest.approx(rm.score(prompts, completions), abs=1e-6)
     assert [len(s) for s in loaded.step_scores(prompts, completions)] == [1, 0]
     with pytest.raises(UserError, match="not a reward model folder"):
@@ -180,8 +188,24 @@ def test_default_reward_run(tmp_path):
 
 
 def test_freezing_lower_layers_leaves_the_top_block_norm_and_head(tokenizer):
-    rm = RewardModel(random_model(tokenizer, layers=2).model, tokenizer, "orm")
+    rm = ValueHeadRewardModel(random_model(tokenizer, layers=2).model, tokenizer, "orm")
     reward_model.freeze_lower_layers(rm, 1)
     trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("backbone.layers.1.", "backbone.norm.", "head.")) for n in trainable)
     assert "head.weight" in trainable and "backbone.norm.weight" in trainable
+
+
+def test_likelihood_head_is_the_scaled_sum_of_completion_log_probs(tokenizer):
+    """v at the last token = bias + beta * sum over completion tokens of (log pi(token) - log_ref),
+    checked against log-probs computed directly from the language model's logits."""
+    torch.manual_seed(0)
+    model = random_model(tokenizer).eval()
+    rm = LikelihoodRewardModel(model, tokenizer, "orm").eval()
+    with torch.no_grad():
+        rm.head.raw.copy_(torch.tensor([0.5, -2.0, 0.25]) / rm.head.SCALE)  # beta, log_ref, bias
+        row = encode(tokenizer, "Q: 12+34\n", "A: 46")
+        logits = model(input_ids=torch.tensor([row.ids])).logits[0]
+        logp = torch.log_softmax(logits, -1)
+        completion = [logp[t - 1, row.ids[t]].item() for t in range(row.prompt_len, len(row.ids))]
+        want = 0.25 + 0.5 * sum(lp + 2.0 for lp in completion)
+        assert rm.rewards(collate([row], tokenizer.pad_token_id)).item() == pytest.approx(want, abs=1e-4)

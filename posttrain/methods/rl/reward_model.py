@@ -61,7 +61,7 @@ from posttrain.methods.common import prepare_output, write_summary
 from posttrain.models import load_model
 from posttrain.records import read_preferences
 from posttrain.report.reward_plots import hacking_plot, reliability_plot, reward_histograms
-from posttrain.reward_models import RewardModel, collate, encode, new_reward_model
+from posttrain.reward_models import REWARD_MODELS, RewardModel, collate, encode, new_reward_model
 from posttrain.rl.rollouts import one_thread, policy_path
 from posttrain.training import TrainingConfig, TrainResult, train
 from posttrain.world import MAIN_SKILL, check_steps, first_error, render, sample_problems, verify
@@ -75,20 +75,24 @@ class RewardConfig(TrainingConfig):
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
     train_problems: int = 192  # training problems (train split)
     samples: int = 4  # solutions sampled per training problem
-    test_problems: int = 48  # held-out problems (test split)
+    test_problems: int = 64  # held-out problems (test split)
     test_samples: int = 16  # solutions per held-out problem; the largest N of the hacking curve
     temperature: float = 1.0  # sampling temperature of the policy
     orm_bce_weight: float = 1.0  # weight of BCE on correctness added to the ORM's Bradley-Terry loss
     prm_aggregate: str = "min"  # PRM solution score: min | product of step probabilities
+    head: str = "likelihood"  # likelihood (token log-probs, Yuan et al. 2024) | value (a linear head)
     trainable_layers: int = 0  # top transformer blocks trained (the rest frozen); 0 trains all
     hacking_tolerance: float = 0.05  # accuracy drop below the best so far that the hacking detector flags
-    steps: int = 80  # optimizer steps per reward model
-    batch_size: int = 16  # pairs (ORM) or solutions (PRM) per step
-    lr: float = 5e-4
+    steps: int = 120  # optimizer steps per reward model
+    batch_size: int = 32  # solutions per step (an ORM step sees batch_size / 2 pairs)
+    proxy_steps: int = 60  # optimizer steps of the flawed proxy (its length preference is quick to learn)
+    lr: float = 3e-4
     warmup_steps: int = 10
 
     def validate(self) -> None:
         super().validate()
+        if self.head not in REWARD_MODELS:
+            raise UserError(f"head must be one of {', '.join(REWARD_MODELS)}, got '{self.head}'")
         if self.prm_aggregate not in AGGREGATES:
             raise UserError(f"prm_aggregate must be one of {', '.join(AGGREGATES)}, got '{self.prm_aggregate}'")
         if self.samples < 2 or self.test_samples < 2:
@@ -176,12 +180,15 @@ def freeze_lower_layers(rm: RewardModel, trainable_layers: int) -> None:
         param.requires_grad = int(block.group(1)) >= first if block else param is not embeddings
 
 
+TOKEN_KEYS = ("input_ids", "attention_mask", "completion_mask")
+
+
 def pair_batch(chosen: list, rejected: list, pad_id: int) -> dict:
     """input_ids and attention_mask of shape (P, 2, T): [:, 0] chosen, [:, 1] rejected, one width, so
     the training loop's micro-batch and per-process slicing (along dim 0) keeps every pair together."""
     full = collate(chosen + rejected, pad_id)
     p = len(chosen)
-    return {k: full[k].view(2, p, -1).transpose(0, 1) for k in ("input_ids", "attention_mask")}
+    return {k: full[k].view(2, p, -1).transpose(0, 1) for k in TOKEN_KEYS}
 
 
 def train_orm(cfg: RewardConfig, pairs: list[tuple], name: str, out: Path, resume: bool,
@@ -191,20 +198,20 @@ def train_orm(cfg: RewardConfig, pairs: list[tuple], name: str, out: Path, resum
         raise UserError(f"{name}: no preference pairs (every problem's samples were all right or all wrong); "
                         "raise samples or temperature")
     torch.manual_seed(cfg.seed)  # the head's initialisation
-    rm = new_reward_model(policy_path(cfg.model), "orm")
+    rm = new_reward_model(policy_path(cfg.model), "orm", head=cfg.head)
     freeze_lower_layers(rm, cfg.trainable_layers)
     tok = rm.tokenizer
     encoded = [(encode(tok, c[0], c[1]), encode(tok, r[0], r[1])) for c, r in pairs]
     outcomes = [(float(c[2] or 0), float(r[2] or 0)) for c, r in pairs]  # used only with bce_weight
 
     def batch_fn(step: int) -> dict:
-        picks = batch_indices(len(pairs), cfg.batch_size, cfg.seed, step)
+        picks = batch_indices(len(pairs), max(1, cfg.batch_size // 2), cfg.seed, step)
         batch = pair_batch([encoded[i][0] for i in picks], [encoded[i][1] for i in picks], tok.pad_token_id)
         batch["correct"] = torch.tensor([outcomes[i] for i in picks])  # (P, 2)
         return batch
 
     def loss_fn(model, batch):
-        rewards = model.rewards({k: batch[k].flatten(0, 1) for k in ("input_ids", "attention_mask")}).view(-1, 2)  # (P, 2)
+        rewards = model.rewards({k: batch[k].flatten(0, 1) for k in TOKEN_KEYS}).view(-1, 2)  # (P, 2)
         loss, metrics = bradley_terry_loss(rewards[:, 0], rewards[:, 1])
         if bce_weight:
             bce, bce_metrics = outcome_bce_loss(rewards.flatten(), batch["correct"].flatten())
@@ -219,7 +226,7 @@ def train_orm(cfg: RewardConfig, pairs: list[tuple], name: str, out: Path, resum
 def train_prm(cfg: RewardConfig, solutions: list[Solution], out: Path, resume: bool) -> tuple[RewardModel, TrainResult]:
     """A PRM on every training solution: BCE at each step's newline and at the final token."""
     torch.manual_seed(cfg.seed)
-    rm = new_reward_model(policy_path(cfg.model), "prm", cfg.prm_aggregate)
+    rm = new_reward_model(policy_path(cfg.model), "prm", cfg.prm_aggregate, cfg.head)
     freeze_lower_layers(rm, cfg.trainable_layers)
     tok = rm.tokenizer
     encoded = [encode(tok, s.prompt, s.completion) for s in solutions]
@@ -335,7 +342,8 @@ def run(cfg: RewardConfig, resume: bool = False) -> dict:
     orm, orm_run = train_orm(cfg, triples(correctness_pairs(train_set)), "orm", out, resume, cfg.orm_bce_weight)
     prm, prm_run = train_prm(cfg, train_set, out, resume)
     # the flawed rater's preferences alone: it never sees the verifier (no BCE on correctness)
-    proxy, proxy_run = train_orm(cfg, triples(length_biased_pairs(train_set)), "proxy", out, resume)
+    proxy, proxy_run = train_orm(dataclasses.replace(cfg, steps=cfg.proxy_steps), triples(length_biased_pairs(train_set)),
+                                 "proxy", out, resume)
 
     orm_eval, prm_eval = evaluate_orm(orm, test), evaluate_prm(prm, test)
     hacking = hacking_experiment(cfg, proxy, orm_eval["_scores"], test)
@@ -370,7 +378,7 @@ def run_on_preferences(cfg: RewardConfig, records: list, resume: bool) -> dict:
         return sum(c > r for c, r in zip(chosen, rejected)) / len(held)
 
     torch.manual_seed(cfg.seed)
-    baseline = {"accuracy": held_out_accuracy(new_reward_model(policy_path(cfg.model), "orm")), "scorer": "untrained head"}
+    baseline = {"accuracy": held_out_accuracy(new_reward_model(policy_path(cfg.model), "orm", head=cfg.head)), "scorer": "untrained head"}
     orm, orm_run = train_orm(cfg, pairs, "orm", out, resume)  # no correctness labels: Bradley-Terry alone
 
     orm.save(out / "orm")
