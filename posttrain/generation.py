@@ -145,5 +145,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """Sum of completion-token log-probs per row, (B,): log pi(y | x)."""
+    batch = {k: v.to(_device(model)) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
     return token_logprobs(logits, batch["labels"]).sum(-1)

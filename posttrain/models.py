@@ -203,7 +203,14 @@ def load_model(name: str | None = None, *, dtype: torch.dtype | None = None, tru
         raise UserError(f"could not load model '{name}': {first_line}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model.to(default_device()), tokenizer
+
+
+def default_device() -> torch.device:
+    """This process's GPU (torchrun's LOCAL_RANK) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def count_params(model) -> dict:

@@ -45,7 +45,7 @@ from posttrain.data import encode_prompt, pad_batch
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir, read_json, write_json
 from posttrain.losses.reward import AGGREGATES
-from posttrain.models import resolve_model_path
+from posttrain.models import default_device, resolve_model_path
 from posttrain.world import COT_TRIGGER
 
 SPEC, HEAD = "reward_model.json", "head.safetensors"
@@ -110,6 +110,16 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask * positions).argmax(-1)
 
 
+def at_last_token(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(B,): the value at each row's last real token (the ORM's reward)."""
+    return values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
+
+
+def at_steps(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(B, S): the values at each row's step tokens (padding steps hold junk; see step_mask)."""
+    return values.gather(1, batch["steps"])
+
+
 def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids counted over real tokens only: the padding side does not change a row's values."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -118,7 +128,9 @@ def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 class RewardModel(nn.Module):
     """A transformer and a head giving one value per position; `kind` says how the values are read.
 
-    Subclasses define the head: `values(batch) -> (B, T)`, `head_name` and how `transformer` is loaded."""
+    Subclasses define the head: `forward(batch) -> values (B, T)`, `head_name` and how `transformer` is
+    loaded. The training losses call the model itself (so a DDP wrapper works) and read its values with
+    `at_last_token` / `at_steps`."""
 
     head_name = ""
     auto_class = ""  # the transformers Auto class that loads `transformer` from a folder
@@ -129,17 +141,14 @@ class RewardModel(nn.Module):
             raise UserError(f"reward model kind must be one of {KINDS} and aggregate one of {tuple(AGGREGATES)}")
         self.backbone, self.tokenizer, self.kind, self.aggregate = transformer, tokenizer, kind, aggregate
 
-    def values(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
     def rewards(self, batch: dict) -> torch.Tensor:
-        """(B,): the value at each row's last real token (the ORM's reward)."""
-        values = self.values(batch)
-        return values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
+        return at_last_token(self(batch), batch)
 
     def step_logits(self, batch: dict) -> torch.Tensor:
-        """(B, S): the values at each row's step tokens (padding steps hold junk; see step_mask)."""
-        return self.values(batch).gather(1, batch["steps"])
+        return at_steps(self(batch), batch)
 
     @torch.no_grad()
     def score(self, prompts: list, completions: list[str], batch_size: int = 128) -> list[float]:
@@ -192,7 +201,7 @@ class ValueHeadRewardModel(RewardModel):
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))  # TRL's init: rewards start near 0
         nn.init.zeros_(self.head.bias)
 
-    def values(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict) -> torch.Tensor:
         """(B, T): the head applied to the last hidden state at every position."""
         mask = batch["attention_mask"]
         hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=mask,
@@ -225,7 +234,7 @@ class LikelihoodRewardModel(RewardModel):
         super().__init__(lm, tokenizer, kind, aggregate)
         self.head = LikelihoodHead()
 
-    def values(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         logits = self.backbone(input_ids=ids, attention_mask=mask, position_ids=real_positions(mask)).logits
         logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
@@ -252,7 +261,8 @@ def new_reward_model(model_name: str, kind: str, aggregate: str = "min", head: s
     from transformers import AutoTokenizer
 
     source = resolve_model_path(model_name)
-    return REWARD_MODELS[head](_transformer(source, head), AutoTokenizer.from_pretrained(source), kind, aggregate)
+    model = REWARD_MODELS[head](_transformer(source, head), AutoTokenizer.from_pretrained(source), kind, aggregate)
+    return model.to(default_device())
 
 
 def load_reward_model(path: str | Path) -> RewardModel:
@@ -266,4 +276,4 @@ def load_reward_model(path: str | Path) -> RewardModel:
     head = spec.get("head", "value")
     model = REWARD_MODELS[head](_transformer(path, head), AutoTokenizer.from_pretrained(path), spec["kind"], spec["aggregate"])
     model.head.load_state_dict(load_file(str(path / HEAD)))
-    return model.eval()
+    return model.to(default_device()).eval()

@@ -3,27 +3,40 @@
 Later methods start from earlier ones' outputs (DPO, PPO and GRPO from an SFT policy; best-of-N
 from reward models). `cached_run("sft", ["difficulties=4"])` runs that method into the cache the
 first time and returns its output folder every time after. The cache key covers everything the
-result depends on: the resolved config, the source of the method's module, and the embedded base
-model's fingerprint, so changing any of them rebuilds the stage instead of reusing a stale one.
+result depends on: the resolved config, the source code of the whole package (a change to a loss,
+the loop or the world counts as much as one to the method) and the embedded base model's
+fingerprint, so changing any of them rebuilds the stage instead of reusing a stale one.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
 import json
 from pathlib import Path
+
+import posttrain
 
 from posttrain.config import config_to_dict, load_config
 from posttrain.methods import METHODS
 from posttrain.models import EMBEDDED, EMBEDDED_PREFIX, cache_dir
 
 
+@functools.cache
+def source_fingerprint() -> str:
+    """A hash of every Python file of the package, read once per process."""
+    digest = hashlib.sha256()
+    root = Path(posttrain.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def stage_key(method: str, cfg) -> str:
-    module = METHODS[method].load()
     settings = {k: v for k, v in config_to_dict(cfg).items() if k != "output_dir"}
     model = settings.get("model", "")
     base = EMBEDDED[model[len(EMBEDDED_PREFIX):]].fingerprint() if model.startswith(EMBEDDED_PREFIX) else model
-    blob = json.dumps({"settings": settings, "base": base, "source": inspect.getsource(module)}, sort_keys=True)
+    blob = json.dumps({"method": method, "settings": settings, "base": base, "source": source_fingerprint()},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

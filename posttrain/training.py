@@ -89,6 +89,15 @@ def make_accelerator(precision: str = "auto"):
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
 
 
+def mean_over_processes(metrics: dict, accelerator) -> dict:
+    """Each metric averaged over the processes (unchanged on one)."""
+    if accelerator.num_processes == 1:
+        return metrics
+    names = list(metrics)
+    values = accelerator.reduce(torch.tensor([float(metrics[k]) for k in names], device=accelerator.device), "mean")
+    return dict(zip(names, values.tolist()))
+
+
 def _shard(batch: dict, rank: int, world: int) -> dict:
     """This process's rows of a global batch (rows rank, rank + world, ...)."""
     return {k: v[rank::world] if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -229,10 +238,8 @@ def _optimizer_step(model, optimizer, batch: dict, loss_fn, cfg: TrainingConfig,
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v / len(micro_batches)
         totals["_tokens"] = totals.get("_tokens", 0) + _count_tokens(micro)
-    if accelerator.num_processes > 1:  # report the global batch's metrics, not this rank's share
-        names = [k for k in totals if k != "_tokens"]
-        values = accelerator.reduce(torch.tensor([totals[k] for k in names], device=accelerator.device), "mean")
-        totals.update(zip(names, values.tolist()))
+    # report the global batch's metrics, not this rank's share
+    totals.update(mean_over_processes({k: v for k, v in totals.items() if k != "_tokens"}, accelerator))
     if cfg.max_grad_norm:
         totals["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
     optimizer.step()

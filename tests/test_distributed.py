@@ -1,13 +1,16 @@
 """Several processes through torchrun (gloo on the CPU): the same global batch gives the same run.
 
 Each rank takes every second row of the global batch and DDP averages the gradients, so with
-equal-length rows two processes follow the single-process loss curve step for step.
+equal-length rows two processes follow the single-process loss curve step for step (SFT, DPO).
+GRPO and PPO shard each step's prompts across the ranks instead: every rank samples its own rollouts.
 """
 import json
 import subprocess
 import sys
 
 import pytest
+
+from posttrain.rl.rollouts import rank_share
 
 
 def sft_data(path):
@@ -16,24 +19,67 @@ def sft_data(path):
     return str(path)
 
 
+def dpo_data(path):
+    """Pairs whose chosen and rejected completions all have the same length (sums 10..18 vs 11..19)."""
+    rows = [{"prompt": f"Q: {a}+{b}\n", "chosen": f"A: {a + b}", "rejected": f"A: {a + b + 1}"}
+            for a in range(5, 10) for b in range(5, 10)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
 def losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("nproc", [2])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model_dir, nproc):
-    data = sft_data(tmp_path / "train.jsonl")
-    args = ["-m", "posttrain", "sft", "--model", str(tiny_model_dir), "--data", data,
-            "steps=6", "batch_size=8", "log_every=1", "lr=3e-3", "warmup_steps=1"]
-    single = tmp_path / "single"
+def run_single_and_torchrun(tmp_path, args, nproc=2):
+    single, multi = tmp_path / "single", tmp_path / "multi"
     subprocess.run([sys.executable, *args, "--output-dir", str(single)], check=True, capture_output=True)
-    multi = tmp_path / "multi"
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
          *args, "--output-dir", str(multi)], capture_output=True, text=True,
     )
     assert launched.returncode == 0, launched.stderr[-2000:]
+    return single, multi
+
+
+def test_sft_on_two_processes_matches_one_with_the_same_global_batch(tmp_path, tiny_model_dir):
+    args = ["-m", "posttrain", "sft", "--model", str(tiny_model_dir), "--data", sft_data(tmp_path / "train.jsonl"),
+            "steps=6", "batch_size=8", "log_every=1", "lr=3e-3", "warmup_steps=1"]
+    single, multi = run_single_and_torchrun(tmp_path, args)
     assert losses(multi) == pytest.approx(losses(single), rel=1e-4)
     assert losses(single)[-1] < losses(single)[0]
     summary = json.loads((multi / "summary.json").read_text())
     assert summary["metrics"]["n"] == json.loads((single / "summary.json").read_text())["metrics"]["n"]
+
+
+def test_dpo_on_two_processes_matches_one_with_the_same_global_batch(tmp_path, tiny_model_dir):
+    args = ["-m", "posttrain", "dpo", "--model", str(tiny_model_dir), "--data", dpo_data(tmp_path / "pairs.jsonl"),
+            "steps=5", "batch_size=8", "log_every=1", "lr=1e-3", "warmup_steps=1", "eval_every=0", "beta=0.5"]
+    single, multi = run_single_and_torchrun(tmp_path, args)
+    assert losses(multi) == pytest.approx(losses(single), rel=1e-4)
+    assert losses(single)[-1] < losses(single)[0]
+
+
+def test_each_rank_samples_its_own_share_of_the_prompts():
+    class Rank:
+        def __init__(self, index, world):
+            self.process_index, self.num_processes = index, world
+
+    prompts = list(range(8))
+    shares = [rank_share(prompts, Rank(r, 2)) for r in range(2)]
+    assert shares == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert rank_share(prompts, Rank(0, 1)) == prompts
+    with pytest.raises(Exception, match="divisible"):
+        rank_share(prompts, Rank(0, 3))
+
+
+def test_grpo_runs_on_two_processes_with_sharded_rollouts(tmp_path, tiny_model_dir):
+    args = ["-m", "posttrain", "grpo", "--model", str(tiny_model_dir), "difficulties=2", "steps=2",
+            "prompts_per_step=4", "num_generations=4", "batch_size=16", "eval_every=0", "eval_problems=8",
+            "kl_problems=4", "--output-dir", str(tmp_path / "multi")]
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                               *args], capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    steps = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]  # one line per step, written once (rank 0)
+    assert json.loads((tmp_path / "multi" / "summary.json").read_text())["method"] == "grpo"

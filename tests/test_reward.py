@@ -70,7 +70,7 @@ def test_scalar_head_reads_the_last_real_token_under_left_and_right_padding(toke
         assert torch.allclose(rm.rewards(right), rm.rewards(left), atol=1e-5)
         assert torch.allclose(rm.rewards(right)[0], alone[0], atol=1e-5)
         # and it is the value at that token, not at the padding after it
-        values = rm.values(right)
+        values = rm(right)
         assert rm.rewards(right)[0] == values[0, len(short.ids) - 1]
 
 

@@ -39,6 +39,9 @@ def l2sp_penalty(model, anchors: dict[str, torch.Tensor], strength: float) -> to
     Pulls fine-tuned weights toward the pretrained ones `anchors` (name -> tensor) instead of
     toward zero, the usual defence against catastrophic forgetting by regularisation.
     """
-    params = dict(model.named_parameters())
+    params = {name.removeprefix("module."): p for name, p in model.named_parameters()}  # DDP's wrapper adds module.
+    for name, w0 in anchors.items():
+        if w0.device != params[name].device:  # anchors follow the model to its device, once
+            anchors[name] = w0.to(params[name].device)
     total = sum(((params[name] - w0) ** 2).sum() for name, w0 in anchors.items())
     return 0.5 * strength * total

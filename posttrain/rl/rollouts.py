@@ -113,6 +113,20 @@ class Rollouts:
         return self.batch["input_ids"][i, :n].tolist(), self.batch["labels"][i, :n].tolist()
 
 
+def rank_share(prompts: list, accelerator) -> list:
+    """This process's share of a step's prompts (every num_processes-th, from its rank): each rank
+    samples its own rollouts and DDP averages the ranks' gradients."""
+    if len(prompts) % accelerator.num_processes:
+        raise UserError(f"prompts per step ({len(prompts)}) must be divisible by the number of processes "
+                        f"({accelerator.num_processes})")
+    return prompts[accelerator.process_index :: accelerator.num_processes]
+
+
+def rollout_seed(seed: int, step: int, accelerator) -> int:
+    """A different sampling seed for every step and every rank (rank 0's is the single-process one)."""
+    return seed * 1_000_003 + step + 7919 * accelerator.process_index
+
+
 @contextlib.contextmanager
 def one_thread():
     """Run the block on one CPU thread. Decoding is a long chain of tiny matmuls: a second thread only

@@ -81,7 +81,7 @@ class LoRAConfig(TrainingConfig):
     full_ft: bool = True  # also fine-tune all weights on the same data and steps, for comparison
     full_ft_lr: float = 1e-3  # learning rate of that full fine-tuning
     magnitude_every: int = 10  # steps between records of ||BA|| / ||W|| (0: off)
-    steps: int = 60
+    steps: int = 100
     batch_size: int = 32
     lr: float = 1e-2
     warmup_steps: int = 10
@@ -160,7 +160,9 @@ def variant_row(name: str, model, result, evaluation: dict, memory_mb: float) ->
 def merge_gap(model, batch: dict) -> float:
     """Max |logits(adapter) - logits(merged)| on `batch`, dropout off; the model is left unmerged."""
     model.eval()
-    logits = lambda: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # noqa: E731
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    logits = lambda: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
     adapter_logits = logits()
     lora.merge(model)
     gap = (adapter_logits - logits()).abs().max().item()
@@ -211,7 +213,6 @@ def run(cfg: LoRAConfig, resume: bool = False) -> dict:
         lora.save_adapter(model, out / "adapter", base_model=base)
     save_model(lora.merge_and_unload(copy.deepcopy(model)), tokenizer, out / "model")
 
-    # The same data and steps with every weight trained, then the other ranks.
     # The same data and steps with every weight trained, then the other ranks. A finished one leaves
     # its row in result.json, which --resume reads back instead of training it again.
     comparison = {}

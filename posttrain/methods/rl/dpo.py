@@ -35,7 +35,8 @@ from posttrain.errors import UserError
 from posttrain.generation import sequence_logprobs
 from posttrain.losses.dpo import DPO_LOSSES, PairLogps, chosen_nll, preference_metrics
 from posttrain.losses.sft import IGNORE
-from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
+from posttrain.methods.common import (headline, is_main_process, prepare_output, save_model, write_samples,
+                                      write_summary)
 from posttrain.methods.finetuning.sft import split_records
 from posttrain.models import load_model
 from posttrain.records import read_preferences
@@ -135,7 +136,8 @@ def all_pair_logps(model, tensors: dict, chunk: int = 64) -> torch.Tensor:
     """pair_logps over every pair, a chunk at a time: (P, 2)."""
     model.eval()
     rows = len(tensors["input_ids"])
-    return torch.cat([pair_logps(model, {k: v[i : i + chunk] for k, v in tensors.items()}) for i in range(0, rows, chunk)])
+    return torch.cat([pair_logps(model, {k: v[i : i + chunk] for k, v in tensors.items()}).cpu()
+                      for i in range(0, rows, chunk)])
 
 
 def pair_batches(tensors: dict, batch_size: int, seed: int):
@@ -244,7 +246,8 @@ def run(cfg: DPOConfig, resume: bool = False) -> dict:
     train_metrics = {k: v for k, v in result.final_metrics.items() if k.startswith(("rewards/", "logps/"))}
     metrics = {**headline(after), **train_metrics, **pair_info, "frontier": frontier, "beta_sweep": sweep}
     summary = write_summary(out, "dpo", cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
-    draw_frontier(out)
+    if is_main_process():  # it reads summary.json, which only rank 0 writes
+        draw_frontier(out)
     return summary
 
 

@@ -40,9 +40,9 @@ from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import group_advantages
 from posttrain.rl.frontier import HeldOut
-from posttrain.rl.rollouts import (completion_stats, cot_prompts, forward_logprobs, policy_path, reward_function,
-                                   sample_rollouts, training_problems)
-from posttrain.training import TrainingConfig, TrainResult, lr_lambda, make_accelerator
+from posttrain.rl.rollouts import (completion_stats, cot_prompts, forward_logprobs, policy_path, rank_share,
+                                   reward_function, rollout_seed, sample_rollouts, training_problems)
+from posttrain.training import TrainingConfig, TrainResult, lr_lambda, make_accelerator, mean_over_processes
 
 
 @dataclasses.dataclass
@@ -108,41 +108,50 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
     model, optimizer = accelerator.prepare(model, optimizer)
+    policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
     if reference is not None:
         reference.to(accelerator.device)
 
-    writer, history, tokens = JsonlWriter(out / "metrics.jsonl", resume_step=0), [], 0
+    main_process = accelerator.is_main_process  # only rank 0 writes files
+    writer = JsonlWriter(out / "metrics.jsonl", resume_step=0) if main_process else None
+    history, tokens = [], 0
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="grpo", dynamic_ncols=True)
+    bar = tqdm(range(cfg.steps), desc="grpo", disable=not main_process, dynamic_ncols=True)
     for step in bar:
-        batch_problems = problems[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]
-        rollouts = sample_rollouts(model, tokenizer, *cot_prompts(batch_problems), num_samples=cfg.num_generations,
+        step_problems = problems[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]
+        batch_problems = rank_share(step_problems, accelerator)
+        rollouts = sample_rollouts(policy, tokenizer, *cot_prompts(batch_problems), num_samples=cfg.num_generations,
                                    max_new_tokens=held_out.max_new_tokens, temperature=cfg.temperature,
-                                   seed=cfg.seed * 1_000_003 + step, reward_fn=reward_fn)
+                                   seed=rollout_seed(cfg.seed, step, accelerator), reward_fn=reward_fn)
         metrics = optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg)
         tokens += int(rollouts.batch["attention_mask"].sum())
-        metrics = {"step": step + 1, **metrics, **reward_stats(rollouts.rewards, cfg.num_generations),
-                   **completion_stats(rollouts), "lr": scheduler.get_last_lr()[0]}
+        metrics = mean_over_processes({**metrics, **reward_stats(rollouts.rewards, cfg.num_generations),
+                                       **completion_stats(rollouts)}, accelerator)
+        metrics = {"step": step + 1, **metrics, "lr": scheduler.get_last_lr()[0]}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            point = held_out.measure(model, tokenizer, reference)
+            point = held_out.measure(policy, tokenizer, reference)
             frontier.append({"step": step + 1, "accuracy": point["accuracy"], "kl": point["kl"]})
             metrics.update({"eval/accuracy": point["accuracy"], "eval/kl": point["kl"]})
-        writer.log(metrics)
+        if writer:
+            writer.log(metrics)
         history.append(metrics)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics.get('kl', 0.0):.3f}")
-    writer.close()
+    if writer:
+        writer.close()
     elapsed = time.perf_counter() - t0
 
-    after = held_out.measure(model, tokenizer, reference)
+    after = held_out.measure(policy, tokenizer, reference)
     frontier.append({"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]})
-    save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
+    save_model(policy, tokenizer, out / "model")
     write_samples(out / "samples.jsonl", after)
-    training_curve(history, out / "training_curve.png", "GRPO: mean reward of the rollouts", metric="reward",
-                   eval_metric="eval/accuracy")
+    if main_process:
+        training_curve(history, out / "training_curve.png", "GRPO: mean reward of the rollouts", metric="reward",
+                       eval_metric="eval/accuracy")
     metrics = {**headline(after), "frontier": frontier, "completions_sampled": cfg.steps * rows}
     result = TrainResult(history, history[-1], elapsed, tokens / elapsed)
     summary = write_summary(out, "grpo", cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
-    draw_frontier(out)
+    if main_process:
+        draw_frontier(out)
     return summary
 
 
@@ -152,7 +161,8 @@ def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg:
     batch = {k: v.to(device) for k, v in rollouts.batch.items()}
     mask = rollouts.mask.to(device)
     advantages = group_advantages(rollouts.rewards, cfg.num_generations, cfg.scale_rewards).to(device)
-    single_update = cfg.epochs == 1 and cfg.batch_size >= len(advantages)
+    minibatch = cfg.batch_size // accelerator.num_processes  # cfg.batch_size is global, over all ranks
+    single_update = cfg.epochs == 1 and minibatch >= len(advantages)
     with torch.no_grad():
         # the sampling policy's log-probs; with a single update they equal the live ones (TRL skips them too)
         old_logp = None if single_update else forward_logprobs(model, batch)[0]
@@ -160,7 +170,7 @@ def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg:
     totals, count = {}, 0
     generator = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.epochs):
-        for rows in torch.randperm(len(advantages), generator=generator).split(cfg.batch_size):
+        for rows in torch.randperm(len(advantages), generator=generator).split(minibatch):
             logp, logits = forward_logprobs(model, {k: v[rows] for k, v in batch.items()})
             ref_rows = ref_logp[rows] if ref_logp is not None else None
             old_rows = logp.detach() if old_logp is None else old_logp[rows]

@@ -39,9 +39,9 @@ from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import gae, masked_mean, whiten
 from posttrain.rl.frontier import HeldOut
 from posttrain.rl.kl import kl_k1
-from posttrain.rl.rollouts import (completion_stats, cot_prompts, forward_logprobs, policy_path, reward_function,
-                                   sample_rollouts, training_problems)
-from posttrain.training import TrainingConfig, TrainResult, lr_lambda, make_accelerator
+from posttrain.rl.rollouts import (completion_stats, cot_prompts, forward_logprobs, policy_path, rank_share,
+                                   reward_function, rollout_seed, sample_rollouts, training_problems)
+from posttrain.training import TrainingConfig, TrainResult, lr_lambda, make_accelerator, mean_over_processes
 
 
 @dataclasses.dataclass
@@ -132,40 +132,50 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
     model, head, optimizer = accelerator.prepare(model, head, optimizer)
+    policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
     reference.to(accelerator.device)
 
-    writer, history, tokens = JsonlWriter(out / "metrics.jsonl", resume_step=0), [], 0
+    main_process = accelerator.is_main_process  # only rank 0 writes files
+    writer = JsonlWriter(out / "metrics.jsonl", resume_step=0) if main_process else None
+    history, tokens = [], 0
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="ppo", dynamic_ncols=True)
+    bar = tqdm(range(cfg.steps), desc="ppo", disable=not main_process, dynamic_ncols=True)
     for step in bar:
-        batch_problems = problems[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]
-        rollouts = sample_rollouts(model, tokenizer, *cot_prompts(batch_problems), num_samples=cfg.samples_per_prompt,
+        step_problems = problems[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]
+        batch_problems = rank_share(step_problems, accelerator)
+        rollouts = sample_rollouts(policy, tokenizer, *cot_prompts(batch_problems), num_samples=cfg.samples_per_prompt,
                                    max_new_tokens=held_out.max_new_tokens, temperature=cfg.temperature,
-                                   seed=cfg.seed * 1_000_003 + step, reward_fn=reward_fn)
+                                   seed=rollout_seed(cfg.seed, step, accelerator), reward_fn=reward_fn)
         metrics = optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts, cfg)
         tokens += int(rollouts.batch["attention_mask"].sum())
-        metrics = {"step": step + 1, **metrics, **completion_stats(rollouts), "lr": scheduler.get_last_lr()[0]}
+        metrics = mean_over_processes({**metrics, **completion_stats(rollouts)}, accelerator)
+        metrics = {"step": step + 1, **metrics, "lr": scheduler.get_last_lr()[0]}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            point = held_out.measure(model, tokenizer, reference)
+            point = held_out.measure(policy, tokenizer, reference)
             frontier.append({"step": step + 1, "accuracy": point["accuracy"], "kl": point["kl"]})
             metrics.update({"eval/accuracy": point["accuracy"], "eval/kl": point["kl"]})
-        writer.log(metrics)
+        if writer:
+            writer.log(metrics)
         history.append(metrics)
         bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
-    writer.close()
+    if writer:
+        writer.close()
     elapsed = time.perf_counter() - t0
 
-    after = held_out.measure(model, tokenizer, reference)
+    after = held_out.measure(policy, tokenizer, reference)
     frontier.append({"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]})
-    save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
-    save_file(accelerator.unwrap_model(head).state_dict(), str(out / "model" / "value_head.safetensors"))
+    save_model(policy, tokenizer, out / "model")
+    if main_process:
+        save_file(accelerator.unwrap_model(head).state_dict(), str(out / "model" / "value_head.safetensors"))
     write_samples(out / "samples.jsonl", after)
-    training_curve(history, out / "training_curve.png", "PPO: mean verifier score of the rollouts",
-                   metric="objective/scores", eval_metric="eval/accuracy")
+    if main_process:
+        training_curve(history, out / "training_curve.png", "PPO: mean verifier score of the rollouts",
+                       metric="objective/scores", eval_metric="eval/accuracy")
     metrics = {**headline(after), "frontier": frontier, "completions_sampled": cfg.steps * rows}
     result = TrainResult(history, history[-1], elapsed, tokens / elapsed)
     summary = write_summary(out, "ppo", cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
-    draw_frontier(out)
+    if main_process:
+        draw_frontier(out)
     return summary
 
 
@@ -187,8 +197,9 @@ def optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts
 
     totals, count = {}, 0
     generator = torch.Generator().manual_seed(cfg.seed)
+    minibatch = cfg.batch_size // accelerator.num_processes  # cfg.batch_size is global, over all ranks
     for _ in range(cfg.epochs):
-        for rows in torch.randperm(len(scores), generator=generator).split(cfg.batch_size):
+        for rows in torch.randperm(len(scores), generator=generator).split(minibatch):
             logp, values, logits = forward_with_values(model, head, {k: v[rows] for k, v in batch.items()})
             pg_loss, pg_metrics = clipped_surrogate(logp, old_logp[rows], advantages[rows], mask[rows], cfg.clip_eps)
             vf_loss, vf_metrics = clipped_value_loss(values, old_values[rows], returns[rows], mask[rows], cfg.value_clip)

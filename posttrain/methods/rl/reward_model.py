@@ -61,7 +61,8 @@ from posttrain.methods.common import prepare_output, write_summary
 from posttrain.models import load_model
 from posttrain.records import read_preferences
 from posttrain.report.reward_plots import hacking_plot, reliability_plot, reward_histograms
-from posttrain.reward_models import REWARD_MODELS, RewardModel, collate, encode, new_reward_model
+from posttrain.reward_models import (REWARD_MODELS, RewardModel, at_last_token, at_steps, collate, encode,
+                                     new_reward_model)
 from posttrain.rl.rollouts import one_thread, policy_path
 from posttrain.training import TrainingConfig, TrainResult, train
 from posttrain.world import MAIN_SKILL, check_steps, first_error, render, sample_problems, verify
@@ -211,7 +212,8 @@ def train_orm(cfg: RewardConfig, pairs: list[tuple], name: str, out: Path, resum
         return batch
 
     def loss_fn(model, batch):
-        rewards = model.rewards({k: batch[k].flatten(0, 1) for k in TOKEN_KEYS}).view(-1, 2)  # (P, 2)
+        flat = {k: batch[k].flatten(0, 1) for k in TOKEN_KEYS}  # (2P, T): chosen and rejected rows
+        rewards = at_last_token(model(flat), flat).view(-1, 2)  # (P, 2)
         loss, metrics = bradley_terry_loss(rewards[:, 0], rewards[:, 1])
         if bce_weight:
             bce, bce_metrics = outcome_bce_loss(rewards.flatten(), batch["correct"].flatten())
@@ -240,7 +242,7 @@ def train_prm(cfg: RewardConfig, solutions: list[Solution], out: Path, resume: b
         return batch
 
     def loss_fn(model, batch):
-        loss, metrics = prm_step_loss(model.step_logits(batch), batch["step_labels"], batch["step_mask"])
+        loss, metrics = prm_step_loss(at_steps(model(batch), batch), batch["step_labels"], batch["step_mask"])
         return loss, {"loss": loss.item(), **metrics}
 
     logs = out / "training" / "prm"
@@ -255,10 +257,10 @@ def likelihood_scores(model, tokenizer, solutions: list[Solution], batch_size: i
     scores = []
     for start in range(0, len(solutions), batch_size):
         rows = [encode_pair(tokenizer, s.prompt, s.completion) for s in solutions[start : start + batch_size]]
-        batch = pad_batch(rows, tokenizer.pad_token_id)
+        batch = {k: v.to(model.device) for k, v in pad_batch(rows, tokenizer.pad_token_id).items()}
         logps = token_logprobs(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                batch["labels"])  # (B, T-1)
-        scores += (logps.sum(-1) / (batch["labels"][:, 1:] != IGNORE).sum(-1)).tolist()
+        scores += (logps.sum(-1) / (batch["labels"][:, 1:] != IGNORE).sum(-1)).cpu().tolist()
     return scores
 
 

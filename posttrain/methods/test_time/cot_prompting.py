@@ -89,7 +89,7 @@ def answer_confidence(model, tokenizer, prompt: str, text: str) -> float | None:
     ids = prompt_ids + tokens["input_ids"]
     value_end = value_start + len(answer)
     picked = [len(prompt_ids) + i for i, (s, e) in enumerate(tokens["offset_mapping"]) if e > value_start and s < value_end]
-    labels = torch.tensor([ids])
+    labels = torch.tensor([ids], device=model.device)
     with torch.no_grad():
         logps = token_logprobs(model(input_ids=labels).logits, labels)[0]  # (T-1,): position t scores token t+1
     return float(torch.stack([logps[i - 1] for i in picked]).exp().mean())

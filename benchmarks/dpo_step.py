@@ -1,0 +1,102 @@
+"""DPO training step: posttrain's loop vs TRL's DPOTrainer (pairs/s, peak memory).
+
+Same model, same pairs (4-digit chain-of-thought addition from the world: chosen = the reference
+solution, rejected = the solution of a problem with one operand digit misread, the policy's usual
+mistake), batch 16 pairs, sigmoid loss, beta 0.1, AdamW. Both sides precompute the reference
+log-probs before the timed steps (TRL: precompute_ref_log_probs=True); posttrain runs chosen and
+rejected through one forward.
+
+    python -m benchmarks.dpo_step                 # embedded tiny model (CPU or GPU)
+    python -m benchmarks.dpo_step --size 110m     # random-init ~110M Llama, bf16 (GPU)
+"""
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+
+import torch
+
+from benchmarks.common import device, load, main, sync, timed_steps
+from posttrain.data import encode_pair
+from posttrain.world import MAIN_SKILL, render, sample_problems
+from posttrain.world.skills import Problem
+
+BATCH = 16  # pairs per step
+
+
+def misread(problem: Problem, rng: random.Random) -> Problem:
+    """The problem with one digit of the first operand changed."""
+    a, b = problem.operands
+    digits = list(str(a))
+    i = rng.randrange(len(digits))
+    digits[i] = rng.choice([d for d in "123456789" if d != digits[i]])
+    return Problem(problem.skill, (int("".join(digits)), b), problem.difficulty)
+
+
+def pairs(n: int = 512) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) triples."""
+    rng = random.Random(0)
+    out = []
+    for problem in sample_problems(MAIN_SKILL, 4, n, "train", seed=0):
+        prompt, chosen = render(problem, "cot")
+        out.append((prompt, chosen, render(misread(problem, rng), "cot")[1]))
+    return out
+
+
+def run_posttrain(args) -> dict:
+    from posttrain.losses.dpo import dpo_sigmoid
+    from posttrain.methods.rl.dpo import all_pair_logps, dpo_loss_fn, pair_batches, pair_tensors
+    from posttrain.training import TrainingConfig, _optimizer_step, make_accelerator
+
+    model, tokenizer = load(args.size)
+    rows = [(encode_pair(tokenizer, p, c), encode_pair(tokenizer, p, r)) for p, c, r in pairs()]
+    tensors = pair_tensors(rows, tokenizer.pad_token_id)
+    tensors = {k: v.to(device()) for k, v in tensors.items()}
+    tensors["ref_logps"] = all_pair_logps(model, tensors)  # before timing, as TRL's precompute
+    cfg = TrainingConfig(steps=args.warmup + args.steps, batch_size=BATCH, lr=1e-6)
+    accelerator = make_accelerator(cfg.precision)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device() == "cuda")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    loss_fn = dpo_loss_fn(lambda p: dpo_sigmoid(p, 0.1), 0.1, 0.0)
+    batch = pair_batches(tensors, BATCH, 0)
+    step = lambda i: _optimizer_step(model, optimizer, batch(i), loss_fn, cfg, accelerator)  # noqa: E731
+    return {"times": timed_steps(step, args.warmup, args.steps), "pairs": BATCH}
+
+
+def run_trl(args) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    model, tokenizer = load(args.size)
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            sync()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            sync()
+            times.append(time.perf_counter() - self.start)
+
+    data = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs()])
+    with tempfile.TemporaryDirectory() as tmp:
+        config = DPOConfig(output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=args.warmup + args.steps,
+                           learning_rate=1e-6, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True,
+                           logging_steps=10**6, save_strategy="no", report_to=[], dataset_num_proc=1,
+                           bf16=args.size == "110m", use_cpu=device() == "cpu", disable_tqdm=True, max_length=1024)
+        trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                             callbacks=[StepTimer()])
+        trainer.train()
+    return {"times": times[args.warmup:], "pairs": BATCH}
+
+
+def run_side(args) -> dict:
+    return {"posttrain": run_posttrain, "trl": run_trl}[args.side](args)
+
+
+if __name__ == "__main__":
+    main(__spec__.name, run_side, ["posttrain", "trl"], "pairs/s", "pairs")

@@ -1,0 +1,99 @@
+"""GRPO step, rollouts included: posttrain vs TRL's GRPOTrainer without vLLM (completions/s).
+
+Same model, same prompts (4-digit chain-of-thought addition), 8 prompts x 8 completions per step,
+temperature 1, the same completion budget, the world's verifier as the reward, beta 0 (no reference
+model on either side), one optimizer step per batch of rollouts. A step is: sample, score, compute
+advantages, update. posttrain also reports the share of its step spent sampling.
+
+    python -m benchmarks.grpo_step                 # embedded tiny model (CPU or GPU)
+    python -m benchmarks.grpo_step --size 110m     # random-init ~110M Llama, bf16 (GPU)
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+
+import torch
+
+from benchmarks.common import device, load, main, sync, timed_steps
+from posttrain.evaluation import max_new_tokens_for
+from posttrain.world import MAIN_SKILL, render, sample_problems, verify
+
+PROMPTS, GROUP = 8, 8
+
+
+def problems(n: int = 256):
+    return sample_problems(MAIN_SKILL, 4, n, "train", seed=0)
+
+
+def run_posttrain(args) -> dict:
+    from posttrain.methods.rl.grpo import GRPOConfig, optimise
+    from posttrain.rl.rollouts import cot_prompts, sample_rollouts
+    from posttrain.training import lr_lambda, make_accelerator
+
+    model, tokenizer = load(args.size)
+    todo = problems()
+    budget = max_new_tokens_for(tokenizer, todo)
+    cfg = GRPOConfig(prompts_per_step=PROMPTS, num_generations=GROUP, batch_size=PROMPTS * GROUP, beta=0.0,
+                     steps=args.warmup + args.steps, lr=1e-6)
+    accelerator = make_accelerator(cfg.precision)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device() == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sampling: list[float] = []
+
+    def step(i):
+        start = time.perf_counter()
+        batch = todo[i * PROMPTS : (i + 1) * PROMPTS]
+        rollouts = sample_rollouts(model, tokenizer, *cot_prompts(batch), num_samples=GROUP, max_new_tokens=budget,
+                                   temperature=1.0, seed=i)
+        sync()
+        sampling.append(time.perf_counter() - start)
+        model.train()
+        optimise(model, None, optimizer, scheduler, accelerator, rollouts, cfg)
+
+    times = timed_steps(step, args.warmup, args.steps)
+    return {"times": times, "completions": PROMPTS * GROUP,
+            "sampling_share": sum(sampling[args.warmup:]) / sum(times)}
+
+
+def run_trl(args) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tokenizer = load(args.size)
+    todo = problems()
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            sync()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            sync()
+            times.append(time.perf_counter() - self.start)
+
+    def reward(prompts, completions, answer, **_):
+        return [verify(p, c, a) for p, c, a in zip(prompts, completions, answer)]
+
+    data = Dataset.from_list([{"prompt": render(p, "cot")[0], "answer": p.answer} for p in todo])
+    with tempfile.TemporaryDirectory() as tmp:
+        config = GRPOConfig(output_dir=tmp, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
+                            max_completion_length=max_new_tokens_for(tokenizer, todo), temperature=1.0, beta=0.0,
+                            max_steps=args.warmup + args.steps, learning_rate=1e-6, logging_steps=10**6,
+                            save_strategy="no", report_to=[], bf16=args.size == "110m", use_cpu=device() == "cpu",
+                            disable_tqdm=True, shuffle_dataset=False)
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data,
+                              processing_class=tokenizer, callbacks=[StepTimer()])
+        trainer.train()
+    return {"times": times[args.warmup:], "completions": PROMPTS * GROUP}
+
+
+def run_side(args) -> dict:
+    return {"posttrain": run_posttrain, "trl": run_trl}[args.side](args)
+
+
+if __name__ == "__main__":
+    main(__spec__.name, run_side, ["posttrain", "trl"], "completions/s", "completions")
