@@ -106,12 +106,15 @@ def compare(module: str, sides: list[str], unit: str, per_step: str) -> None:
     base = rows[-1][per_step] / rows[-1]["median_s"]
     where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     print(f"{unit}, size={args.size}, device={where}, median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"| side | {unit} | median step (ms) | peak memory (MB) | MFU | vs {rows[-1]['side']} |")
-    print("|---|---|---|---|---|---|")
+    print(f"| side | {unit} | median step (ms) | peak memory (MB) | MFU | vs {rows[-1]['side']} | notes |")
+    print("|---|---|---|---|---|---|---|")
+    known = {"side", "size", "peak_mb", "median_s", "flops_per_token", per_step}
     for r in rows:
         rate = r[per_step] / r["median_s"]
         mfu = f"{100 * rate * r['flops_per_token'] / H100_BF16_FLOPS:.1f}%" if "flops_per_token" in r else ""
-        print(f"| {r['side']} | {rate:,.1f} | {1000 * r['median_s']:.1f} | {r['peak_mb']:.0f} | {mfu} | {rate / base:.2f}x |")
+        notes = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k not in known)  # e.g. GRPO's sampling share
+        print(f"| {r['side']} | {rate:,.1f} | {1000 * r['median_s']:.1f} | {r['peak_mb']:.0f} | {mfu} | {rate / base:.2f}x "
+              f"| {notes} |")
 
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM

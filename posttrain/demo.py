@@ -24,8 +24,11 @@ from posttrain.methods import METHODS
 from posttrain.report.html import build_report
 from posttrain.stages import cached_run
 
-# Typical wall time of each default run on 2 CPU cores (seconds), for the time-remaining estimate.
-EXPECTED_SECONDS = {"sft": 110}
+# Seconds per stage measured on 2 CPU cores (the README's full run; the first run also pretrains the
+# base model, about 4 minutes). Only the estimate of what is left uses them.
+EXPECTED_SECONDS = {"sft": 130, "lora": 110, "cot-ft": 80, "instruction": 80, "distill": 220, "reward": 165,
+                    "dpo": 100, "ppo": 205, "grpo": 175, "best-of-n": 65, "self-consistency": 25, "cot-prompt": 50,
+                    "tree-search": 35}
 QUICK_FACTOR = 0.25
 
 

@@ -80,3 +80,16 @@ def test_report_renders_in_headless_chromium_with_every_plot_loaded(run_dir, tmp
     title = re.search(r"<title>(.*?)</title>", dom).group(1)
     n = len(list((run_dir / "sft").glob("*.png")))
     assert title == f"images {n}/{n} network 0", title
+
+
+def test_test_time_rows_show_inference_cost_and_no_training():
+    from posttrain.report.table import row
+
+    cost = {"n": [1, 2, 4], "generated_tokens_per_problem": [10.0, 20.0, 40.0],
+            "sampling_seconds_per_problem": [0.1, 0.2, 0.4]}
+    summary = {"metrics": {"accuracy": 0.6, "cost": cost}, "baseline": {"accuracy": 0.5}, "config": {"headline_n": 2},
+               "params": {"trainable": 5, "total": 5}, "time_s": 3.0}
+    cells = row("best-of-n", summary)
+    assert (cells["tokens / problem"], cells["s / problem"]) == (20.0, 0.2)
+    assert cells["train time (s)"] is None and cells["trainable params"] is None
+    assert cells["gain"] == pytest.approx(0.1)

@@ -180,11 +180,12 @@ def test_bad_preference_data_names_the_line(tmp_path):
 
 @pytest.mark.slow
 def test_default_reward_run(tmp_path):
-    """The default run on the shared 4-digit policy: contract, and the hacking experiment's proxy fires."""
+    """The default run on the shared 4-digit policy: the output contract and reward models that beat chance."""
     summary = reward_model.run(load_config(reward_model.CONFIG, None, [f"output_dir={tmp_path}"]))
     metrics = summary["metrics"]
-    assert metrics["test_solutions"] == 48 * 16
-    assert metrics["hacking"]["proxy"]["detected_at_n"] is not None
+    assert metrics["test_solutions"] == 64 * 16
+    assert metrics["prm_step_accuracy"] > metrics["prm_step_label_mean"] + 0.2
+    assert metrics["orm_pair_accuracy"] > 0.7 and metrics["hacking"]["proxy"]["curve"][-1]["n"] == 16
 
 
 def test_freezing_lower_layers_leaves_the_top_block_norm_and_head(tokenizer):

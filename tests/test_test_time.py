@@ -154,8 +154,34 @@ def test_quick_best_of_n_and_tree_search(tmp_path):
     assert summary["metrics"]["best_of_n_equal_budget"]["n"] >= 1
 
 
+def default_run(module, tmp_path) -> dict:
+    return module.run(load_config(module.CONFIG, None, [f"output_dir={tmp_path}"]))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("module", [bon, self_consistency, cot_prompting, tree_search])
-def test_default_test_time_runs(module, tmp_path):
-    summary = module.run(load_config(module.CONFIG, None, [f"output_dir={tmp_path}"]))
-    assert summary["metrics"]["accuracy"] is not None and summary["baseline"]["accuracy"] is not None
+def test_default_best_of_n_stays_under_the_oracle(tmp_path):
+    """The oracle (pass@N) bounds every selector. (Issue 6's +15 points over greedy at N=16 is not met:
+    measured 0.56 vs 0.50; see the README.)"""
+    metrics = default_run(bon, tmp_path)["metrics"]
+    by_n = metrics["by_n"]
+    assert all(by_n["oracle"][i] >= max(by_n[s][i] for s in ("orm", "prm", "majority")) - 1e-9
+               for i in range(len(by_n["n"])))
+    assert by_n["oracle"][-1] >= by_n["oracle"][0] + 0.3  # more samples do contain more right answers
+
+
+@pytest.mark.slow
+def test_default_self_consistency_beats_greedy(tmp_path):
+    summary = default_run(self_consistency, tmp_path)
+    assert summary["metrics"]["accuracy"] > summary["baseline"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_default_few_shot_cot_beats_few_shot_direct_on_the_base_model(tmp_path):
+    summary = default_run(cot_prompting, tmp_path)
+    assert summary["metrics"]["accuracy"] >= summary["baseline"]["accuracy"] + 0.10
+
+
+@pytest.mark.slow
+def test_default_tree_search_reports_its_budget_and_the_equal_budget_baseline(tmp_path):
+    metrics = default_run(tree_search, tmp_path)["metrics"]
+    assert metrics["generated_tokens_per_problem"] > 0 and metrics["best_of_n_equal_budget"]["n"] >= 1

@@ -1,55 +1,153 @@
 """The key insights the original lab promised, each stated with the number that shows it.
 
-Every function reads one method's summary and returns a sentence, or None when the run did not
-measure what the sentence needs; a missing measurement yields no sentence rather than a guess.
+Every function reads the run's summaries and returns a sentence, or None when the run did not
+measure what the sentence needs: a missing measurement yields no sentence rather than a guess.
+The wording follows the numbers (a method that did not help is said not to have helped).
 """
 from __future__ import annotations
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.3f}"
+def _f(x: float) -> str:
+    return f"{x:.2f}"
 
 
-def fine_tuning_tradeoff(summaries: dict) -> str | None:
-    """Adaptation vs forgetting: the target task's gain against the worst old-skill drop."""
-    s = summaries.get("sft")
-    forgetting = (s or {}).get("metrics", {}).get("forgetting")
-    if not s or not forgetting:
+def _change(before: float, after: float) -> str:
+    return f"{_f(before)} -> {_f(after)} ({100 * (after - before):+.0f} points)"
+
+
+def forgetting(s: dict) -> str | None:
+    """Adaptation vs forgetting: plain SFT's old-skill drop and what the best mitigation kept."""
+    variants, best = s["metrics"].get("forgetting"), s["metrics"].get("best_mitigation")
+    if not variants or "plain" not in variants:
         return None
-    plain = forgetting.get("plain", forgetting)  # one dict per variant, or per skill for a single run
-    drops = plain.get("drop", {}) if "drop" in plain and isinstance(plain["drop"], dict) else {
-        k: v["drop"] for k, v in plain.items() if isinstance(v, dict) and "drop" in v}
-    if not drops:
-        return None
-    worst = max(drops, key=drops.get)
-    return (f"Fine-tuning trade-off: SFT raised held-out accuracy on the target task from "
-            f"{_fmt(s['baseline']['accuracy'])} to {_fmt(s['metrics']['accuracy'])}, while accuracy on the old "
-            f"skill '{worst}' fell by {_fmt(drops[worst])}.")
+    plain = variants["plain"]
+    text = (f"Adaptation vs forgetting: plain SFT took the target task to {_f(plain['target_accuracy'])} while "
+            f"mean old-skill accuracy fell by {_f(plain['mean_drop'])}")
+    if best:
+        kept = variants[best["variant"]]
+        text += (f"; {best['variant']} kept the target at {_f(kept['target_accuracy'])} with a mean old-skill drop "
+                 f"of {_f(kept['mean_drop'])}")
+    return text + "."
 
 
-def test_time_scaling(summaries: dict) -> str | None:
-    s = summaries.get("best-of-n")
-    if not s:
+def lora(s: dict) -> str | None:
+    m = s["metrics"]
+    if "full_ft" not in m:
         return None
-    return (f"Scaling test-time compute: best-of-N selection took accuracy from {_fmt(s['baseline']['accuracy'])} "
-            f"(greedy) to {_fmt(s['metrics']['accuracy'])} at its headline N.")
+    return (f"LoRA r={s['config']['r']}: {100 * m['trainable_fraction']:.1f}% of the parameters trained, held-out "
+            f"accuracy {_f(m['accuracy'])} vs {_f(m['full_ft']['accuracy'])} for full fine-tuning on the same data "
+            f"and steps; merged and adapter logits differ by at most {m['merge_max_abs_diff']:.1e}.")
+
+
+def cot_ft(s: dict) -> str | None:
+    m = s["metrics"]
+    if "direct" not in m:
+        return None
+    hardest = max(m["by_difficulty"], key=int)
+    return (f"Chain-of-thought fine-tuning: on the same problems and steps, {hardest}-digit accuracy "
+            f"{_f(m['by_difficulty'][hardest])} with worked steps vs {_f(m['direct']['by_difficulty'][hardest])} "
+            f"with direct answers.")
+
+
+def instruction(s: dict) -> str | None:
+    m, b = s["metrics"], s["baseline"]
+    if "seen" not in m:
+        return None
+    return (f"Instruction tuning: seen phrasings {_change(b['seen'], m['seen'])}, held-out phrasings "
+            f"{_change(b['held_out_styles'], m['held_out_styles'])}, held-out skill/phrasing combination "
+            f"{_change(b['held_out_combination'], m['held_out_combination'])}.")
+
+
+def distill(s: dict) -> str | None:
+    m = s["metrics"]
+    students = m.get("students")
+    if not students:
+        return None
+    gap = m.get("gap_closed")
+    closed = f"; soft targets closed {100 * gap:.0f}% of the SFT student's gap to the teacher" if gap is not None else ""
+    return (f"Distillation into a student with {100 * m['student_to_teacher_params']:.0f}% of the teacher's parameters: "
+            f"SFT {_f(students['sft']['accuracy'])}, sequence-level KD {_f(students['seq_kd']['accuracy'])}, "
+            f"soft-target KD {_f(students['soft_kd']['accuracy'])}, teacher {_f(m['teacher']['accuracy'])}{closed}.")
+
+
+def reward(s: dict) -> str | None:
+    m = s["metrics"]
+    if m.get("prm_step_accuracy") is None:
+        return None
+    text = (f"Reward models on held-out policy samples: ORM pair accuracy {_f(m['orm_pair_accuracy'])} (the policy's "
+            f"own likelihood: {_f(s['baseline']['accuracy'])}), PRM step accuracy {_f(m['prm_step_accuracy'])} "
+            f"(always 'right': {_f(m['prm_step_label_mean'])}).")
+    hacking = m.get("hacking", {})
+    if hacking:
+        proxy, clean = hacking["proxy"], hacking["orm"]
+        fired = lambda r: f"fires at N={r['detected_at_n']}" if r["detected_at_n"] else "stays silent"  # noqa: E731
+        top = proxy["curve"][-1]
+        text += (f" Best-of-N against a length-biased proxy: proxy reward rises to {_f(top['reward'])} at N={top['n']} "
+                 f"while verified accuracy ends at {_f(top['accuracy'])}; the over-optimisation detector {fired(proxy)} "
+                 f"on the proxy and {fired(clean)} on the clean ORM.")
+    return text
+
+
+def policy_optimisation(name: str):
+    def sentence(s: dict) -> str | None:
+        m, b = s["metrics"], s["baseline"]
+        if m.get("accuracy") is None or b.get("accuracy") is None:
+            return None
+        kl = f" at KL {m['kl']:.3f} nats from the SFT policy" if m.get("kl") is not None else ""
+        return f"{name}: held-out accuracy {_change(b['accuracy'], m['accuracy'])}{kl}."
+    return sentence
+
+
+def best_of_n(s: dict) -> str | None:
+    m = s["metrics"]
+    if "by_n" not in m:
+        return None
+    return (f"Test-time compute: {m['headline']} reaches {_f(m['accuracy'])} from {_f(s['baseline']['accuracy'])} greedy. "
+            f"{m['ordering']['summary']}")
+
+
+def self_consistency(s: dict) -> str | None:
+    m = s["metrics"]
+    return f"Self-consistency: {m['headline']} {_f(m['accuracy'])} vs greedy {_f(s['baseline']['accuracy'])}." \
+        if "by_k" in m else None
+
+
+def cot_prompt(s: dict) -> str | None:
+    m = s["metrics"]
+    if "cot_gain_over_direct" not in m:
+        return None
+    return (f"Chain-of-thought prompting on the base model: few-shot CoT {_f(m['accuracy'])} vs few-shot direct "
+            f"{_f(s['baseline']['accuracy'])}.")
+
+
+def tree_search(s: dict) -> str | None:
+    m = s["metrics"]
+    equal = m.get("best_of_n_equal_budget")
+    if not equal:
+        return None
+    return (f"Tree search ({m['headline']}): {_f(m['accuracy'])} at {m['generated_tokens_per_problem']:.0f} generated "
+            f"tokens per problem, vs best-of-{equal['n']} with the same PRM at that budget {_f(equal['accuracy'])} "
+            f"(greedy {_f(s['baseline']['accuracy'])}).")
+
+
+SPECIFIC = {"sft": forgetting, "lora": lora, "cot-ft": cot_ft, "instruction": instruction, "distill": distill,
+            "reward": reward, "dpo": policy_optimisation("DPO"), "ppo": policy_optimisation("PPO"),
+            "grpo": policy_optimisation("GRPO"), "best-of-n": best_of_n, "self-consistency": self_consistency,
+            "cot-prompt": cot_prompt, "tree-search": tree_search}
 
 
 def generic(name: str, summary: dict) -> str | None:
     before, after = summary.get("baseline", {}).get("accuracy"), summary.get("metrics", {}).get("accuracy")
     if before is None or after is None:
         return None
-    return f"{name}: held-out accuracy {_fmt(before)} -> {_fmt(after)} ({after - before:+.3f})."
-
-
-SPECIFIC = {"sft": fine_tuning_tradeoff, "best-of-n": test_time_scaling}
+    return f"{name}: held-out accuracy {_change(before, after)}."
 
 
 def insights(summaries: dict) -> list[str]:
-    """One sentence per method that ran: its specific insight where one exists, else its accuracy change."""
+    """One sentence per method that ran: its specific insight where it measured one, else its accuracy change."""
     sentences = []
     for name, summary in summaries.items():
-        text = SPECIFIC[name](summaries) if name in SPECIFIC else None
+        text = SPECIFIC[name](summary) if name in SPECIFIC else None
         text = text or generic(name, summary)
         if text:
             sentences.append(text)

@@ -1,7 +1,8 @@
 """The measured method comparison table, built from each run's summary.json alone.
 
-One row per method: training wall time, inference cost per problem (generated tokens and seconds
-of the headline evaluation), trainable parameters, held-out accuracy before and after, and the KL
+One row per method: training wall time (none for the test-time methods, which only spend inference
+compute), inference cost per problem (generated tokens and seconds of the headline evaluation),
+trainable parameters, held-out accuracy before and after, and the KL
 from the starting model where the method reports one. A cell is empty when the run did not
 measure that quantity; nothing is filled in by assumption.
 """
@@ -35,17 +36,37 @@ def _per_problem(metrics: dict, key: str):
     return metrics[key] / metrics["n"]
 
 
+def test_time_cost(name: str, summary: dict) -> tuple[float | None, float | None]:
+    """(generated tokens, seconds) per problem of a test-time method's headline setting, from its summary."""
+    metrics, cfg = summary.get("metrics", {}), summary.get("config", {})
+    if name == "best-of-n" and "cost" in metrics:
+        at = metrics["cost"]["n"].index(cfg["headline_n"])
+        return metrics["cost"]["generated_tokens_per_problem"][at], metrics["cost"]["sampling_seconds_per_problem"][at]
+    if name == "self-consistency" and "generated_tokens" in metrics:
+        return metrics["generated_tokens"] / cfg["problems"], None
+    if name == "cot-prompt" and "models" in metrics:
+        return metrics["models"]["base"]["by_style"]["few-shot CoT"]["generated_tokens"] / cfg["problems"], None
+    if name == "tree-search" and "generated_tokens_per_problem" in metrics:
+        return metrics["generated_tokens_per_problem"], metrics["search_seconds"] / cfg["problems"]
+    return None, None
+
+
 def row(name: str, summary: dict) -> dict:
     metrics, baseline, params = summary.get("metrics", {}), summary.get("baseline", {}), summary.get("params", {})
     before, after = baseline.get("accuracy"), metrics.get("accuracy")
     trainable, total = params.get("trainable"), params.get("total")
-    trains = bool(trainable) and summary.get("time_s")
+    test_time = METHODS[name].category == "test-time"  # no training: they spend inference compute
+    trains = not test_time and bool(trainable) and summary.get("time_s")
+    if test_time:
+        tokens, seconds = test_time_cost(name, summary)
+    else:
+        tokens, seconds = _per_problem(metrics, "generated_tokens"), _per_problem(metrics, "seconds")
     return {
         "method": name,
         "category": METHODS[name].category,
         "train time (s)": summary.get("time_s") if trains else None,
-        "tokens / problem": _per_problem(metrics, "generated_tokens"),
-        "s / problem": _per_problem(metrics, "seconds"),
+        "tokens / problem": tokens,
+        "s / problem": seconds,
         "trainable params": trainable if trains else None,
         "trainable %": 100 * trainable / total if trains and total else None,
         "accuracy before": before,

@@ -22,13 +22,12 @@ a higher learning rate than full fine-tuning (1e-2 vs 1e-3): its update starts a
 through a product B A. Dropout defaults to 0: 60 steps see under half an epoch of the data, so
 there is nothing to regularise (`dropout=0.05` turns it on).
 
-What the default run measured (one seed): held-out accuracy 0.11 -> 0.97 with LoRA r = 8 against
-0.96 for full fine-tuning on the same batches; peak training memory 107 MB against 150 MB, more
-than the 11 MB of gradients and AdamW state saved, because a frozen layer need not keep its input
-for the backward pass. The loss sits on a plateau and then drops once the carry rule is found, and
-at 60 steps some ranks are still at that edge: a rank's accuracy moved by over 20 points between
-runs that differed only in the random initialisation of A (r = 2: 0.71 and 0.48), so read the
-sweep's trend rather than single points.
+What the default run measured (one seed, 100 steps): held-out accuracy 0.11 -> 0.97 with LoRA r = 8
+against 1.00 for full fine-tuning on the same batches; the sweep r = 1, 2, 4, 8, 16 reached 1.00, 0.93,
+1.00, 0.97, 1.00. The loss sits on a plateau and then drops once the carry rule is found; at 60 steps
+some ranks were still at that edge (r = 8: 0.64), which is why the default is 100. Peak training
+memory is lower than full fine-tuning's by more than the gradients and AdamW state saved, because a
+frozen layer need not keep its input for the backward pass.
 
 Outputs: `adapter/` (PEFT format: `PeftModel.from_pretrained(base, "adapter")` loads it), `model/`
 (the merged model, an ordinary HF folder), `summary.json`, `metrics.jsonl`, `rank_sweep.png`,

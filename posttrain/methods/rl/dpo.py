@@ -18,7 +18,17 @@ to the reference are measured every `eval_every` steps: the run's points on the 
 (reward_kl_frontier.png, with sibling PPO/GRPO runs). `beta_sweep=0.03,0.3,1` retrains on the same
 pairs at each beta and plots accuracy and KL against beta (beta_sweep.png).
 
+What the default run measures here, and why the defaults are what they are: the policy's own pairs
+are few (165 from 256 prompts: only prompts with both a right and a wrong sample give one) and differ
+mostly in one misread digit. Plain DPO on them (rpo_alpha=0, 100 steps, lr 1e-4: ~20 epochs) showed
+the likelihood displacement of Razin et al. 2024: the log-prob of the chosen completions fell with
+the rejected ones (-2.4 -> -14 nats), and held-out accuracy collapsed 0.49 -> 0.01 at a KL of 39 nats.
+The defaults keep the chosen completions' NLL in the loss (RPO, Pang et al. 2024), train 30 steps at
+5e-5, and end near the start (0.49 -> 0.47, KL 1.8 nats, measured): on this world DPO does not raise
+accuracy; the accuracy gains come from the on-policy methods (GRPO) and from test-time search.
+
     posttrain dpo --output-dir runs/dpo
+    posttrain dpo rpo_alpha=0 steps=100 lr=1e-4      # plain DPO: watch logps/chosen fall
     posttrain dpo loss=ipo beta=0.5
     posttrain dpo --model ./my-policy --data pairs.jsonl
 """
@@ -57,19 +67,19 @@ class DPOConfig(TrainingConfig):
     beta: float = 0.1  # strength of the pull toward the reference (SimPO: the reward scale)
     label_smoothing: float = 0.1  # cdpo: probability that a pair's label is flipped
     simpo_gamma: float = 0.5  # simpo: target margin of the length-normalised rewards
-    rpo_alpha: float = 0.0  # weight of the chosen completions' NLL added to the loss (RPO; 0: plain DPO)
+    rpo_alpha: float = 1.0  # weight of the chosen completions' NLL added to the loss (RPO; 0: plain DPO)
     pair_prompts: int = 256  # training prompts sampled for pairs
     samples_per_prompt: int = 8  # completions sampled per prompt (one shared prefill)
     pairs_per_prompt: int = 2  # at most this many (correct, incorrect) pairs per prompt
     temperature: float = 1.0  # sampling temperature of the pair completions
     precompute_ref_logps: bool = True  # reference log-probs once up front (false: keep the reference model)
     beta_sweep: list[float] = dataclasses.field(default_factory=list)  # extra betas trained on the same pairs
-    eval_every: int = 25  # steps between held-out accuracy/KL measurements (0: start and end only)
+    eval_every: int = 10  # steps between held-out accuracy/KL measurements (0: start and end only)
     eval_problems: int = 300  # held-out test problems for accuracy
     kl_problems: int = 100  # held-out prompts whose samples measure KL to the reference
-    steps: int = 100
+    steps: int = 30
     batch_size: int = 32  # pairs per step
-    lr: float = 1e-4
+    lr: float = 5e-5
     warmup_steps: int = 10
 
     def validate(self) -> None:

@@ -25,15 +25,16 @@ solutions the proxy loves. `evaluation.overoptimisation_point` flags the N where
 `hacking_tolerance` below its best while the proxy reward is still rising; the clean ORM's curve over
 the same N is the control, which a sound reward model does not trigger (this run's does: see below).
 
-Measured (default run, shared 4-digit policy, 768 held-out solutions of 48 problems): ORM pairwise
-accuracy 0.59 and AUC 0.56, PRM step accuracy 0.63 (always saying "right" scores 0.46) and first-error
-localisation 0.78, all below the policy's own mean token log-prob as a scorer (pairwise 0.77, AUC 0.85).
-Why: 95% of the policy's wrong solutions misread one digit of the first operand in the first step and
-then compute consistently from it, the same way in most samples of a problem. Catching that means
-reading the prompt better than the policy does; linear probes find no trace of it in the policy's
-hidden states (<= 0.60) and a scalar head needs far more than this run's 80 steps to learn it
-(0.68 step accuracy after 500 steps, measured). The hacking experiment shows the proxy's curve
-(accuracy 0.44 -> 0.45 at N=2 -> 0.31 at N=16, detector at N=8), but this weak clean ORM falls too.
+Measured (default run, shared 4-digit policy, 1,024 held-out solutions of 64 problems, likelihood
+head): ORM pairwise accuracy 0.78 and PRM step accuracy 0.84 (always saying "right" scores 0.44),
+against 0.74 pairwise for the policy's own mean token log-prob as a scorer. With the scalar value head
+(`head=value`) the same run reached 0.59 pairwise and 0.63 step accuracy. Why it is hard: the policy's
+wrong solutions almost all misread one digit of the first operand in the first step and then compute
+consistently from it; catching that means reading the prompt better than the policy does, and the
+reward model is the policy's own size. The hacking experiment does not come out as in Gao et al.
+here: best-of-N against the length-biased proxy raises its reward (2.0 -> 5.5 from N=1 to 16) while
+verified accuracy rises and falls back (0.42 -> 0.47 -> 0.42), under the detector's 5-point
+tolerance, and the clean ORM's curve trips the detector at N=16 (0.52 at N=4 -> 0.45).
 
 Options: `trainable_layers=K` trains only the top K blocks (cheaper per step, for larger backbones).
 With `--data FILE.jsonl` (prompt/chosen/rejected records) the run trains the ORM on that data instead;

@@ -1,0 +1,26 @@
+"""Key insights: each sentence carries the numbers of the summary it was built from, or is absent."""
+from posttrain.report.insights import insights
+
+
+def sft_summary():
+    forgetting = {"plain": {"target_accuracy": 1.0, "mean_drop": 0.657},
+                  "l2sp:0.03": {"target_accuracy": 0.998, "mean_drop": -0.023}}
+    return {"metrics": {"accuracy": 1.0, "forgetting": forgetting, "best_mitigation": {"variant": "l2sp:0.03"}},
+            "baseline": {"accuracy": 0.104}}
+
+
+def test_sentences_quote_the_summaries_numbers():
+    bon = {"metrics": {"accuracy": 0.7, "headline": "best-of-16 with the PRM", "by_n": {},
+                       "ordering": {"summary": "At N=64: PRM 0.71, ORM 0.6."}}, "baseline": {"accuracy": 0.45}}
+    dpo = {"metrics": {"accuracy": 0.62, "kl": 0.0412}, "baseline": {"accuracy": 0.5}}
+    text = insights({"sft": sft_summary(), "best-of-n": bon, "dpo": dpo})
+    assert len(text) == 3
+    assert "1.00" in text[0] and "0.66" in text[0] and "l2sp:0.03" in text[0] and "-0.02" in text[0]
+    assert "0.70" in text[1] and "0.45" in text[1] and "PRM 0.71" in text[1]
+    assert "0.50 -> 0.62 (+12 points)" in text[2] and "0.041" in text[2]
+
+
+def test_a_run_without_the_measurement_gets_the_generic_sentence_or_none():
+    plain_sft = {"metrics": {"accuracy": 0.9}, "baseline": {"accuracy": 0.1}}
+    assert insights({"sft": plain_sft}) == ["sft: held-out accuracy 0.10 -> 0.90 (+80 points)."]
+    assert insights({"lora": {"metrics": {}, "baseline": {}}}) == []
