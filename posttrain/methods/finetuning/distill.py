@@ -102,7 +102,7 @@ class DistillConfig(TrainingConfig):
 
 CONFIG = DistillConfig
 # --quick: a smoke-sized run for tests and the quick demonstration (2-digit addition, quick teacher).
-QUICK = {"teacher": "sft-teacher-quick", "model": "posttrain:tiny-student-quick", "difficulties": "2", "steps": 80, "lr": 3e-3, "eval_problems": 100}
+QUICK = {"teacher": "sft-teacher-quick", "difficulties": "2", "steps": 80, "lr": 3e-3, "eval_problems": 100}
 
 
 def teacher_path(name: str) -> str:
