@@ -65,6 +65,25 @@ def timed_steps(step_fn, warmup: int, steps: int) -> list[float]:
     return times
 
 
+def trl_step_timer():
+    """A TrainerCallback recording the seconds of every optimizer step in its `times` list."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, *args, **kwargs):
+            sync()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            sync()
+            self.times.append(time.perf_counter() - self.start)
+
+    return StepTimer()
+
+
 def side_main(run_side) -> None:
     """Entry point of one side's subprocess: prints one JSON line of its measurements."""
     parser = argparse.ArgumentParser()

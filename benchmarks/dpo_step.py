@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import random
 import tempfile
-import time
 
 import torch
 
-from benchmarks.common import device, load, main, sync, timed_steps
+from benchmarks.common import device, load, main, timed_steps, trl_step_timer
 from posttrain.data import encode_pair
 from posttrain.world import MAIN_SKILL, render, sample_problems
 from posttrain.world.skills import Problem
@@ -67,31 +66,21 @@ def run_posttrain(args) -> dict:
 
 def run_trl(args) -> dict:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     model, tokenizer = load(args.size)
-    times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            sync()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            sync()
-            times.append(time.perf_counter() - self.start)
 
     data = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs()])
+    timer = trl_step_timer()
     with tempfile.TemporaryDirectory() as tmp:
         config = DPOConfig(output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=args.warmup + args.steps,
                            learning_rate=1e-6, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True,
                            logging_steps=10**6, save_strategy="no", report_to=[], dataset_num_proc=1,
                            bf16=args.size == "110m", use_cpu=device() == "cpu", disable_tqdm=True, max_length=1024)
         trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                             callbacks=[StepTimer()])
+                             callbacks=[timer])
         trainer.train()
-    return {"times": times[args.warmup:], "pairs": BATCH}
+    return {"times": timer.times[args.warmup:], "pairs": BATCH}
 
 
 def run_side(args) -> dict:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.common import device, load, main, sync, timed_steps
+from benchmarks.common import device, load, main, sync, timed_steps, trl_step_timer
 from posttrain.evaluation import max_new_tokens_for
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 
@@ -59,26 +59,16 @@ def run_posttrain(args) -> dict:
 
 def run_trl(args) -> dict:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     model, tokenizer = load(args.size)
     todo = problems()
-    times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            sync()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            sync()
-            times.append(time.perf_counter() - self.start)
 
     def reward(prompts, completions, answer, **_):
         return [verify(p, c, a) for p, c, a in zip(prompts, completions, answer)]
 
     data = Dataset.from_list([{"prompt": render(p, "cot")[0], "answer": p.answer} for p in todo])
+    timer = trl_step_timer()
     with tempfile.TemporaryDirectory() as tmp:
         config = GRPOConfig(output_dir=tmp, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
                             max_completion_length=max_new_tokens_for(tokenizer, todo), temperature=1.0, beta=0.0,
@@ -86,9 +76,9 @@ def run_trl(args) -> dict:
                             save_strategy="no", report_to=[], bf16=args.size == "110m", use_cpu=device() == "cpu",
                             disable_tqdm=True, shuffle_dataset=False)
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data,
-                              processing_class=tokenizer, callbacks=[StepTimer()])
+                              processing_class=tokenizer, callbacks=[timer])
         trainer.train()
-    return {"times": times[args.warmup:], "completions": PROMPTS * GROUP}
+    return {"times": timer.times[args.warmup:], "completions": PROMPTS * GROUP}
 
 
 def run_side(args) -> dict:

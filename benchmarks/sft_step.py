@@ -12,9 +12,7 @@ import tempfile
 
 import torch
 
-import time
-
-from benchmarks.common import device, load, main, sync, timed_steps, training_flops_per_token
+from benchmarks.common import device, load, main, timed_steps, training_flops_per_token, trl_step_timer
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.losses.sft import causal_lm_loss
 from posttrain.methods.common import world_examples
@@ -59,31 +57,21 @@ def measured(times: list[float], model, tokenizer) -> dict:
 
 def run_trl(args) -> dict:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = load(args.size)
-    times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            sync()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            sync()
-            times.append(time.perf_counter() - self.start)
 
     data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in examples()])
+    timer = trl_step_timer()
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=args.warmup + args.steps,
                            learning_rate=1e-4, logging_steps=10**6, save_strategy="no", report_to=[],
                            completion_only_loss=True, packing=False, dataset_num_proc=1, bf16=args.size == "110m",
                            use_cpu=device() == "cpu", disable_tqdm=True, max_length=1024)
         trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                             callbacks=[StepTimer()])
+                             callbacks=[timer])
         trainer.train()
-    return measured(times[args.warmup:], model, tokenizer)
+    return measured(timer.times[args.warmup:], model, tokenizer)
 
 
 def run_side(args) -> dict:
