@@ -127,6 +127,14 @@ def rollout_seed(seed: int, step: int, accelerator) -> int:
     return seed * 1_000_003 + step + 7919 * accelerator.process_index
 
 
+def step_rollouts(policy, tokenizer, problems: list[Problem], step: int, prompts_per_step: int, *, num_samples: int,
+                  max_new_tokens: int, temperature: float, seed: int, reward_fn: RewardFn, accelerator) -> Rollouts:
+    """This rank's rollouts of training step `step` (PPO and GRPO): its share of the step's prompts, sampled."""
+    share = rank_share(problems[step * prompts_per_step : (step + 1) * prompts_per_step], accelerator)
+    return sample_rollouts(policy, tokenizer, *cot_prompts(share), num_samples=num_samples, max_new_tokens=max_new_tokens,
+                           temperature=temperature, seed=rollout_seed(seed, step, accelerator), reward_fn=reward_fn)
+
+
 @contextlib.contextmanager
 def one_thread():
     """Run the block on one CPU thread. Decoding is a long chain of tiny matmuls: a second thread only

@@ -39,8 +39,8 @@ from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import gae, masked_mean, whiten
 from posttrain.rl.frontier import HeldOut
 from posttrain.rl.kl import kl_k1
-from posttrain.rl.rollouts import (completion_stats, cot_prompts, forward_logprobs, policy_path, rank_share,
-                                   reward_function, rollout_seed, sample_rollouts, training_problems)
+from posttrain.rl.rollouts import (completion_stats, forward_logprobs, policy_path, reward_function, step_rollouts,
+                                   training_problems)
 from posttrain.training import TrainingConfig, TrainResult, lr_lambda, make_accelerator, mean_over_processes
 
 
@@ -141,11 +141,9 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="ppo", disable=not main_process, dynamic_ncols=True)
     for step in bar:
-        step_problems = problems[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]
-        batch_problems = rank_share(step_problems, accelerator)
-        rollouts = sample_rollouts(policy, tokenizer, *cot_prompts(batch_problems), num_samples=cfg.samples_per_prompt,
-                                   max_new_tokens=held_out.max_new_tokens, temperature=cfg.temperature,
-                                   seed=rollout_seed(cfg.seed, step, accelerator), reward_fn=reward_fn)
+        rollouts = step_rollouts(policy, tokenizer, problems, step, cfg.prompts_per_step, num_samples=cfg.samples_per_prompt,
+                                 max_new_tokens=held_out.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                                 reward_fn=reward_fn, accelerator=accelerator)
         metrics = optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts, cfg)
         tokens += int(rollouts.batch["attention_mask"].sum())
         metrics = mean_over_processes({**metrics, **completion_stats(rollouts)}, accelerator)
