@@ -64,6 +64,9 @@ EMBEDDED = {
     "tiny-quick": BaseModelConfig(corpus_tokens=600_000, steps=400, seq_len=128),
     # Under a quarter of tiny's parameters (0.21M vs 0.90M), same tokenizer and corpus: the distillation student.
     "tiny-student": BaseModelConfig(hidden_size=64, intermediate_size=160),
+    # its quick twin, for `--quick` runs
+    "tiny-student-quick": BaseModelConfig(hidden_size=64, intermediate_size=160, corpus_tokens=600_000, steps=400,
+                                          seq_len=128),
 }
 
 

@@ -64,9 +64,10 @@ class CoTConfig(TrainingConfig):
 
 
 CONFIG = CoTConfig
-# --quick: a smoke-sized run for tests, on the default model (from the quick one, 80 steps of CoT
-# on a 1-3 digit mix left 2-digit accuracy at 0.0: too little signal for a direction test).
-QUICK = {"difficulties": "2,3", "train_examples": 1000, "eval_problems": 100, "steps": 60}
+# --quick: a smoke-sized run for tests, on the quick base model (measured: CoT 1.00 / 0.96 vs direct
+# 0.04 / 0.00 at 2 / 3 digits, 50 s; at lr 1e-3 it needed more than 250 steps to get that far).
+QUICK = {"model": "posttrain:tiny-quick", "difficulties": "2,3", "train_examples": 1000, "eval_problems": 100,
+         "steps": 200, "lr": 3e-3}
 
 
 def step_report(problems, completions) -> dict:

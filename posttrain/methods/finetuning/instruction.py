@@ -91,8 +91,9 @@ class InstructionConfig(TrainingConfig):
 
 
 CONFIG = InstructionConfig
-# --quick: a smoke-sized run for tests (on the default model: the quick one cannot do the skills yet).
-QUICK = {"train_examples": 2000, "eval_per_cell": 20, "steps": 100}
+# --quick: a smoke-sized run for tests, on the quick base model (measured: seen phrasings 0.12 -> 0.69;
+# at 100 steps and lr 1e-3 it stayed at 0.13).
+QUICK = {"model": "posttrain:tiny-quick", "train_examples": 2000, "eval_per_cell": 20, "steps": 300, "lr": 3e-3}
 
 
 def training_pairs(cfg: InstructionConfig) -> list[tuple[str, str]]:
