@@ -26,8 +26,8 @@ from posttrain.stages import cached_run
 
 # Seconds per stage measured on 2 CPU cores (the README's full run; the first run also pretrains the
 # base model, about 4 minutes). Only the estimate of what is left uses them.
-EXPECTED_SECONDS = {"sft": 130, "lora": 110, "cot-ft": 80, "instruction": 80, "distill": 220, "reward": 165,
-                    "dpo": 100, "ppo": 205, "grpo": 175, "best-of-n": 65, "self-consistency": 25, "cot-prompt": 50,
+EXPECTED_SECONDS = {"sft": 125, "lora": 115, "cot-ft": 75, "instruction": 80, "distill": 230, "reward": 180,
+                    "dpo": 75, "ppo": 140, "grpo": 165, "best-of-n": 45, "self-consistency": 20, "cot-prompt": 55,
                     "tree-search": 35}
 QUICK_FACTOR = 0.25
 

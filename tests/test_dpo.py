@@ -189,3 +189,12 @@ def test_bad_preference_data_names_the_line(tmp_path):
 def test_unknown_loss_is_refused():
     with pytest.raises(UserError, match="sigmoid, cdpo, ipo, simpo"):
         load_config(dpo.DPOConfig, None, ["loss=kto"])
+
+
+@pytest.mark.slow
+def test_default_dpo_meets_issue_5s_bar(tmp_path):
+    """From the shared policy (0.69: it learned the sloppy demonstrator's forgotten carry), DPO on its own
+    verifier-labelled pairs gains >= 10 points (measured 0.69 -> 0.86, KL 2.3 nats)."""
+    summary = dpo.run(load_config(dpo.DPOConfig, None, [f"output_dir={tmp_path}"]))
+    assert summary["metrics"]["accuracy"] >= summary["baseline"]["accuracy"] + 0.10
+    assert 0 < summary["metrics"]["kl"] < 10

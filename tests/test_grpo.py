@@ -154,8 +154,8 @@ def test_reward_choices_are_checked(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_grpo_raises_held_out_accuracy(tmp_path):
-    """The direction of issue 5's bar on the shared 4-digit policy (measured +7 points; the bar, +15, is not met)."""
+def test_default_grpo_meets_issue_5s_bar(tmp_path):
+    """From the shared policy (0.69), GRPO with the verifier's reward gains >= 15 points (measured 0.69 -> 1.00)."""
     summary = grpo.run(load_config(grpo.GRPOConfig, None, [f"output_dir={tmp_path}"]))
-    assert summary["metrics"]["accuracy"] > summary["baseline"]["accuracy"]
+    assert summary["metrics"]["accuracy"] >= summary["baseline"]["accuracy"] + 0.15
     assert 0 < summary["metrics"]["kl"] < 5

@@ -180,12 +180,17 @@ def test_bad_preference_data_names_the_line(tmp_path):
 
 @pytest.mark.slow
 def test_default_reward_run(tmp_path):
-    """The default run on the shared 4-digit policy: the output contract and reward models that beat chance."""
+    """The default run on the shared 4-digit policy: issue 4's accuracy bars (measured: ORM pairs 1.00,
+    PRM steps 0.99) and the clean ORM's best-of-N curve leaving the detector silent."""
     summary = reward_model.run(load_config(reward_model.CONFIG, None, [f"output_dir={tmp_path}"]))
     metrics = summary["metrics"]
     assert metrics["test_solutions"] == 64 * 16
-    assert metrics["prm_step_accuracy"] > metrics["prm_step_label_mean"] + 0.2
-    assert metrics["orm_pair_accuracy"] > 0.7 and metrics["hacking"]["proxy"]["curve"][-1]["n"] == 16
+    assert metrics["orm_pair_accuracy"] >= 0.85 and metrics["prm_step_accuracy"] >= 0.85
+    # most steps are right (always saying "right" scores 0.89), so also: better than that, and the first
+    # wrong step found (measured 0.97)
+    assert metrics["prm_step_accuracy"] > metrics["prm_step_label_mean"] + 0.05
+    assert metrics["prm_first_error_accuracy"] >= 0.8
+    assert metrics["hacking"]["proxy"]["curve"][-1]["n"] == 16 and metrics["hacking"]["orm"]["detected_at_n"] is None
 
 
 def test_freezing_lower_layers_leaves_the_top_block_norm_and_head(tokenizer):

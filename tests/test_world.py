@@ -8,6 +8,7 @@ from posttrain.world import (
     sample_problems, split_of, verify,
 )
 from posttrain.world.corpus import CorpusMix, sample_document
+from posttrain.world.flaws import demonstration, slipped_add
 from posttrain.world.skills import random_problem
 
 ADD = Problem("add", (347, 285), 3)
@@ -104,3 +105,15 @@ def test_corpus_documents_hold_several_examples_of_one_format():
     doc = sample_document(random.Random(3), CorpusMix(), "<eos>")
     examples = [e for e in doc.split("<eos>") if e]
     assert len(examples) >= 2 and all(e.startswith("Q: ") and "\nA: " in e for e in examples)
+
+
+def test_sloppy_demonstrator_forgets_the_carry_of_a_column_totalling_ten():
+    steps, answer = slipped_add(57, 23)  # reference: 7+3+0=10 carries 1, answer 80
+    assert steps == ["7+3+0=10, digits 0, carry 0", "5+2+0=7, digits 70, carry 0"] and answer == "70"
+    problem = Problem("add", (57, 23), 2)
+    prompt, completion = demonstration(problem, "cot", random.Random(0), slip_rate=1.0)
+    assert prompt == render(problem, "cot")[0] and completion.endswith("A: 70")
+    assert first_error(check_steps(problem, completion)) == 0 and verify(prompt, completion, problem.answer) == 0.0
+    assert slipped_add(*ADD.operands) == (ADD.steps, ADD.answer)  # no column totals 10: nothing to slip on
+    assert demonstration(problem, "cot", random.Random(0), slip_rate=0.0) == render(problem, "cot")
+    assert demonstration(problem, "direct", random.Random(0), slip_rate=1.0) == render(problem, "direct")

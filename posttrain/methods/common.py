@@ -3,6 +3,7 @@ world problems, save the model and write `summary.json` (the output contract).""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from posttrain.config import config_to_dict
@@ -11,6 +12,7 @@ from posttrain.evaluation import evaluate
 from posttrain.io import JsonlWriter, atomic_dir, read_json, write_json
 from posttrain.models import count_params
 from posttrain.world import render, sample_problems
+from posttrain.world.flaws import demonstration
 
 
 def prepare_output(output_dir: str, resume: bool) -> Path:
@@ -35,9 +37,12 @@ def headline(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in ("completions", "correct", "prompts")}
 
 
-def world_examples(skill: str, difficulties, n: int, fmt: str, seed: int) -> list[tuple[str, str]]:
-    """(prompt, completion) training pairs from the world's train split."""
-    return [render(p, fmt) for p in sample_problems(skill, difficulties, n, "train", seed, distinct=False)]
+def world_examples(skill: str, difficulties, n: int, fmt: str, seed: int, slip_rate: float = 0.0) -> list[tuple[str, str]]:
+    """(prompt, completion) training pairs from the world's train split; a `slip_rate` share of the
+    chain-of-thought additions come from the sloppy demonstrator (world/flaws.py)."""
+    rng = random.Random(seed)
+    problems = sample_problems(skill, difficulties, n, "train", seed, distinct=False)
+    return [demonstration(p, fmt, rng, slip_rate) for p in problems]
 
 
 def write_samples(path: Path, result: dict, limit: int = 50) -> None:

@@ -53,7 +53,7 @@ def _digits(xs) -> str:
     return " ".join(str(x) for x in xs)
 
 
-def _column_digits(a: int, b: int) -> list[tuple[int, int]]:
+def column_digits(a: int, b: int) -> list[tuple[int, int]]:
     """Digit pairs from the least significant column up; the shorter number is padded with 0."""
     width = max(len(str(a)), len(str(b)))
     da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
@@ -63,7 +63,7 @@ def _column_digits(a: int, b: int) -> list[tuple[int, int]]:
 def solve_add(a: int, b: int) -> tuple[list[str], str]:
     """Column addition: `7+5+0=12, digits 2, carry 1` per column, plus a final carry column."""
     steps, written, carry = [], "", 0
-    columns = _column_digits(a, b)
+    columns = column_digits(a, b)
     for x, y in columns:
         total = x + y + carry
         written = str(total % 10) + written
@@ -78,7 +78,7 @@ def solve_add(a: int, b: int) -> tuple[list[str], str]:
 def solve_sub(a: int, b: int) -> tuple[list[str], str]:
     """Column subtraction (a >= b): `14-8-0=6, digits 62, borrow 1` when a column borrows."""
     steps, written, borrow = [], "", 0
-    for x, y in _column_digits(a, b):
+    for x, y in column_digits(a, b):
         if x - y - borrow >= 0:
             value, new_borrow, top = x - y - borrow, 0, x
         else:

@@ -73,6 +73,7 @@ class SFTConfig(TrainingConfig):
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [3])  # digits of training and test problems
     format: str = "cot"  # solution format of the demonstrations: cot | direct | instruction
     train_examples: int = 4000  # demonstrations drawn from the train split
+    slip_rate: float = 0.0  # share of CoT addition demonstrations that forget a column-10 carry (world/flaws.py)
     eval_problems: int = 500  # held-out test problems for accuracy before and after
     old_skills: list[str] = dataclasses.field(default_factory=lambda: ["sub", "compare", "reverse", "sort"])  # forgetting
     old_skill_problems: int = 100  # test problems per old skill
@@ -90,6 +91,8 @@ class SFTConfig(TrainingConfig):
             raise UserError(f"skills must be among {', '.join(SKILLS)}")
         if self.format not in FORMATS:
             raise UserError(f"format must be one of {', '.join(FORMATS)}, got '{self.format}'")
+        if not 0 <= self.slip_rate < 1:
+            raise UserError(f"slip_rate must be in [0, 1), got {self.slip_rate}")
         if not self.variants:
             raise UserError("variants must name at least one variant, e.g. variants=plain")
         kinds = [parse_variant(v)[0] for v in self.variants]
@@ -255,7 +258,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> dict:
         pairs = [(prompt_of(r), r.completion) for r in records]
         evaluate_fn = lambda m: evaluate_records(m, tokenizer, held_out)  # noqa: E731
     else:
-        pairs = world_examples(cfg.skill, cfg.difficulties, cfg.train_examples, cfg.format, cfg.seed)
+        pairs = world_examples(cfg.skill, cfg.difficulties, cfg.train_examples, cfg.format, cfg.seed, cfg.slip_rate)
         evaluate_fn = lambda m: evaluate_world(m, tokenizer, cfg)  # noqa: E731
 
     baseline = evaluate_fn(model)

@@ -9,7 +9,8 @@ No value model: the baseline of a completion is the other completions of the sam
             loss = clipped surrogate with A_i on every token + beta * k3 KL to the reference (losses/grpo.py)
 
 The start is the shared chain-of-thought SFT policy (posttrain.stages.policy: 4-digit addition, held-out
-greedy accuracy ~0.5); by default the verifier's 1/0 outcome reward is the only signal. Groups whose
+greedy accuracy 0.69, its errors the sloppy demonstrator's forgotten carry; measured on the default run:
+0.92 after 15 rollout batches, 0.99 at KL 0.4 nats after 45); by default the verifier's 1/0 outcome reward is the only signal. Groups whose
 completions all agree (all right or all wrong) carry no advantage and are logged as `frac_reward_zero_std`.
 Departures from the paper: the loss is averaged per token by default (DAPO, `loss_aggregation=token`;
 `sequence` is the paper's Eq. 3); with beta = 0 no reference model is kept at all; and `reward=prm`
@@ -64,7 +65,7 @@ class GRPOConfig(TrainingConfig):
     eval_problems: int = 300  # held-out test problems for accuracy
     kl_problems: int = 100  # held-out prompts whose samples measure KL to the reference
     steps: int = 45  # rollout batches
-    batch_size: int = 128  # completions per optimizer step (minibatch of a rollout batch)
+    batch_size: int = 32  # completions per optimizer step: 4 steps per rollout batch of 16 x 8
     lr: float = 1e-4
     warmup_steps: int = 5
     min_lr_ratio: float = 1.0  # constant learning rate after warmup

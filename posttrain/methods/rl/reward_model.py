@@ -23,18 +23,17 @@ Best-of-N against the proxy for N = 1, 2, 4, ... (KL from the policy = log N - (
 proxy reward with N while verified accuracy, after a first rise, falls: large N finds the long wrong
 solutions the proxy loves. `evaluation.overoptimisation_point` flags the N where accuracy has fallen
 `hacking_tolerance` below its best while the proxy reward is still rising; the clean ORM's curve over
-the same N is the control, which a sound reward model does not trigger (this run's does: see below).
+the same N is the control, which a sound reward model does not trigger.
 
 Measured (default run, shared 4-digit policy, 1,024 held-out solutions of 64 problems, likelihood
-head): ORM pairwise accuracy 0.78 and PRM step accuracy 0.84 (always saying "right" scores 0.44),
-against 0.74 pairwise for the policy's own mean token log-prob as a scorer. With the scalar value head
-(`head=value`) the same run reached 0.59 pairwise and 0.63 step accuracy. Why it is hard: the policy's
-wrong solutions almost all misread one digit of the first operand in the first step and then compute
-consistently from it; catching that means reading the prompt better than the policy does, and the
-reward model is the policy's own size. The hacking experiment does not come out as in Gao et al.
-here: best-of-N against the length-biased proxy raises its reward (2.0 -> 5.5 from N=1 to 16) while
-verified accuracy rises and falls back (0.42 -> 0.47 -> 0.42), under the detector's 5-point
-tolerance, and the clean ORM's curve trips the detector at N=16 (0.52 at N=4 -> 0.45).
+head): ORM pairwise accuracy 1.00 (AUC 1.00), PRM step accuracy 0.99 (always saying "right": 0.89)
+and first-error localisation 0.97: the policy's mistake, the forgotten carry after a column totalling 10, is visible in the step
+that makes it. Best-of-16 with either reverses most of it (see `posttrain best-of-n`). The hacking
+experiment does not come out as in Gao et al. on this policy: its right solutions are the longer
+ones (a kept carry can add the final `0+0+1=1` line), so the length-biased proxy's preference
+agrees with correctness; proxy reward and verified accuracy rise together (0.82 -> 0.98 from N=1 to
+16) and the detector stays silent on both curves. (On an earlier policy whose errors were misread
+digits, the same proxy's accuracy rose and fell back within the 5-point tolerance.)
 
 Options: `trainable_layers=K` trains only the top K blocks (cheaper per step, for larger backbones).
 With `--data FILE.jsonl` (prompt/chosen/rejected records) the run trains the ORM on that data instead;
