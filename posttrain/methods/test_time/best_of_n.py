@@ -126,7 +126,8 @@ def run(cfg: BestOfNConfig, resume: bool = False) -> dict:
             "greedy_tokens_per_problem": baseline["generated_tokens"] / len(problems)}
     at = ns.index(cfg.headline_n)
     better = max(("orm", "prm"), key=lambda kind: curves[kind][at])
-    accuracy_vs_n(ns, curves, baseline["accuracy"], out / "accuracy_vs_n.png", f"Best-of-N on {cfg.difficulties}-digit addition")
+    digits = "/".join(map(str, cfg.difficulties))
+    accuracy_vs_n(ns, curves, baseline["accuracy"], out / "accuracy_vs_n.png", f"Best-of-N on {digits}-digit addition")
     cost_vs_n(cost, out / "cost_vs_n.png")
     metrics = {"accuracy": curves[better][at], "headline": f"best-of-{cfg.headline_n} with the {better.upper()}",
                "by_n": {"n": ns, **curves}, "ordering": ordering(curves, ns), "cost": cost,
