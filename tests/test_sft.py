@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import load_config
+from posttrain.errors import UserError
 from posttrain.methods.finetuning import sft
 
 QUICK = [f"{k}={v}" for k, v in sft.QUICK.items()] + ["difficulties=2"]
@@ -102,3 +103,9 @@ def test_default_sft_on_the_embedded_model(tmp_path):
     summary = sft.run(load_config(sft.SFTConfig, None, [f"output_dir={tmp_path}"]))
     assert summary["metrics"]["n"] >= 500
     assert summary["metrics"]["accuracy"] >= summary["baseline"]["accuracy"] + 0.20
+
+
+@pytest.mark.parametrize("rate", ["1.0", "-0.1"])
+def test_a_slip_rate_outside_zero_to_one_is_refused(rate):
+    with pytest.raises(UserError, match=r"slip_rate must be in \[0, 1\)"):
+        load_config(sft.SFTConfig, None, [f"slip_rate={rate}"])

@@ -37,7 +37,8 @@ def headline(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in ("completions", "correct", "prompts")}
 
 
-def world_examples(skill: str, difficulties, n: int, fmt: str, seed: int, slip_rate: float = 0.0) -> list[tuple[str, str]]:
+def world_examples(skill: str, difficulties, n: int, fmt: str, seed: int,
+                   slip_rate: float = 0.0) -> list[tuple[str, str]]:
     """(prompt, completion) training pairs from the world's train split; a `slip_rate` share of the
     chain-of-thought additions come from the sloppy demonstrator (world/flaws.py)."""
     rng = random.Random(seed)

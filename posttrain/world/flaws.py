@@ -18,22 +18,17 @@ from __future__ import annotations
 import random
 
 from posttrain.world.formats import COT_TRIGGER, render
-from posttrain.world.skills import Problem, column_digits
+from posttrain.world.skills import Problem, solve_add
+
+
+def forgetful_carry(total: int) -> int:
+    """The sloppy demonstrator's carry: right, except none at all after a column totalling exactly 10."""
+    return 0 if total == 10 else total // 10
 
 
 def slipped_add(a: int, b: int) -> tuple[list[str], str]:
     """Column addition with the slip: a column totalling 10 writes `carry 0` and passes no carry on."""
-    steps, written, carry = [], "", 0
-    for x, y in column_digits(a, b):
-        total = x + y + carry
-        written = str(total % 10) + written
-        next_carry = 0 if total == 10 else total // 10
-        steps.append(f"{x}+{y}+{carry}={total}, digits {written}, carry {next_carry}")
-        carry = next_carry
-    if carry:
-        written = "1" + written
-        steps.append(f"0+0+1=1, digits {written}, carry 0")
-    return steps, str(int(written))
+    return solve_add(a, b, carry_of=forgetful_carry)
 
 
 def demonstration(problem: Problem, fmt: str, rng: random.Random, slip_rate: float) -> tuple[str, str]:

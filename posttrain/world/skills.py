@@ -53,32 +53,34 @@ def _digits(xs) -> str:
     return " ".join(str(x) for x in xs)
 
 
-def column_digits(a: int, b: int) -> list[tuple[int, int]]:
+def _column_digits(a: int, b: int) -> list[tuple[int, int]]:
     """Digit pairs from the least significant column up; the shorter number is padded with 0."""
     width = max(len(str(a)), len(str(b)))
     da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
     return [(int(x), int(y)) for x, y in zip(da, db)]
 
 
-def solve_add(a: int, b: int) -> tuple[list[str], str]:
-    """Column addition: `7+5+0=12, digits 2, carry 1` per column, plus a final carry column."""
+def solve_add(a: int, b: int, carry_of=lambda total: total // 10) -> tuple[list[str], str]:
+    """Column addition: `7+5+0=12, digits 2, carry 1` per column, plus a final carry column.
+    `carry_of(column total)` is the carry written and passed on (world/flaws.py passes a wrong one);
+    the answer is the digits written, so it is a + b exactly when the carries are right."""
     steps, written, carry = [], "", 0
-    columns = column_digits(a, b)
-    for x, y in columns:
+    for x, y in _column_digits(a, b):
         total = x + y + carry
         written = str(total % 10) + written
-        steps.append(f"{x}+{y}+{carry}={total}, digits {written}, carry {total // 10}")
-        carry = total // 10
+        next_carry = carry_of(total)
+        steps.append(f"{x}+{y}+{carry}={total}, digits {written}, carry {next_carry}")
+        carry = next_carry
     if carry:
         written = "1" + written
         steps.append(f"0+0+1=1, digits {written}, carry 0")
-    return steps, str(a + b)
+    return steps, str(int(written))
 
 
 def solve_sub(a: int, b: int) -> tuple[list[str], str]:
     """Column subtraction (a >= b): `14-8-0=6, digits 62, borrow 1` when a column borrows."""
     steps, written, borrow = [], "", 0
-    for x, y in column_digits(a, b):
+    for x, y in _column_digits(a, b):
         if x - y - borrow >= 0:
             value, new_borrow, top = x - y - borrow, 0, x
         else:

@@ -10,15 +10,15 @@ No value model: the baseline of a completion is the other completions of the sam
 
 The start is the shared chain-of-thought SFT policy (posttrain.stages.policy: 4-digit addition, held-out
 greedy accuracy 0.69, its errors the sloppy demonstrator's forgotten carry; measured on the default run:
-0.92 after 15 rollout batches, 0.99 at KL 0.4 nats after 45); by default the verifier's 1/0 outcome reward is the only signal. Groups whose
-completions all agree (all right or all wrong) carry no advantage and are logged as `frac_reward_zero_std`.
-Departures from the paper: the loss is averaged per token by default (DAPO, `loss_aggregation=token`;
-`sequence` is the paper's Eq. 3); with beta = 0 no reference model is kept at all; and `reward=prm`
-scores each completion with the process reward model's aggregate of its step probabilities (the
-minimum, from `posttrain reward`) as one outcome-level reward, rather than the paper's per-step
-advantages (Sec. 4.1.3). Every
-`eval_every` steps the run measures held-out accuracy and the KL to the SFT reference: its points on
-the reward-KL frontier (reward_kl_frontier.png, together with sibling DPO/PPO runs).
+0.92 after 15 rollout batches, 0.99 at KL 0.4 nats after 45); by default the verifier's 1/0 outcome
+reward is the only signal. Groups whose completions all agree (all right or all wrong) carry no
+advantage and are logged as `frac_reward_zero_std`. Departures from the paper: the loss is averaged per
+token by default (DAPO, `loss_aggregation=token`; `sequence` is the paper's Eq. 3); with beta = 0 no
+reference model is kept at all; and `reward=prm` scores each completion with the process reward model's
+aggregate of its step probabilities (the minimum, from `posttrain reward`) as one outcome-level reward,
+rather than the paper's per-step advantages (Sec. 4.1.3). Every `eval_every` steps the run measures
+held-out accuracy and the KL to the SFT reference: its points on the reward-KL frontier
+(reward_kl_frontier.png, together with sibling DPO/PPO runs).
 
     posttrain grpo --output-dir runs/grpo
     posttrain grpo scale_rewards=false beta=0          # Dr. GRPO without a reference model

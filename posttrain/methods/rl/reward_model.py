@@ -25,15 +25,15 @@ solutions the proxy loves. `evaluation.overoptimisation_point` flags the N where
 `hacking_tolerance` below its best while the proxy reward is still rising; the clean ORM's curve over
 the same N is the control, which a sound reward model does not trigger.
 
-Measured (default run, shared 4-digit policy, 1,024 held-out solutions of 64 problems, likelihood
-head): ORM pairwise accuracy 1.00 (AUC 1.00), PRM step accuracy 0.99 (always saying "right": 0.89)
-and first-error localisation 0.97: the policy's mistake, the forgotten carry after a column totalling 10, is visible in the step
-that makes it. Best-of-16 with either reverses most of it (see `posttrain best-of-n`). The hacking
-experiment does not come out as in Gao et al. on this policy: its right solutions are the longer
-ones (a kept carry can add the final `0+0+1=1` line), so the length-biased proxy's preference
-agrees with correctness; proxy reward and verified accuracy rise together (0.82 -> 0.98 from N=1 to
-16) and the detector stays silent on both curves. (On an earlier policy whose errors were misread
-digits, the same proxy's accuracy rose and fell back within the 5-point tolerance.)
+Measured (default run, shared 4-digit policy, 1,024 held-out solutions of 64 problems, likelihood head):
+ORM pairwise accuracy 1.00 (AUC 1.00), PRM step accuracy 0.99 (always saying "right": 0.89) and
+first-error localisation 0.97: the policy's mistake, the forgotten carry after a column totalling 10, is
+visible in the step that makes it. Best-of-16 with either reverses most of it (see `posttrain
+best-of-n`). The hacking experiment does not come out as in Gao et al. on this policy: its right
+solutions are the longer ones (a kept carry can add the final `0+0+1=1` line), so the length-biased
+proxy's preference agrees with correctness; proxy reward and verified accuracy rise together (0.82 ->
+0.98 from N=1 to 16) and the detector stays silent on both curves. (On an earlier policy whose errors
+were misread digits, the same proxy's accuracy rose and fell back within the 5-point tolerance.)
 
 Options: `trainable_layers=K` trains only the top K blocks (cheaper per step, for larger backbones).
 With `--data FILE.jsonl` (prompt/chosen/rejected records) the run trains the ORM on that data instead;
