@@ -154,23 +154,31 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def score(self, prompts: list, completions: list[str], batch_size: int = 128) -> list[float]:
         """One score per solution: ORM reward, or PRM aggregate of step probabilities (in [0, 1])."""
-        scores = []
-        for batch in self._batches(prompts, completions, True, batch_size):
+        def score_batch(batch: dict) -> list[float]:
             if self.kind == "orm":
-                scores += self.rewards(batch).tolist()
-            else:
-                probs = torch.sigmoid(self.step_logits(batch))
-                scores += AGGREGATES[self.aggregate](probs, batch["step_mask"]).tolist()
-        return scores
+                return self.rewards(batch).tolist()
+            return AGGREGATES[self.aggregate](torch.sigmoid(self.step_logits(batch)), batch["step_mask"]).tolist()
+
+        return self._once_per_distinct(prompts, completions, True, batch_size, score_batch)
 
     @torch.no_grad()
     def step_scores(self, prompts: list, completions: list[str], batch_size: int = 128) -> list[list[float]]:
         """P(step is right) for each reasoning step written so far (partial solutions welcome)."""
-        out = []
-        for batch in self._batches(prompts, completions, False, batch_size):
+        def step_probs(batch: dict) -> list[list[float]]:
             probs = torch.sigmoid(self.step_logits(batch))
-            out += [p[m.bool()].tolist() for p, m in zip(probs, batch["step_mask"])]
-        return out
+            return [p[m.bool()].tolist() for p, m in zip(probs, batch["step_mask"])]
+
+        return self._once_per_distinct(prompts, completions, False, batch_size, step_probs)
+
+    def _once_per_distinct(self, prompts, completions, final: bool, batch_size: int, per_batch) -> list:
+        """`per_batch`'s results for every (prompt, completion), computed once per distinct pair: samples of
+        a policy repeat (at 82% accuracy most of a problem's samples are the one right solution)."""
+        distinct = list(dict.fromkeys(zip(prompts, completions)))
+        results = []
+        for batch in self._batches([p for p, _ in distinct], [c for _, c in distinct], final, batch_size):
+            results += per_batch(batch)
+        of = dict(zip(distinct, results))
+        return [of[pair] for pair in zip(prompts, completions)]
 
     def _batches(self, prompts, completions, final: bool, batch_size: int):
         was_training = self.training

@@ -101,6 +101,26 @@ def test_saved_reward_model_loads_and_scores_the_same(tokenizer, tmp_path):
         load_reward_model(tmp_path)
 
 
+def test_repeated_solutions_are_scored_once_with_the_same_score(tokenizer):
+    torch.manual_seed(0)
+    rm = LikelihoodRewardModel(random_model(tokenizer), tokenizer, "orm").eval()
+    prompts, completions = ["Q: 12+34\n"] * 4, ["A: 46", "A: 47", "A: 46", "A: 46"]
+    rows_seen = []
+    rm.register_forward_pre_hook(lambda module, args: rows_seen.append(args[0]["input_ids"].shape[0]))
+    scores = rm.score(prompts, completions)
+    assert rows_seen == [2]  # the two distinct texts, once each
+    assert scores[0] == scores[2] == scores[3] != scores[1]
+    assert scores == pytest.approx([rm.score(prompts[:1], [c])[0] for c in completions], abs=1e-6)
+
+
+def test_first_of_each_keeps_each_problems_first_samples():
+    s = lambda problem, text: reward_model.Solution(problem, "Q", text, True, [])  # noqa: E731
+    pool = [s(0, "a"), s(0, "b"), s(0, "c"), s(1, "d"), s(1, "e"), s(1, "f")]
+    assert [x.completion for x in reward_model.first_of_each(pool, 2)] == ["a", "b", "d", "e"]
+    with pytest.raises(UserError, match="hacking_samples"):
+        load_config(reward_model.CONFIG, None, ["test_samples=16", "hacking_samples=8"])
+
+
 def test_best_of_n_expectation_equals_enumeration():
     """k=4 samples scored [0.9, 0.1, 0.5, 0.7], correct [0, 1, 1, 0]. Best of 2 over the 6 pairs:
     {a,b}->a 0, {a,c}->a 0, {a,d}->a 0, {b,c}->c 1, {b,d}->d 0, {c,d}->d 0: 1/6."""
@@ -180,8 +200,9 @@ def test_bad_preference_data_names_the_line(tmp_path):
 
 @pytest.mark.slow
 def test_default_reward_run(tmp_path):
-    """The default run on the shared 4-digit policy: issue 4's accuracy bars (measured: ORM pairs 1.00,
-    PRM steps 0.99) and the clean ORM's best-of-N curve leaving the detector silent."""
+    """The default run on the shared 4-digit policy: issue 4's accuracy bars (measured: ORM pairs 0.98,
+    PRM steps 0.99) and the hacking curve: the length-biased proxy's best-of-N accuracy falls past its
+    peak (measured 0.97 at N=8, 0.88 at N=64) and the detector fires; the clean ORM's leaves it silent."""
     summary = reward_model.run(load_config(reward_model.CONFIG, None, [f"output_dir={tmp_path}"]))
     metrics = summary["metrics"]
     assert metrics["test_solutions"] == 64 * 16
@@ -190,7 +211,10 @@ def test_default_reward_run(tmp_path):
     # wrong step found (measured 0.97)
     assert metrics["prm_step_accuracy"] > metrics["prm_step_label_mean"] + 0.05
     assert metrics["prm_first_error_accuracy"] >= 0.8
-    assert metrics["hacking"]["proxy"]["curve"][-1]["n"] == 16 and metrics["hacking"]["orm"]["detected_at_n"] is None
+    proxy, clean = metrics["hacking"]["proxy"], metrics["hacking"]["orm"]
+    assert proxy["curve"][-1]["n"] == 64 and proxy["detected_at_n"] is not None and clean["detected_at_n"] is None
+    accuracy = [c["accuracy"] for c in proxy["curve"]]
+    assert max(accuracy) >= accuracy[0] + 0.05 and accuracy[-1] <= max(accuracy) - 0.05  # up, then down
 
 
 def test_freezing_lower_layers_leaves_the_top_block_norm_and_head(tokenizer):

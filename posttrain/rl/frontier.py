@@ -18,7 +18,7 @@ import torch
 from posttrain.evaluation import evaluate, max_new_tokens_for
 from posttrain.models import load_model
 from posttrain.rl.kl import exact_kl
-from posttrain.rl.rollouts import cot_prompts, one_thread, sample_rollouts
+from posttrain.rl.rollouts import cot_prompts, sample_rollouts
 from posttrain.world import MAIN_SKILL, sample_problems
 from posttrain.world.skills import Problem
 
@@ -56,8 +56,7 @@ class HeldOut:
 
     def measure(self, model, tokenizer, reference=None, kl: bool = True) -> dict:
         """evaluation.evaluate's result on the problems (with their prompts) plus `kl` to the reference."""
-        with one_thread():
-            result = evaluate(model, tokenizer, self.problems, fmt="cot", max_new_tokens=self.max_new_tokens)
+        result = evaluate(model, tokenizer, self.problems, fmt="cot", max_new_tokens=self.max_new_tokens)
         result["prompts"] = cot_prompts(self.problems)[0]
         if kl:
             reference = reference if reference is not None else load_model(self.reference_path)[0].to(model.device)

@@ -19,21 +19,24 @@ the PRM rejects is the first wrong one); calibration of the PRM's probabilities 
 Reward hacking (Gao et al. 2022, "Scaling laws for reward model overoptimization"): a proxy ORM is
 trained on preference data with a spurious feature, the way a length-biased rater would produce it:
 of two solutions of different length the longer one is preferred, and correctness only breaks ties.
-Best-of-N against the proxy for N = 1, 2, 4, ... (KL from the policy = log N - (N-1)/N) raises the
-proxy reward with N while verified accuracy, after a first rise, falls: large N finds the long wrong
-solutions the proxy loves. `evaluation.overoptimisation_point` flags the N where accuracy has fallen
-`hacking_tolerance` below its best while the proxy reward is still rising; the clean ORM's curve over
-the same N is the control, which a sound reward model does not trigger.
+Best-of-N against the proxy for N = 1, 2, 4, ..., 64 (KL from the policy = log N - (N-1)/N), picking
+from `hacking_samples` solutions per held-out problem, raises the proxy reward with N while verified
+accuracy, after a first rise, falls: large N finds the rare wrong solutions the proxy loves.
+`evaluation.overoptimisation_point` flags the N where accuracy has fallen `hacking_tolerance` below its
+best while the proxy reward is still rising; the clean ORM's curve over the same N is the control,
+which a sound reward model does not trigger.
 
-Measured (default run, shared 4-digit policy, 1,024 held-out solutions of 64 problems, likelihood head):
-ORM pairwise accuracy 1.00 (AUC 1.00), PRM step accuracy 0.99 (always saying "right": 0.89) and
-first-error localisation 0.97: the policy's mistake, the forgotten carry after a column totalling 10, is
-visible in the step that makes it. Best-of-16 with either reverses most of it (see `posttrain
-best-of-n`). The hacking experiment does not come out as in Gao et al. on this policy: its right
-solutions are the longer ones (a kept carry can add the final `0+0+1=1` line), so the length-biased
-proxy's preference agrees with correctness; proxy reward and verified accuracy rise together (0.82 ->
-0.98 from N=1 to 16) and the detector stays silent on both curves. (On an earlier policy whose errors
-were misread digits, the same proxy's accuracy rose and fell back within the 5-point tolerance.)
+Measured (default run, shared 4-digit policy, 64 held-out problems; ORM and PRM judged on 16 solutions
+each, best-of-N drawing from 64; likelihood head; 114 s on 2 CPU cores with the policy built):
+ORM pairwise accuracy 0.98 (AUC 1.00), PRM step accuracy 0.99 (always saying "right": 0.89) and
+first-error localisation 0.96: the policy's mistake, the forgotten carry after a column totalling 10, is
+visible in the step that makes it. Hacking: the proxy's best-of-N accuracy rises 0.82 -> 0.97 at N=8,
+then falls to 0.93 at N=32 and 0.88 at N=64 while its reward keeps rising; the detector fires at N=64.
+The clean ORM's accuracy rises to 1.00 and stays (0.98 at N=64): silent. Why: on this policy a longer
+solution is usually a right one (a kept carry adds the final `0+0+1=1` line and a digit), so the proxy
+helps at first; but what it learned from "longer wins" is closer to "bigger numbers win". Of the 8
+held-out problems where its pick from all 64 samples is wrong, 7 are a one-in-64 digit slip (`8+5+0=14`)
+of the same length as the right solution and a larger answer.
 
 Options: `trainable_layers=K` trains only the top K blocks (cheaper per step, for larger backbones).
 With `--data FILE.jsonl` (prompt/chosen/rejected records) the run trains the ORM on that data instead;
@@ -63,7 +66,7 @@ from posttrain.records import read_preferences
 from posttrain.report.reward_plots import hacking_plot, reliability_plot, reward_histograms
 from posttrain.reward_models import (REWARD_MODELS, RewardModel, at_last_token, at_steps, collate, encode,
                                      new_reward_model)
-from posttrain.rl.rollouts import one_thread, policy_path
+from posttrain.rl.rollouts import policy_path
 from posttrain.training import TrainingConfig, TrainResult, train
 from posttrain.world import MAIN_SKILL, check_steps, first_error, render, sample_problems, verify
 
@@ -77,7 +80,8 @@ class RewardConfig(TrainingConfig):
     train_problems: int = 192  # training problems (train split)
     samples: int = 4  # solutions sampled per training problem
     test_problems: int = 64  # held-out problems (test split)
-    test_samples: int = 16  # solutions per held-out problem; the largest N of the hacking curve
+    test_samples: int = 16  # solutions per held-out problem that the ORM and PRM are judged on
+    hacking_samples: int = 64  # solutions per held-out problem best-of-N picks from: the hacking curve's largest N
     temperature: float = 1.0  # sampling temperature of the policy
     orm_bce_weight: float = 1.0  # weight of BCE on correctness added to the ORM's Bradley-Terry loss
     prm_aggregate: str = "min"  # PRM solution score: min | product of step probabilities
@@ -98,6 +102,9 @@ class RewardConfig(TrainingConfig):
             raise UserError(f"prm_aggregate must be one of {', '.join(AGGREGATES)}, got '{self.prm_aggregate}'")
         if self.samples < 2 or self.test_samples < 2:
             raise UserError("samples and test_samples must be >= 2: pairs need two solutions of one prompt")
+        if self.hacking_samples < self.test_samples:
+            raise UserError(f"hacking_samples ({self.hacking_samples}) must be >= test_samples ({self.test_samples}): "
+                            "the judged solutions are the first test_samples of each problem's pool")
         if self.temperature <= 0 or self.orm_bce_weight < 0 or self.trainable_layers < 0:
             raise UserError("temperature must be > 0; orm_bce_weight and trainable_layers must be >= 0")
 
@@ -105,7 +112,7 @@ class RewardConfig(TrainingConfig):
 CONFIG = RewardConfig
 # --quick: the smoke-sized twin policy on 2-digit addition.
 QUICK = {"model": "sft-policy-quick", "difficulties": "2", "train_problems": 48, "test_problems": 16,
-         "test_samples": 8, "steps": 20, "log_every": 1}
+         "test_samples": 8, "hacking_samples": 8, "steps": 20, "log_every": 1}
 
 
 @dataclasses.dataclass
@@ -129,9 +136,8 @@ def sample_solutions(model, tokenizer, cfg: RewardConfig, split: str, n_problems
     # seed + 1: the train-split problems of seed `seed` are the shared SFT policy's own demonstrations
     problems = sample_problems(MAIN_SKILL, cfg.difficulties, n_problems, split, cfg.seed + 1)
     prompts = [render(p, "cot")[0] for p in problems]
-    with one_thread():
-        texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens_for(tokenizer, problems),
-                         temperature=cfg.temperature, num_samples=k, seed=cfg.seed + (split == "test")).texts
+    texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens_for(tokenizer, problems),
+                     temperature=cfg.temperature, num_samples=k, seed=cfg.seed + (split == "test")).texts
     return [Solution(i // k, prompts[i // k], text, bool(verify(prompts[i // k], text, problems[i // k].answer)),
                      check_steps(problems[i // k], text)) for i, text in enumerate(texts)]
 
@@ -141,6 +147,11 @@ def by_problem(solutions: list[Solution]) -> list[list[Solution]]:
     for s in solutions:
         groups.setdefault(s.problem, []).append(s)
     return list(groups.values())
+
+
+def first_of_each(solutions: list[Solution], k: int) -> list[Solution]:
+    """The first `k` solutions of every problem: a smaller pool of the same independent samples."""
+    return [s for group in by_problem(solutions) for s in group[:k]]
 
 
 def distinct(group: list[Solution]) -> list[Solution]:
@@ -316,13 +327,13 @@ def hacking_curve(scores: list[float], test: list[Solution], ns: list[int]) -> l
     return curve
 
 
-def hacking_experiment(cfg: RewardConfig, proxy: RewardModel, orm_scores: list[float], test: list[Solution]) -> dict:
-    """Best-of-N curves of the proxy and the clean ORM, and where the detector fires on each."""
-    ns = [2**i for i in range(cfg.test_samples.bit_length()) if 2**i <= cfg.test_samples]
-    proxy_scores = proxy.score([s.prompt for s in test], [s.completion for s in test])
+def hacking_experiment(cfg: RewardConfig, proxy: RewardModel, orm: RewardModel, pool: list[Solution]) -> dict:
+    """Best-of-N curves of the proxy and the clean ORM on `pool` (`hacking_samples` solutions of each held-out
+    problem), and where the detector fires on each."""
+    ns = [2**i for i in range(cfg.hacking_samples.bit_length()) if 2**i <= cfg.hacking_samples]
     result = {}
-    for name, scores in (("proxy", proxy_scores), ("orm", orm_scores)):
-        curve = hacking_curve(scores, test, ns)
+    for name, rm in (("proxy", proxy), ("orm", orm)):
+        curve = hacking_curve(rm.score([s.prompt for s in pool], [s.completion for s in pool]), pool, ns)
         fired = overoptimisation_point(ns, [c["reward"] for c in curve], [c["accuracy"] for c in curve], cfg.hacking_tolerance)
         result[name] = {"curve": curve, "detected_at_n": fired}
     return result
@@ -334,7 +345,8 @@ def run(cfg: RewardConfig, resume: bool = False) -> dict:
     out = prepare_output(cfg.output_dir, resume)
     policy, tokenizer = load_model(policy_path(cfg.model))
     train_set = sample_solutions(policy, tokenizer, cfg, "train", cfg.train_problems, cfg.samples)
-    test = sample_solutions(policy, tokenizer, cfg, "test", cfg.test_problems, cfg.test_samples)
+    pool = sample_solutions(policy, tokenizer, cfg, "test", cfg.test_problems, cfg.hacking_samples)
+    test = first_of_each(pool, cfg.test_samples)
     # The baseline a reward model has to beat: the policy's own likelihood as a scorer of the same pairs.
     likelihood = likelihood_scores(policy, tokenizer, test)
     baseline = {"accuracy": pair_accuracy(likelihood, test)["accuracy"], "auc": auc(likelihood, [s.correct for s in test]),
@@ -348,7 +360,7 @@ def run(cfg: RewardConfig, resume: bool = False) -> dict:
                                  "proxy", out, resume)
 
     orm_eval, prm_eval = evaluate_orm(orm, test), evaluate_prm(prm, test)
-    hacking = hacking_experiment(cfg, proxy, orm_eval["_scores"], test)
+    hacking = hacking_experiment(cfg, proxy, orm, pool)
     for rm, name in ((orm, "orm"), (prm, "prm"), (proxy, "proxy")):
         rm.save(out / name)
     reward_histograms(test, orm_eval.pop("_scores"), prm_eval.pop("_scores"), out / "reward_distributions.png")

@@ -8,7 +8,6 @@ import time
 
 from posttrain.evaluation import answers_of, evaluate, max_new_tokens_for
 from posttrain.generation import generate
-from posttrain.rl.rollouts import one_thread
 from posttrain.world import render, verify
 from posttrain.world.skills import Problem
 
@@ -33,9 +32,8 @@ def sample_solutions(model, tokenizer, problems: list[Problem], k: int, temperat
     """`k` samples per problem (one shared prefill per prompt), labelled by the verifier."""
     prompts = [render(p, "cot")[0] for p in problems]
     start = time.perf_counter()
-    with one_thread():  # decoding is a chain of tiny matmuls: a second thread only waits (rl/rollouts.py)
-        samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens_for(tokenizer, problems),
-                           temperature=temperature, num_samples=k, seed=seed)
+    samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens_for(tokenizer, problems),
+                       temperature=temperature, num_samples=k, seed=seed)
     seconds = time.perf_counter() - start
     group = lambda xs: [xs[i * k : (i + 1) * k] for i in range(len(problems))]  # noqa: E731
     texts = group(samples.texts)
@@ -45,7 +43,6 @@ def sample_solutions(model, tokenizer, problems: list[Problem], k: int, temperat
 
 def greedy_baseline(model, tokenizer, problems: list[Problem]) -> dict:
     """Greedy chain-of-thought accuracy of the same model on the same problems (summary's `baseline`)."""
-    with one_thread():
-        result = evaluate(model, tokenizer, problems, fmt="cot")
+    result = evaluate(model, tokenizer, problems, fmt="cot")
     return {"accuracy": result["accuracy"], "n": result["n"], "step_accuracy": result["step_accuracy"],
             "generated_tokens": result["generated_tokens"], "seconds": result["seconds"]}

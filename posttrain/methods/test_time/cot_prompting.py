@@ -34,7 +34,7 @@ from posttrain.generation import generate, token_logprobs
 from posttrain.methods.common import prepare_output, write_summary
 from posttrain.models import DEFAULT_MODEL, load_model
 from posttrain.report.test_time_plots import reliability, style_bars
-from posttrain.rl.rollouts import one_thread, policy_path
+from posttrain.rl.rollouts import policy_path
 from posttrain.training import TrainResult
 from posttrain.world import COT_TRIGGER, MAIN_SKILL, check_steps, extract_answer, render, sample_problems, verify
 
@@ -97,8 +97,7 @@ def answer_confidence(model, tokenizer, prompt: str, text: str) -> float | None:
 
 def run_style(model, tokenizer, problems, prompts: list[str], prefixes: list[str], budget: int) -> dict:
     """Greedy completions of one prompt style: accuracy, step accuracy and the texts."""
-    with one_thread():
-        samples = generate(model, tokenizer, prompts, max_new_tokens=budget)
+    samples = generate(model, tokenizer, prompts, max_new_tokens=budget)
     texts = [prefix + t for prefix, t in zip(prefixes, samples.texts)]
     correct = [verify(q, t, p.answer) for q, t, p in zip(prompts, texts, problems)]
     steps = [check_steps(p, t) for p, t in zip(problems, texts)]
@@ -111,8 +110,7 @@ def run_style(model, tokenizer, problems, prompts: list[str], prefixes: list[str
 def confidences(model, tokenizer, problems, prompts: list[str], style: dict, cfg: CoTPromptConfig, budget: int) -> dict:
     """Token-probability and sample-agreement confidence of one style's greedy answers, with reliability tables."""
     token_conf = [answer_confidence(model, tokenizer, q, t) for q, t in zip(prompts, style["_texts"])]
-    with one_thread():
-        sampled = generate(model, tokenizer, prompts, max_new_tokens=budget, temperature=1.0, num_samples=cfg.samples, seed=cfg.seed)
+    sampled = generate(model, tokenizer, prompts, max_new_tokens=budget, temperature=1.0, num_samples=cfg.samples, seed=cfg.seed)
     greedy = [extract_answer(t) for t in style["_texts"]]
     agreement = [sum(extract_answer(t) == g for t in sampled.texts[i * cfg.samples : (i + 1) * cfg.samples]) / cfg.samples
                  for i, g in enumerate(greedy)]

@@ -32,7 +32,7 @@ from posttrain.methods.test_time import greedy_baseline, sample_solutions
 from posttrain.methods.test_time.best_of_n import reward_model_dir
 from posttrain.models import load_model
 from posttrain.reward_models import load_reward_model
-from posttrain.rl.rollouts import one_thread, policy_path
+from posttrain.rl.rollouts import policy_path
 from posttrain.training import TrainResult
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 
@@ -113,9 +113,8 @@ def policy_expander(model, tokenizer, k: int, temperature: float, max_step_token
 
     def expand(prompts: list[str], partials: list[str]):
         calls[0] += 1
-        with one_thread():
-            samples = generate(model, tokenizer, [q + p for q, p in zip(prompts, partials)], max_new_tokens=max_step_tokens,
-                               temperature=temperature, num_samples=k, seed=seed * 1000 + calls[0], stop_ids=newlines)
+        samples = generate(model, tokenizer, [q + p for q, p in zip(prompts, partials)], max_new_tokens=max_step_tokens,
+                           temperature=temperature, num_samples=k, seed=seed * 1000 + calls[0], stop_ids=newlines)
         out = []
         for j in range(len(prompts)):
             rows = range(j * k, (j + 1) * k)
