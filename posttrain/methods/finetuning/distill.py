@@ -102,8 +102,9 @@ class DistillConfig(TrainingConfig):
 
 CONFIG = DistillConfig
 # --quick: a smoke-sized run for tests and the quick demonstration: 2-digit addition, quick teacher and
-# quick student (measured: students 0.80 / 0.80 / 0.88 from 0.00, teacher 1.00; 80 steps left them at 0.07).
-QUICK = {"teacher": "sft-teacher-quick", "model": "posttrain:tiny-student-quick", "difficulties": "2", "steps": 150,
+# quick student (measured: students SFT 0.50 / sequence-level 0.52 / soft 0.66 from 0.00, teacher 0.97, 23 s;
+# 150 steps reached 0.80 / 0.80 / 0.88 in 32 s, 80 steps left them at 0.07).
+QUICK = {"teacher": "sft-teacher-quick", "model": "posttrain:tiny-student-quick", "difficulties": "2", "steps": 100,
          "lr": 5e-3, "eval_problems": 100}
 
 
