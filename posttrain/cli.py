@@ -55,6 +55,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", action="append", choices=list(METHODS), help="run only this method (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small, fast runs of every selected method")
     parser.add_argument("--output-dir", default="runs/demo", help="one subfolder per method (default: runs/demo)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="stages run side by side after the first (default: 2 on a CPU with 2+ cores, 1 on a GPU)")
 
 
 def method_config(method, args):

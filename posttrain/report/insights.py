@@ -81,10 +81,11 @@ def reward(s: dict) -> str | None:
     if hacking:
         proxy, clean = hacking["proxy"], hacking["orm"]
         fired = lambda r: f"fires at N={r['detected_at_n']}" if r["detected_at_n"] else "stays silent"  # noqa: E731
-        top = proxy["curve"][-1]
-        text += (f" Best-of-N against a length-biased proxy: proxy reward rises to {_f(top['reward'])} at N={top['n']} "
-                 f"while verified accuracy ends at {_f(top['accuracy'])}; the over-optimisation detector {fired(proxy)} "
-                 f"on the proxy and {fired(clean)} on the clean ORM.")
+        first, peak, top = proxy["curve"][0], max(proxy["curve"], key=lambda c: c["accuracy"]), proxy["curve"][-1]
+        text += (f" Best-of-N against a length-biased proxy: verified accuracy {_f(first['accuracy'])} at N=1, "
+                 f"{_f(peak['accuracy'])} at N={peak['n']}, {_f(top['accuracy'])} at N={top['n']} while the proxy reward "
+                 f"keeps rising (to {_f(top['reward'])}); the over-optimisation detector {fired(proxy)} on the proxy "
+                 f"and {fired(clean)} on the clean ORM.")
     return text
 
 

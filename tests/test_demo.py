@@ -1,0 +1,35 @@
+"""The demonstration runner: stages side by side in worker processes, their results collected."""
+import argparse
+import concurrent.futures
+import json
+
+import pytest
+
+from posttrain import demo
+from posttrain.errors import UserError
+
+
+def test_two_jobs_run_every_stage_and_keep_each_workers_log(tmp_path, quick_model):
+    """The first stage runs in this process, the other two in two single-thread workers."""
+    methods = ["cot-prompt", "self-consistency", "tree-search"]
+    args = argparse.Namespace(category=None, method=methods, quick=True, output_dir=str(tmp_path), jobs=2)
+    assert demo.run_demo(args) == 0
+    for name in methods:
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["method"] == name and not list((tmp_path / name).glob("*.lock"))
+    assert not (tmp_path / "logs" / "cot-prompt.log").exists()  # the first stage printed to the terminal
+    assert all((tmp_path / "logs" / f"{name}.log").exists() for name in methods[1:])  # each worker's output
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["jobs"] == 2 and run["methods"] == methods
+    assert (tmp_path / "comparison.md").exists() and (tmp_path / "report.html").exists()
+
+
+def test_a_failed_stage_names_its_log(tmp_path):
+    crashed = concurrent.futures.Future()
+    crashed.set_exception(ValueError("boom"))
+    with pytest.raises(RuntimeError, match=r"stage 'dpo' failed: ValueError\('boom'\).*dpo\.log"):
+        demo._result(crashed, "dpo", tmp_path)
+    refused = concurrent.futures.Future()
+    refused.set_exception(UserError("bad config"))
+    with pytest.raises(UserError, match="bad config"):  # users' errors pass through as they are
+        demo._result(refused, "dpo", tmp_path)
