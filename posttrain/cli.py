@@ -50,12 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
+    return int(text)
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--category", choices=CATEGORIES, help="run only this category's methods")
     parser.add_argument("--method", action="append", choices=list(METHODS), help="run only this method (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small, fast runs of every selected method")
     parser.add_argument("--output-dir", default="runs/demo", help="one subfolder per method (default: runs/demo)")
-    parser.add_argument("--jobs", type=int, default=None,
+    parser.add_argument("--jobs", type=_positive_int, default=None,
                         help="stages run side by side after the first (default: 2 on a CPU with 2+ cores, 1 on a GPU)")
 
 

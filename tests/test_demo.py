@@ -33,3 +33,11 @@ def test_a_failed_stage_names_its_log(tmp_path):
     refused.set_exception(UserError("bad config"))
     with pytest.raises(UserError, match="bad config"):  # users' errors pass through as they are
         demo._result(refused, "dpo", tmp_path)
+
+
+def test_jobs_must_be_a_positive_whole_number(capsys):
+    from posttrain.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--jobs", "0"])
+    assert exit_info.value.code == 2 and "--jobs: expected a whole number >= 1, got '0'" in capsys.readouterr().err

@@ -46,6 +46,17 @@ def test_report_is_self_contained(run_dir):
     assert page.count("data:image/png;base64,") == len(list((run_dir / "sft").glob("*.png"))) >= 2
 
 
+def test_a_quick_runs_table_and_report_say_it_is_smoke_sized(run_dir, tmp_path):
+    assert "Smoke-sized" not in (run_dir / "comparison.md").read_text()
+    quick = tmp_path / "quick"
+    shutil.copytree(run_dir, quick)
+    (quick / "run.json").write_text(json.dumps({"command": "run_all_demonstrations.py --quick", "machine": "CPU",
+                                                "time_s": 1.0, "quick": True}))
+    assert main(["report", str(quick)]) == 0
+    assert (quick / "comparison.md").read_text().startswith("Smoke-sized run (--quick)")
+    assert "Smoke-sized run (--quick)" in (quick / "report.html").read_text()
+
+
 def test_report_command_needs_a_run_folder(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no method runs" in capsys.readouterr().err

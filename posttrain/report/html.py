@@ -51,6 +51,12 @@ def _method_section(run_dir: Path, name: str, summary: dict) -> str:
             f"<p>{numbers}; run folder <code>{html.escape(name)}/</code></p><div class='plots'>{plots}</div>")
 
 
+# A --quick run's numbers are true but not the methods' effects: say so wherever its table appears.
+QUICK_CAVEAT = ("Smoke-sized run (--quick): quick base models, 2-digit problems and a few steps per method check "
+                "that every stage runs end to end. Several methods show no effect, or a negative one, at this size; "
+                "the default run measures them.")
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write `comparison.md`, `comparison.csv` and `report.html` into `run_dir` from its files alone."""
     run_dir = Path(run_dir)
@@ -58,11 +64,14 @@ def build_report(run_dir: str | Path) -> Path:
     if not summaries:
         raise UserError(f"'{run_dir}' holds no method runs (expected <method>/summary.json folders)")
     rows = comparison_rows(summaries)
-    write_text(run_dir / "comparison.md", to_markdown(rows))
-    write_text(run_dir / "comparison.csv", to_csv(rows))
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    caveat = QUICK_CAVEAT if run_info.get("quick") else ""
+    write_text(run_dir / "comparison.md", (f"{caveat}\n\n" if caveat else "") + to_markdown(rows))
+    write_text(run_dir / "comparison.csv", to_csv(rows))
     origin = (f"Command <code>{html.escape(run_info['command'])}</code> on {html.escape(run_info['machine'])}, "
               f"{run_info['time_s']:.0f} s in all." if run_info else f"Runs in <code>{html.escape(str(run_dir))}</code>.")
+    if caveat:
+        origin += f" <strong>{html.escape(caveat)}</strong>"
     items = "".join(f"<li>{html.escape(text)}</li>" for text in insights(summaries)) or "<li>No method ran.</li>"
     sections = "".join(_method_section(run_dir, n, s) for n, s in summaries.items())
     page = f"""<!doctype html>
