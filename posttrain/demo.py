@@ -6,8 +6,8 @@ one folder per method (its summary.json, metrics, plots), `comparison.md` / `com
 
 Each method runs as a cached stage (posttrain/stages.py): a method whose config, code and base
 model are unchanged since an earlier run is copied from the cache instead of rerun, and the
-artefacts methods share (the SFT policy, reward models) are built once. Methods not built yet are
-named as such and skipped, never imitated.
+artefacts methods share (the SFT policy, reward models) are built once. On a CPU with two or more
+cores the stages after the first run side by side in worker processes (`--jobs`, run_side_by_side).
 """
 from __future__ import annotations
 
