@@ -12,7 +12,6 @@ cores the stages after the first run side by side in worker processes (`--jobs`,
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import multiprocessing
 import os
 import platform
@@ -155,8 +154,12 @@ def _worker_init(threads: int) -> None:
 def build_stage(name: str, quick: bool, log: str) -> tuple[str, float]:
     """Worker process: run (or reuse) one cached stage with its output in `log`; its folder and seconds."""
     start = time.perf_counter()
-    with open(log, "w") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+    with open(log, "w") as stream:
+        for fd in (1, 2):  # the file descriptors, so that output from C (torch's profiler, warnings) lands there too
+            os.dup2(stream.fileno(), fd)
         stage = cached_run(name, stage_overrides(name, quick))
+        sys.stdout.flush()
+        sys.stderr.flush()
     return str(stage), time.perf_counter() - start
 
 
