@@ -70,7 +70,7 @@ def method_config(method, args):
     from posttrain.config import load_config
 
     module = method.load()
-    overrides = [f"{k}={v}" for k, v in module.QUICK.items()] if args.quick else []
+    overrides = method.quick_overrides() if args.quick else []
     overrides += list(args.overrides)
     overrides += [f"{k}={v}" for k in ("output_dir", "model", "data") if (v := getattr(args, k)) is not None]
     return module, load_config(module.CONFIG, args.config, overrides)

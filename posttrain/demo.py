@@ -30,8 +30,9 @@ from posttrain.report.html import build_report
 from posttrain.stages import cached_run
 from posttrain.training import TrainingInterrupted
 
-# Seconds per stage measured on 2 CPU cores (the README's full run; the first run also pretrains the
-# base model, about 4 minutes). Only the estimate of what is left uses them.
+# Seconds per stage measured on 2 CPU cores, one stage at a time (the full run before stages ran side by
+# side; the first run also pretrains the base model, about 4 minutes). Only the estimates of what is left
+# and the weights of the side-by-side progress bar use them.
 EXPECTED_SECONDS = {"sft": 125, "lora": 115, "cot-ft": 75, "instruction": 80, "distill": 230, "reward": 180,
                     "dpo": 75, "ppo": 140, "grpo": 165, "best-of-n": 45, "self-consistency": 20, "cot-prompt": 55,
                     "tree-search": 35}
@@ -74,7 +75,7 @@ def run_demo(args) -> int:
 
 
 def stage_overrides(name: str, quick: bool) -> list[str]:
-    return [f"{k}={v}" for k, v in METHODS[name].load().QUICK.items()] if quick else []
+    return METHODS[name].quick_overrides() if quick else []
 
 
 def collect(name: str, stage: Path, out: Path) -> None:

@@ -21,6 +21,10 @@ class Method:
     def load(self):
         return importlib.import_module(self.module)
 
+    def quick_overrides(self) -> list[str]:
+        """The module's `QUICK` settings as `key=value` overrides (what `--quick` adds)."""
+        return [f"{k}={v}" for k, v in self.load().QUICK.items()]
+
 
 METHODS = {m.name: m for m in [
     Method("sft", "fine-tuning", "supervised fine-tuning, with forgetting probes, L2-SP and replay",

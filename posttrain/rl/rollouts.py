@@ -83,8 +83,7 @@ def default_reward_model(kind: str, policy: str) -> str:
     from posttrain.methods import METHODS
     from posttrain.stages import cached_run
 
-    quick = METHODS["reward"].load().QUICK if POLICIES[policy] else {}
-    return str(cached_run("reward", [f"{k}={v}" for k, v in quick.items()]) / kind)
+    return str(cached_run("reward", METHODS["reward"].quick_overrides() if POLICIES[policy] else []) / kind)
 
 
 @dataclasses.dataclass

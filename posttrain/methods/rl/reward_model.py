@@ -405,6 +405,7 @@ def run_on_preferences(cfg: RewardConfig, records: list, resume: bool) -> dict:
 
 def trained_reward_models(quick: bool = False) -> Path:
     """The cached reward stage on the shared policy (orm/, prm/, proxy/ inside); runs it on first use."""
+    from posttrain.methods import METHODS
     from posttrain.stages import cached_run
 
-    return cached_run("reward", [f"{k}={v}" for k, v in QUICK.items()] if quick else [])
+    return cached_run("reward", METHODS["reward"].quick_overrides() if quick else [])
