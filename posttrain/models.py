@@ -31,7 +31,7 @@ from posttrain.world.corpus import CorpusMix, sample_document
 EMBEDDED_PREFIX = "posttrain:"
 DEFAULT_MODEL = "posttrain:tiny"
 PAD, EOS = "<pad>", "<eos>"
-WORLD_VERSION = 1  # bump when the world's text formats change: it invalidates cached base models
+WORLD_VERSION = 2  # bump when the world's text formats change: it invalidates cached base models
 
 hf_logging.disable_progress_bar()  # per-file load/save bars would drown our own progress bars
 

@@ -11,21 +11,35 @@ from posttrain.world import HELD_OUT_COMBINATION, HELD_OUT_STYLES, SKILLS, STYLE
 from posttrain.world.formats import TEMPLATES
 
 
-def opening(skill: str, style: str) -> str:
-    """The fixed text a phrasing starts with, e.g. 'Q: Determine the sum of '."""
-    return "Q: " + TEMPLATES[skill][style].split("{")[0]
+def phrasing(skill: str, style: str) -> re.Pattern:
+    """A regular expression matching a request in this phrasing, whatever its numbers."""
+    fixed = re.escape(TEMPLATES[skill][style])
+    return re.compile(re.sub(r"\\\{\w+\\\}", r"[\\d ]+", fixed))
 
 
 def test_training_data_holds_out_the_held_out_phrasings():
     cfg = load_config(instruction.InstructionConfig, None, ["train_examples=500", "symbolic_fraction=0.2"])
     prompts = [prompt for prompt, _ in instruction.training_pairs(cfg)]
-    held_out = {opening(skill, style) for skill in SKILLS for style in STYLES if not is_seen_phrasing(skill, style)}
-    assert {opening(*HELD_OUT_COMBINATION)} | {opening("add", s) for s in HELD_OUT_STYLES} <= held_out
-    assert not [p for p in prompts if any(p.startswith(o) for o in held_out)]
-    seen = {(k, s) for k in SKILLS for s in STYLES if is_seen_phrasing(k, s)}
-    assert all(any(p.startswith(opening(k, s)) for p in prompts) for k, s in seen)  # every seen phrasing is used
-    symbolic = [p for p in prompts if not any(p.startswith(opening(k, s)) for k, s in seen)]
+    held_out = [(k, s) for k in SKILLS for s in STYLES if not is_seen_phrasing(k, s)]
+    assert {HELD_OUT_COMBINATION, *(("add", s) for s in HELD_OUT_STYLES)} <= set(held_out)
+    assert not [p for p in prompts if any(phrasing(k, s).search(p) for k, s in held_out)]
+    seen = [(k, s) for k in SKILLS for s in STYLES if is_seen_phrasing(k, s)]
+    assert all(any(phrasing(k, s).search(p) for p in prompts) for k, s in seen)  # every seen phrasing is used
+    symbolic = [p for p in prompts if not any(phrasing(k, s).search(p) for k, s in seen)]
     assert len(symbolic) == pytest.approx(0.2 * len(prompts), abs=len(SKILLS))
+    assert all(re.fullmatch(r"Q: \d+[-+?]\d+\n|Q: (sort|reverse)( \d)+\n", p) for p in symbolic)
+
+
+def test_training_requests_sit_among_varying_words():
+    """The numbers move: a request is bare only when both its prefix and its suffix are empty."""
+    cfg = load_config(instruction.InstructionConfig, None, ["train_examples=500", "symbolic_fraction=0"])
+    prompts = [prompt for prompt, _ in instruction.training_pairs(cfg)]
+    templates = [phrasing(k, s) for k in SKILLS for s in STYLES if is_seen_phrasing(k, s)]
+    bare = [p for p in prompts if any(t.fullmatch(p[len("Q: "):].rstrip("\n")) for t in templates)]
+    p_bare = instruction.PREFIXES.count("") / len(instruction.PREFIXES) * (
+        instruction.SUFFIXES.count("") / len(instruction.SUFFIXES))
+    assert 0 < p_bare < 0.2 and len(bare) / len(prompts) == pytest.approx(p_bare, abs=0.03)
+    assert {p[len("Q: "):].split()[0] for p in prompts} >= {"Quick", "Ann", "Hi!"}
 
 
 def test_restated_completions_start_with_the_symbolic_question():

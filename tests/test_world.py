@@ -1,5 +1,6 @@
 """The reasoning world: answers, formats, verifiers, step checkers and splits."""
 import random
+import re
 
 import pytest
 
@@ -7,7 +8,8 @@ from posttrain.world import (
     COT_TRIGGER, SKILLS, Problem, check_steps, extract_answer, first_error, is_seen_phrasing, render,
     sample_problems, split_of, verify,
 )
-from posttrain.world.corpus import CorpusMix, sample_document
+from posttrain.world.corpus import CorpusMix, prose, sample_document
+from posttrain.world.formats import TEMPLATES
 from posttrain.world.flaws import demonstration, slipped_add
 from posttrain.world.skills import random_problem
 
@@ -102,9 +104,33 @@ def test_small_split_returns_fewer_distinct_problems_rather_than_repeats():
 
 
 def test_corpus_documents_hold_several_examples_of_one_format():
-    doc = sample_document(random.Random(3), CorpusMix(), "<eos>")
-    examples = [e for e in doc.split("<eos>") if e]
-    assert len(examples) >= 2 and all(e.startswith("Q: ") and "\nA: " in e for e in examples)
+    rng = random.Random(3)
+    documents = [[e for e in sample_document(rng, CorpusMix(), "<eos>").split("<eos>") if e] for _ in range(200)]
+    assert all(len(examples) >= 2 for examples in documents)
+    requests = [d for d in documents if all(e.startswith("Q: ") and "\nA: " in e for e in d)]
+    statements = [d for d in documents if not any("Q: " in e or "\n" in e for e in d)]
+    assert len(requests) + len(statements) == len(documents) and 0 < len(statements) < 0.2 * len(documents)
+
+
+def test_prose_states_the_symbolic_question_and_its_answer():
+    rng = random.Random(0)
+    for skill, difficulty in (("add", 2), ("sub", 2), ("compare", 2), ("reverse", 4), ("sort", 4)):
+        for _ in range(20):
+            problem = random_problem(skill, difficulty, rng)
+            statement = prose(problem, rng)
+            assert problem.expression in statement and problem.answer in statement.split(problem.expression)[1]
+
+
+def test_the_corpus_never_asks_in_any_phrasing():
+    """Pretraining may show a phrasing's words, never a request in a held-out phrasing (nor in any
+    phrasing outside the instruction-format documents, which use seen phrasings only)."""
+    rng = random.Random(0)
+    corpus = "".join(sample_document(rng, CorpusMix(), "<eos>") for _ in range(3000))
+    for skill, by_style in TEMPLATES.items():
+        for style, template in by_style.items():
+            pattern = re.sub(r"\\\{\w+\\\}", r"[\\d ]+", re.escape(template))
+            assert bool(re.search(pattern, corpus)) == is_seen_phrasing(skill, style), (skill, style)
+    assert "give away" in corpus and "from smallest to largest" in corpus and "order relation" in corpus
 
 
 def test_sloppy_demonstrator_forgets_the_carry_of_a_column_totalling_ten():

@@ -80,11 +80,14 @@ def question(problem: Problem, fmt: str = "direct", style: str = "question") -> 
     """The text after `Q: `: symbolic for direct/CoT, a natural-language phrasing for instruction."""
     if fmt != "instruction":
         return problem.expression
+    return fill(TEMPLATES[problem.skill][style], problem)
+
+
+def fill(template: str, problem: Problem) -> str:
+    """`template` with the problem's operands in its {a} and {b}, or its list in {xs}."""
     if problem.skill in ("reverse", "sort"):
-        fields = {"xs": " ".join(map(str, problem.operands[0]))}
-    else:
-        fields = dict(zip("ab", map(str, problem.operands)))
-    return TEMPLATES[problem.skill][style].format(**fields)
+        return template.format(xs=" ".join(map(str, problem.operands[0])))
+    return template.format(**dict(zip("ab", map(str, problem.operands))))
 
 
 def render(problem: Problem, fmt: str = "direct", style: str = "question") -> tuple[str, str]:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
 
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
@@ -54,6 +55,8 @@ from posttrain.report.plots import training_curve
 from posttrain.training import TrainingConfig, train
 from posttrain.world import (EASY_DIFFICULTY, HELD_OUT_COMBINATION, HELD_OUT_STYLES, SKILLS, STYLES, is_seen_phrasing,
                              render, sample_problems)
+from posttrain.world.corpus import NAMES, THINGS
+from posttrain.world.formats import TEMPLATES, fill
 
 GROUPS = ("seen", "held_out_styles", "held_out_combination")
 # What an example's answer looks like. `restate` first writes the request as the world's symbolic
@@ -74,6 +77,8 @@ class InstructionConfig(TrainingConfig):
     train_examples: int = 8000  # instruction examples, skills and seen phrasings in turn
     completion: str = "restate"  # restate (the symbolic question, then its chain of thought) | cot | direct
     symbolic_fraction: float = 0.2  # share of examples asked symbolically (`Q: 34+58`, the base's format): keeps it
+    surround: bool = True  # random words before and after each training request (PREFIXES, SUFFIXES)
+    paraphrases: bool = True  # also train on PARAPHRASES, more seen wordings of each skill
     eval_per_cell: int = 50  # test problems per skill, each asked in every style
     steps: int = 400
     batch_size: int = 32
@@ -96,16 +101,52 @@ CONFIG = InstructionConfig
 QUICK = {"model": "posttrain:tiny-quick", "train_examples": 2000, "eval_per_cell": 20, "steps": 300, "lr": 3e-3}
 
 
+# Words around a request that change nothing about it ({n} a name, {t} things). Training requests get
+# one of each at random, so the numbers sit at varying places among varying words and the model has to
+# copy them by what they are, not where they are.
+PREFIXES = ("", "", "Quick question. ", "{n} asks: ", "Question from {n}: ", "About the {t}: ", "One more: ",
+            "For my homework, ", "Next one. ", "Hi! ", "Here is one for you. ", "Let me ask. ")
+SUFFIXES = ("", "", " Thanks!", " Show your steps.", " Be careful.", " I need it soon.", " No rush.",
+            " Thanks, {n}.", " It is for the {t}.", " Take your time.")
+
+
+# More seen wordings per skill, in the registers of the seen styles (never "formal" or "story", and no
+# polite one for sort): training only. More templates per task is what made FLAN follow new ones.
+PARAPHRASES = {
+    "add": ("What is the total of {a} and {b}?", "Find {a} plus {b}.", "Could you add {a} to {b}?",
+            "yo, {a} and {b} together?"),
+    "sub": ("What is {a} take away {b}?", "Find the difference between {a} and {b}.",
+            "Could you take {b} away from {a}?", "yo, {a} minus {b}?"),
+    "compare": ("Which is larger, {a} or {b}?", "Find how {a} compares to {b}.", "Could you compare {a} to {b}?",
+                "yo, is {a} bigger than {b}?"),
+    "reverse": ("What is {xs} read backwards?", "Write {xs} backwards.", "Could you turn {xs} around?",
+                "yo, {xs} backwards?"),
+    "sort": ("What is {xs} sorted?", "Put the list {xs} in ascending order.", "yo, sort {xs}?"),
+}
+
+
+def surround(request: str, rng: random.Random) -> str:
+    """`request` with a random prefix and suffix."""
+    words = {"n": rng.choice(NAMES), "t": rng.choice(THINGS)}
+    return f"{rng.choice(PREFIXES).format(**words)}{request}{rng.choice(SUFFIXES).format(**words)}"
+
+
 def training_pairs(cfg: InstructionConfig) -> list[tuple[str, str]]:
     """(prompt, completion) pairs: skills in turn, each cycling through its seen phrasings."""
     per_skill = -(-cfg.train_examples // len(cfg.skills))
+    rng = random.Random(cfg.seed)
     pairs = []
     for skill in cfg.skills:
-        styles = itertools.cycle([s for s in STYLES if is_seen_phrasing(skill, s)])
+        templates = [TEMPLATES[skill][s] for s in STYLES if is_seen_phrasing(skill, s)]
+        templates = itertools.cycle(templates + list(PARAPHRASES[skill] if cfg.paraphrases else ()))
         problems = sample_problems(skill, EASY_DIFFICULTY[skill], per_skill, "train", cfg.seed, distinct=False)
         for i, p in enumerate(problems):
             symbolic = (i + 1) * cfg.symbolic_fraction // 1 > i * cfg.symbolic_fraction // 1  # every 1/F-th example
-            prompt = render(p, "direct")[0] if symbolic else render(p, "instruction", next(styles))[0]
+            if symbolic:
+                prompt = render(p, "direct")[0]
+            else:
+                request = fill(next(templates), p)
+                prompt = f"Q: {surround(request, rng) if cfg.surround else request}\n"
             pairs.append((prompt, COMPLETIONS[cfg.completion](p)))
     return pairs
 

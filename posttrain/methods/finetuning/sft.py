@@ -78,7 +78,7 @@ class SFTConfig(TrainingConfig):
     old_skills: list[str] = dataclasses.field(default_factory=lambda: ["sub", "compare", "reverse", "sort"])  # forgetting
     old_skill_problems: int = 100  # test problems per old skill
     variants: list[str] = dataclasses.field(  # each trained from the base: plain | l2sp:STRENGTH | replay:FRACTION
-        default_factory=lambda: ["plain", "l2sp:0.003", "l2sp:0.03", "l2sp:0.3", "replay:0.4"])
+        default_factory=lambda: ["plain", "l2sp:0.03", "l2sp:0.3", "replay:0.4"])
     eval_every: int = 0  # steps between held-out accuracy checks of the first variant (0: only at the end)
     steps: int = 100
     batch_size: int = 32
