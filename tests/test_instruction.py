@@ -11,10 +11,16 @@ from posttrain.world import HELD_OUT_COMBINATION, HELD_OUT_STYLES, SKILLS, STYLE
 from posttrain.world.formats import TEMPLATES
 
 
+def pattern(template: str) -> re.Pattern:
+    """A regular expression matching a request written from `template`, whatever its numbers."""
+    return re.compile(re.sub(r"\\\{\w+\\\}", r"[\\d ]+", re.escape(template)))
+
+
 def phrasing(skill: str, style: str) -> re.Pattern:
-    """A regular expression matching a request in this phrasing, whatever its numbers."""
-    fixed = re.escape(TEMPLATES[skill][style])
-    return re.compile(re.sub(r"\\\{\w+\\\}", r"[\\d ]+", fixed))
+    return pattern(TEMPLATES[skill][style])
+
+
+SYMBOLIC = re.compile(r"Q: \d+[-+?]\d+\n|Q: (sort|reverse)( \d)+\n")
 
 
 def test_training_data_holds_out_the_held_out_phrasings():
@@ -23,23 +29,25 @@ def test_training_data_holds_out_the_held_out_phrasings():
     held_out = [(k, s) for k in SKILLS for s in STYLES if not is_seen_phrasing(k, s)]
     assert {HELD_OUT_COMBINATION, *(("add", s) for s in HELD_OUT_STYLES)} <= set(held_out)
     assert not [p for p in prompts if any(phrasing(k, s).search(p) for k, s in held_out)]
-    seen = [(k, s) for k in SKILLS for s in STYLES if is_seen_phrasing(k, s)]
-    assert all(any(phrasing(k, s).search(p) for p in prompts) for k, s in seen)  # every seen phrasing is used
-    symbolic = [p for p in prompts if not any(phrasing(k, s).search(p) for k, s in seen)]
+    seen = [phrasing(k, s) for k in SKILLS for s in STYLES if is_seen_phrasing(k, s)]
+    paraphrases = [pattern(t) for k in SKILLS for t in instruction.PARAPHRASES[k]]
+    assert all(any(t.search(p) for p in prompts) for t in seen + paraphrases)  # every seen wording is used
+    symbolic = [p for p in prompts if SYMBOLIC.fullmatch(p)]
     assert len(symbolic) == pytest.approx(0.2 * len(prompts), abs=len(SKILLS))
-    assert all(re.fullmatch(r"Q: \d+[-+?]\d+\n|Q: (sort|reverse)( \d)+\n", p) for p in symbolic)
+    assert all(any(t.search(p) for t in seen + paraphrases) for p in prompts if p not in symbolic)
 
 
 def test_training_requests_sit_among_varying_words():
     """The numbers move: a request is bare only when both its prefix and its suffix are empty."""
     cfg = load_config(instruction.InstructionConfig, None, ["train_examples=500", "symbolic_fraction=0"])
     prompts = [prompt for prompt, _ in instruction.training_pairs(cfg)]
-    templates = [phrasing(k, s) for k in SKILLS for s in STYLES if is_seen_phrasing(k, s)]
-    bare = [p for p in prompts if any(t.fullmatch(p[len("Q: "):].rstrip("\n")) for t in templates)]
+    wordings = [phrasing(k, s) for k in SKILLS for s in STYLES if is_seen_phrasing(k, s)]
+    wordings += [pattern(t) for k in SKILLS for t in instruction.PARAPHRASES[k]]
+    bare = [p for p in prompts if any(t.fullmatch(p[len("Q: "):].rstrip("\n")) for t in wordings)]
     p_bare = instruction.PREFIXES.count("") / len(instruction.PREFIXES) * (
         instruction.SUFFIXES.count("") / len(instruction.SUFFIXES))
     assert 0 < p_bare < 0.2 and len(bare) / len(prompts) == pytest.approx(p_bare, abs=0.03)
-    assert {p[len("Q: "):].split()[0] for p in prompts} >= {"Quick", "Ann", "Hi!"}
+    assert {p[len("Q: "):].split()[0] for p in prompts} >= {"Quick", "Question", "Hi!"}
 
 
 def test_restated_completions_start_with_the_symbolic_question():
@@ -98,10 +106,14 @@ def test_default_instruction_tuning_follows_seen_phrasings_and_the_held_out_comb
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="held-out story phrasings use words found in no training or pretraining "
-                   "text (see the instruction module docstring); measured 0.05 -> 0.16 against seen 0.94")
+def test_default_instruction_tuning_lifts_held_out_styles_by_twenty_points(default_run):
+    """Issue 3, section 4: held-out phrasings rise >= 20 points over the base model."""
+    assert default_run["metrics"]["held_out_styles"] >= default_run["baseline"]["held_out_styles"] + 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="held-out requests whose deciding words occur only in pretraining prose are read "
+                   "by their frame (see the instruction module docstring); measured 0.53 against seen 0.90")
 def test_default_instruction_tuning_generalises_to_held_out_styles(default_run):
-    """Issue 3, section 4's Done-when: held-out phrasings >= 0.8 x seen, and >= 20 points over the base."""
-    before, after = default_run["baseline"], default_run["metrics"]
-    assert after["held_out_styles"] >= 0.8 * after["seen"]
-    assert after["held_out_styles"] >= before["held_out_styles"] + 0.2
+    """Issue 3, section 4's Done-when: held-out phrasings >= 0.8 x seen."""
+    assert default_run["metrics"]["held_out_styles"] >= 0.8 * default_run["metrics"]["seen"]

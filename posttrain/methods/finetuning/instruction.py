@@ -28,13 +28,30 @@ Design choices, each measured while building this (seed 0, 400 steps, held-out s
   forgets its native format (symbolic accuracy 0.77 -> 0.68 and 0.36 on two seeds) and the
   held-out combination stays at 0.56; with them symbolic stays at 0.97 and sort-politely reaches
   0.80, because "sort" in `sort 3 1 4 1` keeps the verb tied to its skill.
+- Held-out phrasings need three things (seed 0, held-out styles before -> after, seen after):
+  the base model must know their words, so its pretraining corpus has prose statements
+  (`world/corpus.py`: "Ann has 34 apples and gets 58 more, so Ann has 34+58=92.", never a request);
+  the training requests sit among random words (`surround`), so operands are copied by what they
+  are rather than where they are; and each skill has more seen wordings (`PARAPHRASES`), so no
+  single frame stands for a skill. All three: 0.00 -> 0.53 (seen 0.90); without `surround` 0.22
+  (seen 0.94); without `PARAPHRASES` 0.27 (seen 0.93). The world before all three reached 0.17.
 
-What it cannot do here: held-out *styles* barely move (0.05 -> 0.13-0.26 depending on seed and
-mix). The formal phrasings share keywords with seen ones ("sum of", "minus", "reverse", "ascending
-order") and are sometimes followed; the story phrasings ("I have 72 apples and give away 32. How
-many apples are left?") are made of words that occur in no training or pretraining text, so
-nothing tells the model whether apples are added or given away. The base model also is not at
-zero on seen phrasings: a tenth of its pretraining documents are instruction-format examples.
+What it cannot do here: reach the held-out styles' bar of 0.8 x seen (0.53 vs 0.90). The formal
+phrasings mostly work (sum 1.00, minus 0.96); the misses are requests whose deciding words occur
+only in pretraining prose, and the tuned model reads them by the frame, not by those words: "I have
+99 apples and get 98 more. How many apples do I have?" becomes `99-98` (0.00), "Determine the order
+relation between 62 and 55." becomes `62-55` (0.00; "between" is in the seen "Find the difference
+between"), and "Cards 1 0 3 1 lie in a row. Order them from smallest to largest." becomes `reverse 1
+0 3 1` (0.00; the reverse story shares its first sentence). The knowledge is there: the same tuned
+model restates the bare statement "I have 99 apples and get 98 more." (`Q: ` and all) as `99+98`;
+the question sentence after it is what tips it. Tried and not kept (each a base model rebuilt where
+the corpus changed, seed 0, held-out / seen): prose as a statement with its symbolic form on the
+next line, the shape of the restate line (0.40 / 0.93; with seen words in the prose too 0.55 /
+0.92); shared request frames across skills ("Tell me {a} plus {b}.") 0.59 / 0.91 on that base and
+0.55 / 0.81 on the default one; generic questions in the surrounding words ("What do you get?") on
+top, 0.56 / 0.91 and 0.52 / 0.85. Which held-out cells succeed changes from one variant to the next;
+their mean stays between 0.40 and 0.59. One seen cell is missed as well: "Subtract {b} from {a}."
+(0.04; its restate line must copy the second number first).
 
     posttrain instruction --output-dir runs/instruction
 """
