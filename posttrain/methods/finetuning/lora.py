@@ -101,9 +101,9 @@ class LoRAConfig(TrainingConfig):
 
 CONFIG = LoRAConfig
 # --quick: a smoke-sized run for tests and the quick demonstration. It adapts the shared quick SFT
-# policy (2-digit addition, accuracy about 0.4: mid-way through learning, so 30 steps show a clear
-# gain, where the quick base model barely moves in that time).
-QUICK = {"model": "sft-policy-quick", "difficulties": "2", "steps": 30, "train_examples": 1000,
+# policy (2-digit addition, accuracy 0.76: errors left to fix; the quick base model barely moves in
+# this many steps). Measured: 90 steps 0.76 -> 0.98 (full fine-tuning 0.99), 60 steps 0.89.
+QUICK = {"model": "sft-policy-quick", "difficulties": "2", "steps": 90, "train_examples": 1000,
          "eval_problems": 100, "ranks": "8", "magnitude_every": 10}
 
 
