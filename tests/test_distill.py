@@ -89,12 +89,11 @@ def test_quick_distill_reports_teacher_and_three_students_that_learned(quick_run
 
 @pytest.mark.slow
 def test_default_distillation(tmp_path):
-    """The issue's bar, or the numbers that explain why not: a student of <= 1/4 of the teacher's
-    parameters, all three students reported, soft targets no worse than plain SFT."""
+    """Issue 3's bar: a student of <= 1/4 of the teacher's parameters, all three students reported,
+    and soft targets closing >= 30% of the SFT student's gap to the teacher (measured 49%)."""
     summary = distill.run(load_config(distill.DistillConfig, None, [f"output_dir={tmp_path}"]))
     metrics = summary["metrics"]
     assert metrics["student_to_teacher_params"] <= 0.25
     students = metrics["students"]
     assert metrics["teacher"]["accuracy"] > students["sft"]["accuracy"] > summary["baseline"]["accuracy"] + 0.3
-    assert students["soft_kd"]["accuracy"] >= students["sft"]["accuracy"]
-    assert metrics["gap_closed"] is not None
+    assert metrics["gap_closed"] >= 0.3
