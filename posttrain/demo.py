@@ -7,7 +7,8 @@ one folder per method (its summary.json, metrics, plots), `comparison.md` / `com
 Each method runs as a cached stage (posttrain/stages.py): a method whose config, code and base
 model are unchanged since an earlier run is copied from the cache instead of rerun, and the
 artefacts methods share (the SFT policy, reward models) are built once. On a CPU with two or more
-cores the stages after the first run side by side in worker processes (`--jobs`, run_side_by_side).
+cores the stages run side by side in worker processes once the base model is built (`--jobs`,
+run_side_by_side).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir, write_json
 from posttrain.methods import METHODS
+from posttrain.models import DEFAULT_MODEL, resolve_model_path
 from posttrain.report.html import build_report
 from posttrain.stages import cached_run
 from posttrain.training import TrainingInterrupted
@@ -94,29 +96,31 @@ def run_in_turn(methods: list, out: Path, quick: bool, started: float, of: list 
 
 
 def run_side_by_side(methods: list, out: Path, quick: bool, jobs: int, started: float) -> None:
-    """The first stage alone with every thread (it builds the base model every later stage starts from),
-    then `jobs` worker processes, each on cores/jobs threads, take the others in order.
+    """The embedded base model first, with every thread (every stage starts from it), then `jobs`
+    worker processes, each on cores/jobs threads, take the stages in order.
 
     At this model size one process cannot keep two cores busy (a second thread speeds a training step
     up 1.6x, measured), so two single-thread stages side by side finish sooner. Stages that need the
     same artefact (the shared policy, the reward models) wait for one build: the cache locks it.
     Workers write their output to `<output-dir>/logs/<method>.log`; the terminal shows a progress bar
     weighted by each stage's expected time, the stages running, elapsed and left."""
-    run_in_turn(methods[:1], out, quick, started, of=methods)
-    rest = methods[1:]
+    base = DEFAULT_MODEL + ("-quick" if quick else "")
+    print(f"\n=== the base model every stage starts from: {base} | elapsed {_clock(time.perf_counter() - started)} ===",
+          flush=True)
+    resolve_model_path(base)  # builds and caches it on first use
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    for method in rest:
+    for method in methods:
         (logs / f"{method.name}.log").unlink(missing_ok=True)  # a log's presence means "running" below
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    print(f"\n=== stages 2-{len(methods)}, {jobs} at a time on {threads} thread(s) each; their output: {logs} ===",
+    print(f"\n=== {len(methods)} stages, {jobs} at a time on {threads} thread(s) each; their output: {logs} ===",
           flush=True)
-    weight = {m.name: EXPECTED_SECONDS.get(m.name, 120) for m in rest}
+    weight = {m.name: EXPECTED_SECONDS.get(m.name, 120) for m in methods}
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
                                                 initargs=(threads,)) as pool, \
             tqdm(total=sum(weight.values()), desc="stages", bar_format=BAR, smoothing=0) as bar:
-        pending = {pool.submit(build_stage, m.name, quick, str(logs / f"{m.name}.log")): m.name for m in rest}
+        pending = {pool.submit(build_stage, m.name, quick, str(logs / f"{m.name}.log")): m.name for m in methods}
         try:
             while pending:
                 done, _ = concurrent.futures.wait(pending, timeout=2, return_when=concurrent.futures.FIRST_COMPLETED)
