@@ -22,11 +22,13 @@ Why the defences work here. Learning 3-digit addition is a small edit of a base 
 adds 1-2 digit numbers step by step; plain SFT nevertheless moves the weights far, because Adam
 takes steps of about the learning rate on every weight whose gradient is non-zero, however small and
 noisy, and the drift accumulates into "everything is addition". L2-SP gives each weight a pull back
-to its base value that outweighs those small gradients, so only the weights the target needs move
-(at S=0.03 the weights move ~15x less than under plain SFT, `weight_shift`, with the same target
-accuracy); too strong (S=0.3) and the target cannot be learnt either, which is the frontier's other
-end. Replay attacks the cause instead: the batches show that other prompts still want other
-procedures. Subtraction, the skill most like addition, needs the most rehearsal to survive.
+to its base value that outweighs those small gradients, so mostly the weights the target needs
+move. Its strength sets a point on the frontier (default run, target accuracy / mean old-skill drop
+/ `weight_shift`): plain 0.97 / 0.67 / 6.7; S=0.01 0.86 / 0.14 / 1.2; S=0.03 0.17 / 0.00 / 0.3,
+too strong for the target to be learnt (S=0.003: 0.85 / 0.19 / 1.7). Replay attacks the cause
+instead: the batches show that other prompts still want other procedures; at F=0.4 it keeps the
+target (1.00) and the old skills (mean drop 0.00). Subtraction, the skill most like addition, needs
+the most rehearsal to survive (0.52 -> 0.33 under replay, 0.00 under plain SFT).
 
 With `--data FILE.jsonl` (prompt/completion or messages records) the run fine-tunes on that data
 with the first variant only (there are no old-skill probes to compare variants on, and replay
@@ -78,7 +80,7 @@ class SFTConfig(TrainingConfig):
     old_skills: list[str] = dataclasses.field(default_factory=lambda: ["sub", "compare", "reverse", "sort"])  # forgetting
     old_skill_problems: int = 100  # test problems per old skill
     variants: list[str] = dataclasses.field(  # each trained from the base: plain | l2sp:STRENGTH | replay:FRACTION
-        default_factory=lambda: ["plain", "l2sp:0.03", "l2sp:0.3", "replay:0.4"])
+        default_factory=lambda: ["plain", "l2sp:0.01", "l2sp:0.03", "replay:0.4"])
     eval_every: int = 0  # steps between held-out accuracy checks of the first variant (0: only at the end)
     steps: int = 100
     batch_size: int = 32

@@ -10,7 +10,7 @@ No value model: the baseline of a completion is the other completions of the sam
 
 The start is the shared chain-of-thought SFT policy (posttrain.stages.policy: 4-digit addition, held-out
 greedy accuracy 0.69, its errors the sloppy demonstrator's forgotten carry; measured on the default run:
-0.92 after 15 rollout batches, 0.99 at KL 0.4 nats after 45); by default the verifier's 1/0 outcome
+1.00 after 15 rollout batches at KL 0.66 nats, 0.99 at KL 0.73 after 45); by default the verifier's 1/0 outcome
 reward is the only signal. Groups whose completions all agree (all right or all wrong) carry no
 advantage and are logged as `frac_reward_zero_std`. Departures from the paper: the loss is averaged per
 token by default (DAPO, `loss_aggregation=token`; `sequence` is the paper's Eq. 3); with beta = 0 no

@@ -27,16 +27,16 @@ best while the proxy reward is still rising; the clean ORM's curve over the same
 which a sound reward model does not trigger.
 
 Measured (default run, shared 4-digit policy, 64 held-out problems; ORM and PRM judged on 16 solutions
-each, best-of-N drawing from 64; likelihood head; 114 s on 2 CPU cores with the policy built):
-ORM pairwise accuracy 0.98 (AUC 1.00), PRM step accuracy 0.99 (always saying "right": 0.89) and
-first-error localisation 0.96: the policy's mistake, the forgotten carry after a column totalling 10, is
-visible in the step that makes it. Hacking: the proxy's best-of-N accuracy rises 0.82 -> 0.97 at N=8,
-then falls to 0.93 at N=32 and 0.88 at N=64 while its reward keeps rising; the detector fires at N=64.
-The clean ORM's accuracy rises to 1.00 and stays (0.98 at N=64): silent. Why: on this policy a longer
-solution is usually a right one (a kept carry adds the final `0+0+1=1` line and a digit), so the proxy
-helps at first; but what it learned from "longer wins" is closer to "bigger numbers win". Of the 8
-held-out problems where its pick from all 64 samples is wrong, 7 are a one-in-64 digit slip (`8+5+0=14`)
-of the same length as the right solution and a larger answer.
+each, best-of-N drawing from 64; likelihood head; 119 s of training in the demonstration run):
+ORM pairwise accuracy 1.00 (AUC 0.95), PRM step accuracy 0.99 (always saying "right": 0.86) and
+first-error localisation 0.97: the policy's mistake, the forgotten carry after a column totalling 10, is
+visible in the step that makes it. Hacking: the proxy's best-of-N accuracy rises 0.76 -> 0.94 at N=16,
+then falls to 0.92 at N=32 and 0.88 at N=64 while its reward keeps rising; the detector fires at N=64.
+The clean ORM over the same samples: 0.96 at N=16 and 32, 0.94 at N=64: silent. Why: on this policy a
+longer solution is usually a right one (a kept carry adds the final `0+0+1=1` line and a digit), so the
+proxy helps at first; but what it learned from "longer wins" is closer to "bigger numbers win" (on the
+previous base model, 7 of the 8 held-out problems where its pick from all 64 samples was wrong were a
+one-in-64 digit slip, `8+5+0=14`, of the same length as the right solution and a larger answer).
 
 Options: `trainable_layers=K` trains only the top K blocks (cheaper per step, for larger backbones).
 With `--data FILE.jsonl` (prompt/chosen/rejected records) the run trains the ORM on that data instead;
