@@ -1,6 +1,7 @@
 """LoRA: the layer's maths by hand, merge equivalence, PEFT-format parity both ways, and runs of
 `posttrain lora` that show the adapter learns with a few percent of the parameters."""
 import json
+import os
 
 import pytest
 import torch
@@ -118,6 +119,16 @@ def test_load_adapter_refuses_what_it_cannot_load(tokenizer, tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(UserError, match="use_dora"):
         lora.load_adapter(random_model(tokenizer), tmp_path / "a")
+
+
+def test_memory_probe_silences_stderr_only_while_it_runs(capfd):
+    """The profiler's C++ lines go to file descriptor 2; the probe hides them and nothing after."""
+    with lora_method.stderr_silenced():
+        os.write(2, b"USDT: profiler_start\n")
+    os.write(2, b"visible\n")
+    with pytest.raises(RuntimeError, match="still raised"), lora_method.stderr_silenced():
+        raise RuntimeError("still raised")
+    assert capfd.readouterr().err == "visible\n"
 
 
 @pytest.fixture(scope="module")
