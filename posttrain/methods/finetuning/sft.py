@@ -24,7 +24,7 @@ takes steps of about the learning rate on every weight whose gradient is non-zer
 noisy, and the drift accumulates into "everything is addition". L2-SP gives each weight a pull back
 to its base value that outweighs those small gradients, so mostly the weights the target needs
 move. Its strength sets a point on the frontier (default run, target accuracy / mean old-skill drop
-/ `weight_shift`): plain 0.97 / 0.67 / 6.7; S=0.01 0.86 / 0.14 / 1.2; S=0.03 0.17 / 0.00 / 0.3,
+/ `weight_shift`): plain 0.97 / 0.67 / 6.7; S=0.01 0.86 / 0.14 / 1.2; S=0.03 0.17 / -0.04 / 0.3,
 too strong for the target to be learnt (S=0.003: 0.85 / 0.19 / 1.7). Replay attacks the cause
 instead: the batches show that other prompts still want other procedures; at F=0.4 it keeps the
 target (1.00) and the old skills (mean drop 0.00). Subtraction, the skill most like addition, needs
