@@ -24,9 +24,12 @@ an earlier policy (0.49, errors in misread digits) plain DPO (rpo_alpha=0, 100 s
 epochs over its 165 pairs) showed the likelihood displacement of Razin et al. 2024: the log-prob of
 the chosen completions fell with the rejected ones (-2.4 -> -14 nats) and held-out accuracy collapsed
 0.49 -> 0.01 at a KL of 39 nats. The defaults keep the chosen completions' NLL in the loss (RPO, Pang
-et al. 2024) and train 60 steps at 5e-5. Measured on the default run: 0.69 -> 0.92 at a KL of 2.7
-nats (0.94 at step 40), where PPO and GRPO, sampling as they learn, reach 0.90-0.99 at a quarter of
-that KL or less.
+et al. 2024) and train 12 steps at 5e-5, about 2.6 epochs over the default run's 146 pairs. Even with
+RPO, more epochs over-optimise: with 60 steps (the default until 2026-12-01) held-out accuracy
+peaked and then fell as the chosen log-probs drifted down (-0.45 -> -1.2 nats), on the README's
+second box 0.69 -> 0.93 at step 20 (KL 1.8) -> 0.73 at step 60 (KL 4.8). At 12 steps, on that box:
+0.69 -> 0.98 at a KL of 0.66 nats with seed 0, 0.71 -> 1.00 at 0.46 with seed 1 (with 20 steps, seeds
+0-2: 0.95, 0.92, 0.90 at KL 1.2-2.0, each having passed 0.96-1.00 at step 10).
 
     posttrain dpo --output-dir runs/dpo
     posttrain dpo rpo_alpha=0 steps=100 lr=1e-4      # plain DPO: watch logps/chosen fall
@@ -75,13 +78,13 @@ class DPOConfig(TrainingConfig):
     temperature: float = 1.0  # sampling temperature of the pair completions
     precompute_ref_logps: bool = True  # reference log-probs once up front (false: keep the reference model)
     beta_sweep: list[float] = dataclasses.field(default_factory=list)  # extra betas trained on the same pairs
-    eval_every: int = 20  # steps between held-out accuracy/KL measurements (0: start and end only)
+    eval_every: int = 4  # steps between held-out accuracy/KL measurements (0: start and end only)
     eval_problems: int = 300  # held-out test problems for accuracy
     kl_problems: int = 100  # held-out prompts whose samples measure KL to the reference
-    steps: int = 60
+    steps: int = 12  # ~2.6 epochs over the default run's pairs; more over-optimises (docstring)
     batch_size: int = 32  # pairs per step
     lr: float = 5e-5
-    warmup_steps: int = 10
+    warmup_steps: int = 3
 
     def validate(self) -> None:
         super().validate()
@@ -99,8 +102,8 @@ class DPOConfig(TrainingConfig):
 
 CONFIG = DPOConfig
 # --quick: the smoke-sized twin policy on 2-digit addition.
-QUICK = {"model": "sft-policy-quick", "difficulties": "2", "pair_prompts": 64, "steps": 20, "eval_every": 0,
-         "eval_problems": 100, "kl_problems": 32}
+QUICK = {"model": "sft-policy-quick", "difficulties": "2", "pair_prompts": 64, "steps": 20, "warmup_steps": 10,
+         "eval_every": 0, "eval_problems": 100, "kl_problems": 32}
 
 LOSS_OPTIONS = {"cdpo": ("label_smoothing",), "simpo": ("simpo_gamma",)}  # config fields a loss needs
 
