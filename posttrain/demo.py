@@ -36,7 +36,7 @@ from posttrain.training import TrainingInterrupted
 # side; the first run also pretrains the base model, 4-8 minutes). Only the estimates of what is left
 # and the weights of the side-by-side progress bar use them.
 EXPECTED_SECONDS = {"sft": 125, "lora": 170, "cot-ft": 75, "instruction": 80, "distill": 230, "reward": 180,
-                    "dpo": 75, "ppo": 140, "grpo": 165, "best-of-n": 45, "self-consistency": 20, "cot-prompt": 55,
+                    "dpo": 75, "ppo": 140, "grpo": 165, "best-of-n": 45, "self-consistency": 20, "cot-prompt": 110,
                     "tree-search": 35}
 QUICK_FACTOR = 0.25
 

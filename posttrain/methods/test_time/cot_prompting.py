@@ -48,7 +48,9 @@ class CoTPromptConfig:
     output_dir: str = "runs/cot-prompt"  # where summary.json and the plots go
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [3])  # digits of the base model's problems
     finetuned_difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # the fine-tuned model's (its task)
-    problems: int = 100  # held-out test problems per model
+    # held-out test problems per model. The base model's few-shot CoT gain is about 12 points: with 100
+    # problems one draw measured 0.09 vs 0.01, with 200 0.125 vs 0.01 and with 300 0.127 vs 0.01
+    problems: int = 200
     # exemplars in the few-shot prompts; the prompt must fit the base model's 256-token pretraining window
     # (measured at 3 digits, few-shot CoT: 0.15, 0.14, 0.09, 0.00 with 1, 2, 3, 4 shots)
     shots: int = 2
