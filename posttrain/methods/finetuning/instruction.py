@@ -51,7 +51,12 @@ next line, the shape of the restate line (0.40 / 0.93; with seen words in the pr
 0.55 / 0.81 on the default one; generic questions in the surrounding words ("What do you get?") on
 top, 0.56 / 0.91 and 0.52 / 0.85. Which held-out cells succeed changes from one variant to the next;
 their mean stays between 0.40 and 0.59. One seen cell is missed as well: "Subtract {b} from {a}."
-(0.04; its restate line must copy the second number first).
+(0.04; its restate line must copy the second number first). The optimisation is not the limit either:
+on the second box (where this default gives held-out 0.41, seen 0.84), seed 0, held-out / seen: lr
+2e-3 0.48 / 0.90, lr 3e-4 0.15 / 0.40; 200 steps 0.17 / 0.39, 800 steps 0.49 / 0.95; LoRA r = 8 on
+every linear layer (lr 3e-3) 0.29 / 0.59; a fifth of the batch replaying pretraining documents 0.23 /
+0.49, replaying prose only 0.40 / 0.80. Held-out and seen accuracy rise and fall together; their ratio
+stays between 0.37 and 0.53.
 
     posttrain instruction --output-dir runs/instruction
 """
