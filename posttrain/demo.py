@@ -52,8 +52,26 @@ def default_jobs() -> int:
     return 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else whatever `platform` knows, else "CPU"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
 def machine_description() -> str:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    """Where the numbers came from. On a CPU it names the vector kernels torch picked (AVX2, AVX512, ...):
+    they change a training step's rounding, and with it the embedded base model (README, "The numbers
+    depend on the CPU")."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = (f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()} kernels, "
+                  f"{torch.get_num_threads()} threads")
     return f"{platform.system()} {platform.machine()}, {device}, torch {torch.__version__}"
 
 

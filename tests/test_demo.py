@@ -40,3 +40,11 @@ def test_jobs_must_be_a_positive_whole_number(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--jobs", "0"])
     assert exit_info.value.code == 2 and "--jobs: expected a whole number >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_machine_description_names_the_cpu_kernels_that_set_the_rounding(monkeypatch):
+    monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(demo.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(demo.torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(demo, "cpu_name", lambda: "Example CPU 9000")
+    assert ", Example CPU 9000, AVX2 kernels, 3 threads, torch " in demo.machine_description()
