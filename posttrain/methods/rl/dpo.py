@@ -28,9 +28,9 @@ et al. 2024) and train 12 steps at 5e-5, about 2.6 epochs over the 146 pairs of 
 the README's second box (the count depends on the policy's samples). Even with RPO, more epochs
 over-optimise: with 60 steps (the default until 2026-12-01) held-out accuracy peaked and then fell
 as the chosen log-probs drifted down (-0.45 -> -1.2 nats), on that box 0.69 -> 0.93 at step 20 (KL
-1.8) -> 0.73 at step 60 (KL 4.8). At 12 steps, on that box:
-0.69 -> 0.98 at a KL of 0.66 nats with seed 0, 0.71 -> 1.00 at 0.46 with seed 1 (with 20 steps, seeds
-0-2: 0.95, 0.92, 0.90 at KL 1.2-2.0, each having passed 0.96-1.00 at step 10).
+1.8) -> 0.73 at step 60 (KL 4.8). At 12 steps, on that box: 0.69 -> 0.98 at a KL of 0.66 nats with
+seed 0, 0.71 -> 1.00 at 0.46 with seed 1 (with 20 steps, seeds 0-2: 0.95, 0.92, 0.90 at KL 1.2-2.0,
+each having passed 0.96-1.00 at step 10).
 
     posttrain dpo --output-dir runs/dpo
     posttrain dpo rpo_alpha=0 steps=100 lr=1e-4      # plain DPO: watch logps/chosen fall
