@@ -33,10 +33,11 @@ from posttrain.stages import cached_run
 from posttrain.training import TrainingInterrupted
 
 # Seconds per stage measured on 2 CPU cores, one stage at a time (the full run before stages ran side by
-# side; the first run also pretrains the base model, 4-8 minutes), except lora and cot-prompt: their
-# measured times scaled to their new defaults (100 -> 150 steps, 100 -> 200 problems), not measured as
-# stages. Only the estimates of what is left and the weights of the side-by-side progress bar use them.
-EXPECTED_SECONDS = {"sft": 125, "lora": 170, "cot-ft": 75, "instruction": 80, "distill": 230, "reward": 180,
+# side; the first run also pretrains the base model, 4-8 minutes), except lora, cot-prompt and sft: their
+# measured times scaled to their new defaults (100 -> 150 steps, 100 -> 200 problems, 4 variants of 100
+# steps -> 5 of 200), not measured as stages. Only the estimates of what is left and the weights of the
+# side-by-side progress bar use them.
+EXPECTED_SECONDS = {"sft": 300, "lora": 170, "cot-ft": 75, "instruction": 80, "distill": 230, "reward": 180,
                     "dpo": 75, "ppo": 140, "grpo": 165, "best-of-n": 45, "self-consistency": 20, "cot-prompt": 110,
                     "tree-search": 35}
 QUICK_FACTOR = 0.25

@@ -7,6 +7,7 @@ import torch
 from posttrain.config import load_config
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
+from posttrain.generation import Samples
 from posttrain.losses.sft import IGNORE, l2sp_penalty
 from posttrain.methods.finetuning import sft
 from posttrain.world import render, sample_problems
@@ -42,20 +43,22 @@ def test_l2sp_penalty_is_zero_at_the_anchor_and_grows_with_the_shift(tokenizer):
 
 
 @pytest.mark.parametrize("spec, parsed", [("plain", ("plain", 0.0)), ("l2sp:0.03", ("l2sp", 0.03)),
-                                          ("replay:0.4", ("replay", 0.4))])
+                                          ("replay:0.4", ("replay", 0.4)), ("rehearse:0.4", ("rehearse", 0.4))])
 def test_parse_variant(spec, parsed):
     assert sft.parse_variant(spec) == parsed
 
 
-@pytest.mark.parametrize("spec", ["plain:1", "l2sp", "l2sp:0", "l2sp:x", "replay:1", "replay:-0.1", "dropout:0.1"])
+@pytest.mark.parametrize("spec", ["plain:1", "l2sp", "l2sp:0", "l2sp:x", "replay:1", "replay:-0.1", "rehearse:0",
+                                  "dropout:0.1"])
 def test_bad_variants_are_user_errors(spec):
     with pytest.raises(UserError, match="variant"):
         load_config(sft.SFTConfig, None, [f"variants=plain,{spec}"])
 
 
-def test_replay_cannot_lead_a_run_on_user_data():
-    with pytest.raises(UserError, match="replay"):
-        load_config(sft.SFTConfig, None, ["data=x.jsonl", "variants=replay:0.3"])
+@pytest.mark.parametrize("kind", ["replay", "rehearse"])
+def test_replay_cannot_lead_a_run_on_user_data(kind):
+    with pytest.raises(UserError, match=kind):
+        load_config(sft.SFTConfig, None, ["data=x.jsonl", f"variants={kind}:0.3"])
 
 
 def test_concat_batches_pads_the_narrower_batch():
@@ -73,7 +76,7 @@ def test_replay_adds_old_skill_rows_to_the_same_target_rows(tokenizer):
     cfg = load_config(sft.SFTConfig, None, ["batch_size=4", "steps=10", "old_skills=sub,sort"])
     pairs = [render(p, "cot") for p in sample_problems("add", 3, 20, "train", 0)]
     target = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, 4, 0)
-    plain, replay = (sft.variant_batches(cfg, v, target, tokenizer) for v in ("plain", "replay:0.5"))
+    plain, replay = (sft.variant_batches(cfg, v, target, None, tokenizer) for v in ("plain", "replay:0.5"))
     for step in (0, 7):
         mixed, alone = replay(step), plain(step)
         assert mixed["input_ids"].shape[0] == 8
@@ -82,6 +85,25 @@ def test_replay_adds_old_skill_rows_to_the_same_target_rows(tokenizer):
         assert (mixed["attention_mask"][:4, width:] == 0).all()
         old = tokenizer.batch_decode(mixed["input_ids"][4:], skip_special_tokens=True)
         assert all("-" in text or "sort" in text for text in old)  # subtraction or sorting problems
+
+
+def test_rehearsal_rows_are_the_base_models_finished_answers(monkeypatch, tokenizer):
+    """rehearse:F trains on (old-skill prompt, the base's own greedy answer) pairs, wrong answers included;
+    a row the base did not finish within the budget is dropped rather than taught with a made-up end."""
+    cfg = load_config(sft.SFTConfig, None, ["old_skills=sub,sort"])
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens):
+        seen["prompts"] = prompts
+        n = len(prompts)
+        return Samples([f"A: {i}" for i in range(n)], [[] for _ in range(n)], [[] for _ in range(n)],
+                       [i % 3 != 2 for i in range(n)])
+
+    monkeypatch.setattr(sft, "generate", fake_generate)
+    rows = sft.rehearsal_rows(cfg, 6, base_model=None, tokenizer=tokenizer)
+    prompts = seen["prompts"]
+    assert len(prompts) == 6 and sum("-" in p for p in prompts) == 3 and sum("sort" in p for p in prompts) == 3
+    assert rows == [(prompts[i], f"A: {i}") for i in (0, 1, 3, 4)]
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
-"""Supervised fine-tuning (SFT), and what it costs: catastrophic forgetting, and two defences.
+"""Supervised fine-tuning (SFT), and what it costs: catastrophic forgetting, and three defences.
 
     plain     loss = -1/N sum_t log pi(y_t | x, y_<t)    over completion tokens (EOS included), N of them
     l2sp:S    loss = plain + S/2 * ||theta - theta_0||^2  L2-SP (Li et al. 2018, Eq. 3): stay near the base
     replay:F  plain, on batches where a fraction F of the rows are old-skill examples (rehearsal)
+    rehearse:F  replay, with the base model's own greedy answers to old-skill prompts as those rows
+              (pseudo-rehearsal, Robins 1995): needs the old prompts, not the old training data
 
 By default the demonstrations are the world's main task (multi-digit addition) at a difficulty the
 base model fails, written as chain-of-thought solutions. SFT lifts held-out accuracy on that task;
@@ -23,20 +25,29 @@ adds 1-2 digit numbers step by step; plain SFT nevertheless moves the weights fa
 takes steps of about the learning rate on every weight whose gradient is non-zero, however small and
 noisy, and the drift accumulates into "everything is addition". L2-SP gives each weight a pull back
 to its base value that outweighs those small gradients, so mostly the weights the target needs
-move. Its strength sets a point on the frontier (default run, target accuracy / mean old-skill drop
-/ `weight_shift`): plain 0.97 / 0.67 / 6.7; S=0.01 0.86 / 0.14 / 1.2; S=0.03 0.17 / -0.04 / 0.3,
-too strong for the target to be learnt (S=0.003: 0.85 / 0.19 / 1.7). Replay attacks the cause
-instead: the batches show that other prompts still want other procedures; at F=0.4 it keeps the
-target (1.00) and the old skills (mean drop 0.00). Subtraction, the skill most like addition, needs
-the most rehearsal to survive (0.52 -> 0.33 under replay, 0.00 under plain SFT).
+move. Its strength sets a point on the frontier. Default run on the second box of the README
+(target accuracy / mean old-skill drop / `weight_shift`): plain 1.00 / 0.85 / 11.1; l2sp:0.003
+1.00 / 0.48 / 1.7; l2sp:0.01 0.87 / 0.32 / 1.1; l2sp:0.03 0.14 / 0.22 / 0.3, too strong for the
+target. No strength keeps list reversal (0.96 -> 0.06-0.14). Replay attacks the cause instead: the
+batches show that other prompts still want other procedures; at F=0.4 it keeps the target (1.00)
+and most old skills (mean drop 0.16), but which ones survive depends on the draw: reverse kept
+0.29 with this draw and 0.75 with the same problems shown in the other format. The failures are
+the model's own: after SFT on CoT addition it answers a direct `reverse` prompt with worked steps
+and copies digits wrongly in them. Rehearsing the base's own answers removes that mismatch: the
+rows ask for exactly what the base did (its format, its mistakes), and rehearse:0.4 keeps the
+target (1.00) and every old skill (mean drop -0.01 in two runs).
+
+Why 200 steps: a 100-step run of plain SFT only just learns the target (0.96), and anything that
+competes for the updates delays it; at 100 steps replay:0.4 reached 0.66 and rehearse:0.4 0.49 on
+the second box (replay 1.00 on the first). At 200 every variant but the strongest L2-SP learns it.
 
 With `--data FILE.jsonl` (prompt/completion or messages records) the run fine-tunes on that data
 with the first variant only (there are no old-skill probes to compare variants on, and replay
-needs world data); 10% of the records are held out and accuracy is exact match of the greedy
+and rehearsal need world prompts); 10% of the records are held out and accuracy is exact match of the greedy
 completion.
 
     posttrain sft --output-dir runs/sft
-    posttrain sft variants=plain,l2sp:0.01,replay:0.3
+    posttrain sft variants=plain,l2sp:0.01,l2sp:0.03,replay:0.3,rehearse:0.2
     posttrain sft --model Qwen/Qwen2.5-0.5B --data my.jsonl steps=500 lr=2e-5 variants=plain
 """
 from __future__ import annotations
@@ -51,6 +62,7 @@ import torch.nn.functional as F
 
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
+from posttrain.evaluation import max_new_tokens_for
 from posttrain.generation import generate
 from posttrain.losses.sft import IGNORE, causal_lm_loss, l2sp_penalty
 from posttrain.methods.common import (eval_skill, headline, prepare_output, resumable, save_model, world_examples,
@@ -79,10 +91,10 @@ class SFTConfig(TrainingConfig):
     eval_problems: int = 500  # held-out test problems for accuracy before and after
     old_skills: list[str] = dataclasses.field(default_factory=lambda: ["sub", "compare", "reverse", "sort"])  # forgetting
     old_skill_problems: int = 100  # test problems per old skill
-    variants: list[str] = dataclasses.field(  # each trained from the base: plain | l2sp:STRENGTH | replay:FRACTION
-        default_factory=lambda: ["plain", "l2sp:0.01", "l2sp:0.03", "replay:0.4"])
+    variants: list[str] = dataclasses.field(  # each from the base: plain | l2sp:S | replay:F | rehearse:F
+        default_factory=lambda: ["plain", "l2sp:0.003", "l2sp:0.01", "replay:0.4", "rehearse:0.4"])
     eval_every: int = 0  # steps between held-out accuracy checks of the first variant (0: only at the end)
-    steps: int = 100
+    steps: int = 200
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 20
@@ -98,8 +110,8 @@ class SFTConfig(TrainingConfig):
         if not self.variants:
             raise UserError("variants must name at least one variant, e.g. variants=plain")
         kinds = [parse_variant(v)[0] for v in self.variants]
-        if self.data and kinds[0] == "replay":
-            raise UserError("replay mixes in world old-skill problems, which --data runs do not have; "
+        if self.data and kinds[0] in REPLAYS:
+            raise UserError(f"{kinds[0]} mixes in world old-skill problems, which --data runs do not have; "
                             "lead with plain or l2sp:S")
 
 
@@ -107,6 +119,9 @@ CONFIG = SFTConfig
 # --quick: a smoke-sized run for tests and the quick demonstration.
 QUICK = {"model": "posttrain:tiny-quick", "difficulties": "2", "steps": 60, "train_examples": 1000, "eval_problems": 100,
          "old_skill_problems": 50, "variants": "plain,l2sp:0.03,replay:0.3"}
+
+
+REPLAYS = ("replay", "rehearse")  # variants that mix old-skill rows into the batches
 
 
 def parse_variant(spec: str) -> tuple[str, float]:
@@ -117,20 +132,32 @@ def parse_variant(spec: str) -> tuple[str, float]:
     except ValueError:
         strength = -1.0
     valid = ((kind == "plain" and not value) or (kind == "l2sp" and strength > 0)
-             or (kind == "replay" and 0 < strength < 1))
+             or (kind in REPLAYS and 0 < strength < 1))
     if not valid:
-        raise UserError(f"variant '{spec}': expected plain, l2sp:STRENGTH (> 0) or replay:FRACTION (in (0, 1))")
+        raise UserError(f"variant '{spec}': expected plain, l2sp:STRENGTH (> 0), replay:FRACTION or "
+                        "rehearse:FRACTION (FRACTION in (0, 1))")
     return kind, strength
 
 
-def replay_rows(cfg: SFTConfig, n: int) -> list[tuple[str, str]]:
-    """About `n` old-skill training pairs at each skill's easy difficulty, in direct and CoT format by turns."""
+def old_skill_problems(cfg: SFTConfig, n: int) -> list:
+    """About `n` old-skill training problems, shared equally by the old skills, at each one's easy difficulty."""
     per_skill = -(-n // len(cfg.old_skills))
-    rows = []
-    for skill in cfg.old_skills:
-        problems = sample_problems(skill, EASY_DIFFICULTY[skill], per_skill, "train", cfg.seed, distinct=False)
-        rows += [render(p, fmt) for p, fmt in zip(problems, itertools.cycle(("direct", "cot")))]
-    return rows
+    return [p for skill in cfg.old_skills
+            for p in sample_problems(skill, EASY_DIFFICULTY[skill], per_skill, "train", cfg.seed, distinct=False)]
+
+
+def replay_rows(cfg: SFTConfig, n: int) -> list[tuple[str, str]]:
+    """About `n` old-skill training pairs, the world's solutions in direct and CoT format by turns."""
+    return [render(p, fmt) for p, fmt in zip(old_skill_problems(cfg, n), itertools.cycle(("direct", "cot")))]
+
+
+def rehearsal_rows(cfg: SFTConfig, n: int, base_model, tokenizer) -> list[tuple[str, str]]:
+    """About `n` old-skill prompts with the base model's greedy answers (those it finished), right or wrong:
+    the rows ask the model to keep behaving as the base did, not to get better at the old skills."""
+    problems = old_skill_problems(cfg, n)
+    prompts = [render(p)[0] for p in problems]
+    answers = generate(base_model, tokenizer, prompts, max_new_tokens=max_new_tokens_for(tokenizer, problems))
+    return [(p, text) for p, text, done in zip(prompts, answers.texts, answers.stopped) if done]
 
 
 def concat_batches(a: dict, b: dict, pad_id: int) -> dict:
@@ -140,16 +167,17 @@ def concat_batches(a: dict, b: dict, pad_id: int) -> dict:
     return {k: torch.cat([F.pad(x[k], (0, width - x[k].shape[1]), value=v) for x in (a, b)]) for k, v in fill.items()}
 
 
-def variant_batches(cfg: SFTConfig, spec: str, target: EncodedDataset, tokenizer):
-    """batch_fn of a variant: the target batch of the step, plus old-skill rows for replay:F.
+def variant_batches(cfg: SFTConfig, spec: str, target: EncodedDataset, base_model, tokenizer):
+    """batch_fn of a variant: the target batch of the step, plus old-skill rows for replay:F and rehearse:F.
 
-    Replay adds rows instead of replacing target rows, so every variant sees the same target data.
+    Those add rows instead of replacing target rows, so every variant sees the same target data.
     """
     kind, fraction = parse_variant(spec)
-    if kind != "replay":
+    if kind not in REPLAYS:
         return target.batch
     per_batch = max(1, round(cfg.batch_size * fraction / (1 - fraction)))  # F of the rows in each batch
-    pairs = replay_rows(cfg, per_batch * cfg.steps // 2)  # each replayed example seen about twice
+    n = per_batch * cfg.steps // 2  # each replayed example seen about twice
+    pairs = replay_rows(cfg, n) if kind == "replay" else rehearsal_rows(cfg, n, base_model, tokenizer)
     replay = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, per_batch, cfg.seed)
     return lambda step: concat_batches(target.batch(step), replay.batch(step), tokenizer.pad_token_id)
 
@@ -236,7 +264,8 @@ def train_variant(cfg: SFTConfig, spec: str, folder, target: EncodedDataset, eva
     if headline_run and cfg.eval_every and not cfg.data:
         eval_fn = lambda step: {"eval_accuracy": eval_skill(  # noqa: E731
             model, tokenizer, cfg.skill, cfg.difficulties, cfg.eval_problems, cfg.format, cfg.seed)["accuracy"]}
-    result = train(model, variant_batches(cfg, spec, target, tokenizer), variant_loss(spec, anchors), cfg, folder,
+    batches = variant_batches(cfg, spec, target, model, tokenizer)  # before training: `model` is still the base
+    result = train(model, batches, variant_loss(spec, anchors), cfg, folder,
                    resume=resume, eval_fn=eval_fn, eval_every=cfg.eval_every, desc=f"sft {spec}")
     after = evaluate_fn(model)
     if anchors:
