@@ -118,7 +118,7 @@ class SFTConfig(TrainingConfig):
 CONFIG = SFTConfig
 # --quick: a smoke-sized run for tests and the quick demonstration.
 QUICK = {"model": "posttrain:tiny-quick", "difficulties": "2", "steps": 60, "train_examples": 1000, "eval_problems": 100,
-         "old_skill_problems": 50, "variants": "plain,l2sp:0.03,replay:0.3"}
+         "old_skill_problems": 50, "variants": "plain,l2sp:0.03,replay:0.3,rehearse:0.3"}
 
 
 REPLAYS = ("replay", "rehearse")  # variants that mix old-skill rows into the batches
