@@ -106,6 +106,14 @@ def test_rehearsal_rows_are_the_base_models_finished_answers(monkeypatch, tokeni
     assert rows == [(prompts[i], f"A: {i}") for i in (0, 1, 3, 4)]
 
 
+def test_rehearsal_with_no_finished_answer_is_a_user_error(monkeypatch, tokenizer):
+    cfg = load_config(sft.SFTConfig, None, ["old_skills=sort"])
+    monkeypatch.setattr(sft, "generate", lambda model, tok, prompts, max_new_tokens: Samples(
+        ["1 2 3 4 5 6"] * len(prompts), [[]] * len(prompts), [[]] * len(prompts), [False] * len(prompts)))
+    with pytest.raises(UserError, match="finished none of its 4 old-skill answers"):
+        sft.rehearsal_rows(cfg, 4, base_model=None, tokenizer=tokenizer)
+
+
 @pytest.mark.slow
 def test_default_sft_meets_the_forgetting_bar(tmp_path):
     """Issue 3, section 1: plain SFT forgets >= 5 points of some old skill; the best mitigation keeps

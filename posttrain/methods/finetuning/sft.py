@@ -42,9 +42,9 @@ competes for the updates delays it; at 100 steps replay:0.4 reached 0.66 and reh
 the second box (replay 1.00 on the first). At 200 every variant but the strongest L2-SP learns it.
 
 With `--data FILE.jsonl` (prompt/completion or messages records) the run fine-tunes on that data
-with the first variant only (there are no old-skill probes to compare variants on, and replay
-and rehearsal need world prompts); 10% of the records are held out and accuracy is exact match of the greedy
-completion.
+with the first variant only (there are no old-skill probes to compare variants on, and replay and
+rehearsal need world prompts); 10% of the records are held out and accuracy is exact match of the
+greedy completion.
 
     posttrain sft --output-dir runs/sft
     posttrain sft variants=plain,l2sp:0.01,l2sp:0.03,replay:0.3,rehearse:0.2
@@ -156,8 +156,13 @@ def rehearsal_rows(cfg: SFTConfig, n: int, base_model, tokenizer) -> list[tuple[
     the rows ask the model to keep behaving as the base did, not to get better at the old skills."""
     problems = old_skill_problems(cfg, n)
     prompts = [render(p)[0] for p in problems]
-    answers = generate(base_model, tokenizer, prompts, max_new_tokens=max_new_tokens_for(tokenizer, problems))
-    return [(p, text) for p, text, done in zip(prompts, answers.texts, answers.stopped) if done]
+    budget = max_new_tokens_for(tokenizer, problems)
+    answers = generate(base_model, tokenizer, prompts, max_new_tokens=budget)
+    rows = [(p, text) for p, text, done in zip(prompts, answers.texts, answers.stopped) if done]
+    if not rows:
+        raise UserError(f"rehearse: the base model finished none of its {len(prompts)} old-skill answers within "
+                        f"{budget} tokens, so there is nothing of its own to rehearse; use replay:F instead")
+    return rows
 
 
 def concat_batches(a: dict, b: dict, pad_id: int) -> dict:
