@@ -27,11 +27,12 @@ noisy, and the drift accumulates into "everything is addition". L2-SP gives each
 to its base value that outweighs those small gradients, so mostly the weights the target needs
 move. Its strength sets a point on the frontier. Default run on the second box of the README
 (target accuracy / mean old-skill drop / `weight_shift`): plain 1.00 / 0.85 / 11.1; l2sp:0.003
-1.00 / 0.48 / 1.7; l2sp:0.01 0.87 / 0.32 / 1.1; l2sp:0.03 0.14 / 0.22 / 0.3, too strong for the
-target. No strength keeps list reversal (0.96 -> 0.06-0.14). Replay attacks the cause instead: the
+1.00 / 0.48 / 1.7; l2sp:0.01 0.87 / 0.32 / 1.1 (l2sp:0.03, run beside them: 0.14 / 0.22 / 0.3, too
+strong for the target). No strength keeps list reversal (0.96 -> 0.06-0.14). Replay attacks the cause instead: the
 batches show that other prompts still want other procedures; at F=0.4 it keeps the target (1.00)
-and most old skills (mean drop 0.16), but which ones survive depends on the draw: reverse kept
-0.29 with this draw and 0.75 with the same problems shown in the other format. The failures are
+and most old skills (mean drop 0.16), but which ones survive depends on its rows: reverse kept
+0.29 here, and 0.75 with the same reverse rows when the comparison and sorting rows (the same
+problems) were shown in the other format. The failures are
 the model's own: after SFT on CoT addition it answers a direct `reverse` prompt with worked steps
 and copies digits wrongly in them. Rehearsing the base's own answers removes that mismatch: the
 rows ask for exactly what the base did (its format, its mistakes), and rehearse:0.4 keeps the
@@ -139,7 +140,7 @@ def parse_variant(spec: str) -> tuple[str, float]:
     return kind, strength
 
 
-def old_skill_problems(cfg: SFTConfig, n: int) -> list:
+def old_skill_training_problems(cfg: SFTConfig, n: int) -> list:
     """About `n` old-skill training problems, shared equally by the old skills, at each one's easy difficulty."""
     per_skill = -(-n // len(cfg.old_skills))
     return [p for skill in cfg.old_skills
@@ -148,15 +149,15 @@ def old_skill_problems(cfg: SFTConfig, n: int) -> list:
 
 def replay_rows(cfg: SFTConfig, n: int) -> list[tuple[str, str]]:
     """About `n` old-skill training pairs, the world's solutions in direct and CoT format by turns."""
-    return [render(p, fmt) for p, fmt in zip(old_skill_problems(cfg, n), itertools.cycle(("direct", "cot")))]
+    return [render(p, fmt) for p, fmt in zip(old_skill_training_problems(cfg, n), itertools.cycle(("direct", "cot")))]
 
 
 def rehearsal_rows(cfg: SFTConfig, n: int, base_model, tokenizer) -> list[tuple[str, str]]:
     """About `n` old-skill prompts with the base model's greedy answers (those it finished), right or wrong:
     the rows ask the model to keep behaving as the base did, not to get better at the old skills."""
-    problems = old_skill_problems(cfg, n)
+    problems = old_skill_training_problems(cfg, n)
     prompts = [render(p)[0] for p in problems]
-    budget = max_new_tokens_for(tokenizer, problems)
+    budget = max_new_tokens_for(tokenizer, problems)  # room for a worked (CoT) answer: the base may write one
     answers = generate(base_model, tokenizer, prompts, max_new_tokens=budget)
     rows = [(p, text) for p, text, done in zip(prompts, answers.texts, answers.stopped) if done]
     if not rows:
