@@ -17,6 +17,9 @@ import time
 import torch
 
 SIZES = ("tiny", "110m")
+# The GPU size runs DESIGN.md's reference shapes (its H100 table): SFT rows of 1024 tokens, DPO sides of
+# 512 tokens in batches of 8 pairs, GRPO 64 completions of 256 tokens, rollouts of 256 new tokens.
+SEQ_LEN = {"tiny": None, "110m": 1024}  # None: the world's examples as they are (60-90 tokens)
 
 
 def device() -> str:
@@ -43,6 +46,34 @@ def load(size: str):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     return model.to(device()), tokenizer
+
+
+def with_context(pairs: list[tuple[str, ...]], tokenizer, length: int) -> list[tuple[str, ...]]:
+    """Each (prompt, completion, ...) tuple with worked examples of the world written before its prompt,
+    as many as keep every prompt + completion within `length` tokens: long rows of the same world text.
+
+    The context comes from the following pairs (prompt and first completion, a blank line after), so
+    both sides see identical text; no row exceeds `length`, so neither side truncates."""
+    from posttrain.data import encode_pair
+
+    shots = [prompt + completion + "\n\n" for prompt, completion, *_ in pairs]
+    shot_tokens = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in shots]
+
+    def longest(prompt: str, completions) -> int:
+        return max(len(encode_pair(tokenizer, prompt, c)[0]) for c in completions)
+
+    out = []
+    for i, (prompt, *completions) in enumerate(pairs):
+        context, j = [], i + 1
+        budget = length - longest(prompt, completions) - 8  # tokens may merge where two texts join
+        while shot_tokens[j % len(shots)] <= budget:
+            context.append(shots[j % len(shots)])
+            budget -= shot_tokens[j % len(shots)]
+            j += 1
+        while context and longest("".join(context) + prompt, completions) > length:
+            context.pop()
+        out.append(("".join(context) + prompt, *completions))
+    return out
 
 
 def peak_memory_mb() -> float:

@@ -2,7 +2,9 @@
 
 Same model, same pairs (4-digit chain-of-thought addition from the world: chosen = the reference
 solution, rejected = the solution of a problem with one operand digit misread, the policy's usual
-mistake), batch 16 pairs, sigmoid loss, beta 0.1, AdamW. Both sides precompute the reference
+mistake), sigmoid loss, beta 0.1, AdamW. Tiny: batch 16 pairs as they are (~110 tokens a side).
+110m: batch 8 pairs of up to 512 tokens a side (worked examples before each prompt), DESIGN.md's
+reference shape. Both sides precompute the reference
 log-probs before the timed steps (TRL: precompute_ref_log_probs=True); posttrain runs chosen and
 rejected through one forward.
 
@@ -16,12 +18,12 @@ import tempfile
 
 import torch
 
-from benchmarks.common import device, load, main, timed_steps, trl_step_timer
+from benchmarks.common import SEQ_LEN, device, load, main, timed_steps, trl_step_timer, with_context
 from posttrain.data import encode_pair
 from posttrain.world import MAIN_SKILL, render, sample_problems
 from posttrain.world.skills import Problem
 
-BATCH = 16  # pairs per step
+BATCH = {"tiny": 16, "110m": 8}  # pairs per step
 
 
 def misread(problem: Problem, rng: random.Random) -> Problem:
@@ -33,14 +35,14 @@ def misread(problem: Problem, rng: random.Random) -> Problem:
     return Problem(problem.skill, (int("".join(digits)), b), problem.difficulty)
 
 
-def pairs(n: int = 512) -> list[tuple[str, str, str]]:
-    """(prompt, chosen, rejected) triples."""
+def pairs(size: str, tokenizer) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) triples; at 110m, each side up to 512 tokens (half the SFT length)."""
     rng = random.Random(0)
     out = []
-    for problem in sample_problems(MAIN_SKILL, 4, n, "train", seed=0):
+    for problem in sample_problems(MAIN_SKILL, 4, 512 if SEQ_LEN[size] is None else 128, "train", seed=0):
         prompt, chosen = render(problem, "cot")
         out.append((prompt, chosen, render(misread(problem, rng), "cot")[1]))
-    return out
+    return out if SEQ_LEN[size] is None else with_context(out, tokenizer, SEQ_LEN[size] // 2)
 
 
 def run_posttrain(args) -> dict:
@@ -49,19 +51,19 @@ def run_posttrain(args) -> dict:
     from posttrain.training import TrainingConfig, _optimizer_step, make_accelerator
 
     model, tokenizer = load(args.size)
-    rows = [(encode_pair(tokenizer, p, c), encode_pair(tokenizer, p, r)) for p, c, r in pairs()]
+    rows = [(encode_pair(tokenizer, p, c), encode_pair(tokenizer, p, r)) for p, c, r in pairs(args.size, tokenizer)]
     tensors = pair_tensors(rows, tokenizer.pad_token_id)
     tensors = {k: v.to(device()) for k, v in tensors.items()}
     tensors["ref_logps"] = all_pair_logps(model, tensors)  # before timing, as TRL's precompute
-    cfg = TrainingConfig(steps=args.warmup + args.steps, batch_size=BATCH, lr=1e-6)
+    cfg = TrainingConfig(steps=args.warmup + args.steps, batch_size=BATCH[args.size], lr=1e-6)
     accelerator = make_accelerator(cfg.precision)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device() == "cuda")
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     loss_fn = dpo_loss_fn(lambda p: dpo_sigmoid(p, 0.1), 0.1, 0.0)
-    batch = pair_batches(tensors, BATCH, 0)
+    batch = pair_batches(tensors, BATCH[args.size], 0)
     step = lambda i: _optimizer_step(model, optimizer, batch(i), loss_fn, cfg, accelerator)  # noqa: E731
-    return {"times": timed_steps(step, args.warmup, args.steps), "pairs": BATCH}
+    return {"times": timed_steps(step, args.warmup, args.steps), "pairs": BATCH[args.size]}
 
 
 def run_trl(args) -> dict:
@@ -70,17 +72,18 @@ def run_trl(args) -> dict:
 
     model, tokenizer = load(args.size)
 
-    data = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs()])
+    data = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs(args.size, tokenizer)])
     timer = trl_step_timer()
     with tempfile.TemporaryDirectory() as tmp:
-        config = DPOConfig(output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=args.warmup + args.steps,
+        config = DPOConfig(output_dir=tmp, per_device_train_batch_size=BATCH[args.size],
+                           max_steps=args.warmup + args.steps,
                            learning_rate=1e-6, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True,
                            logging_steps=10**6, save_strategy="no", report_to=[], dataset_num_proc=1,
                            bf16=args.size == "110m", use_cpu=device() == "cpu", disable_tqdm=True, max_length=1024)
         trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                              callbacks=[timer])
         trainer.train()
-    return {"times": timer.times[args.warmup:], "pairs": BATCH}
+    return {"times": timer.times[args.warmup:], "pairs": BATCH[args.size]}
 
 
 def run_side(args) -> dict:

@@ -2,8 +2,10 @@
 
 Same model, same prompts (4-digit chain-of-thought addition), 8 prompts x 8 completions per step,
 temperature 1, the same completion budget, the world's verifier as the reward, beta 0 (no reference
-model on either side), one optimizer step per batch of rollouts. A step is: sample, score, compute
-advantages, update. posttrain also reports the share of its step spent sampling.
+model on either side), one optimizer step per batch of rollouts. The completion budget is the
+world's CoT length on the tiny model and 256 tokens at 110m (DESIGN.md's reference shape; a
+random-init model rarely samples EOS, so its completions run to the budget). A step is: sample,
+score, compute advantages, update. posttrain also reports the share of its step spent sampling.
 
     python -m benchmarks.grpo_step                 # embedded tiny model (CPU or GPU)
     python -m benchmarks.grpo_step --size 110m     # random-init ~110M Llama, bf16 (GPU)
@@ -15,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.common import device, load, main, sync, timed_steps, trl_step_timer
+from benchmarks.common import SEQ_LEN, device, load, main, sync, timed_steps, trl_step_timer
 from posttrain.evaluation import max_new_tokens_for
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 
@@ -26,6 +28,10 @@ def problems(n: int = 256):
     return sample_problems(MAIN_SKILL, 4, n, "train", seed=0)
 
 
+def completion_budget(size: str, tokenizer, todo) -> int:
+    return max_new_tokens_for(tokenizer, todo) if SEQ_LEN[size] is None else 256
+
+
 def run_posttrain(args) -> dict:
     from posttrain.methods.rl.grpo import GRPOConfig, optimise
     from posttrain.rl.rollouts import cot_prompts, sample_rollouts
@@ -33,7 +39,7 @@ def run_posttrain(args) -> dict:
 
     model, tokenizer = load(args.size)
     todo = problems()
-    budget = max_new_tokens_for(tokenizer, todo)
+    budget = completion_budget(args.size, tokenizer, todo)
     cfg = GRPOConfig(prompts_per_step=PROMPTS, num_generations=GROUP, batch_size=PROMPTS * GROUP, beta=0.0,
                      steps=args.warmup + args.steps, lr=1e-6)
     accelerator = make_accelerator(cfg.precision)
@@ -71,7 +77,8 @@ def run_trl(args) -> dict:
     timer = trl_step_timer()
     with tempfile.TemporaryDirectory() as tmp:
         config = GRPOConfig(output_dir=tmp, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
-                            max_completion_length=max_new_tokens_for(tokenizer, todo), temperature=1.0, beta=0.0,
+                            max_completion_length=completion_budget(args.size, tokenizer, todo), temperature=1.0,
+                            beta=0.0,
                             max_steps=args.warmup + args.steps, learning_rate=1e-6, logging_steps=10**6,
                             save_strategy="no", report_to=[], bf16=args.size == "110m", use_cpu=device() == "cpu",
                             disable_tqdm=True, shuffle_dataset=False)

@@ -1,7 +1,9 @@
 """SFT training step: posttrain's loop vs TRL's SFTTrainer (tokens/s, peak memory, MFU on a GPU).
 
 Same model, same prompt/completion examples (chain-of-thought 3-digit addition from the world),
-batch 32, completion-only loss, AdamW, no packing on either side.
+completion-only loss, AdamW, no packing on either side. Tiny: batch 32 of the examples as they are
+(~89 tokens). 110m: batch 16 of rows of up to 1024 tokens (worked examples written before each
+prompt, `common.with_context`), DESIGN.md's reference length.
 
     python -m benchmarks.sft_step                 # embedded tiny model (CPU or GPU)
     python -m benchmarks.sft_step --size 110m     # random-init ~110M Llama, bf16 (GPU)
@@ -12,30 +14,30 @@ import tempfile
 
 import torch
 
-from benchmarks.common import device, load, main, timed_steps, training_flops_per_token, trl_step_timer
+from benchmarks.common import (SEQ_LEN, device, load, main, timed_steps, training_flops_per_token,
+                               trl_step_timer, with_context)
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.losses.sft import causal_lm_loss
 from posttrain.methods.common import world_examples
 
-BATCH = 32
+BATCH = {"tiny": 32, "110m": 16}
 
 
-def examples(n: int = 2048) -> list[tuple[str, str]]:
-    return world_examples("add", 3, n, "cot", seed=0)
-
-
-def tokens_per_batch(tokenizer) -> float:
-    rows = [encode_pair(tokenizer, p, c) for p, c in examples()]
-    return BATCH * sum(len(ids) for ids, _ in rows) / len(rows)
+def examples(size: str, tokenizer) -> list[tuple[str, str]]:
+    if SEQ_LEN[size] is None:
+        return world_examples("add", 3, 2048, "cot", seed=0)
+    return with_context(world_examples("add", 3, 256, "cot", seed=0), tokenizer, SEQ_LEN[size])
 
 
 def run_posttrain(args) -> dict:
     from posttrain.training import TrainingConfig, _optimizer_step, lr_lambda, make_accelerator
 
     model, tokenizer = load(args.size)
-    cfg = TrainingConfig(steps=args.warmup + args.steps, batch_size=BATCH, lr=1e-4)
+    batch = BATCH[args.size]
+    cfg = TrainingConfig(steps=args.warmup + args.steps, batch_size=batch, lr=1e-4)
     accelerator = make_accelerator(cfg.precision)
-    data = EncodedDataset([encode_pair(tokenizer, p, c) for p, c in examples()], tokenizer.pad_token_id, BATCH, 0)
+    rows = [encode_pair(tokenizer, p, c) for p, c in examples(args.size, tokenizer)]
+    data = EncodedDataset(rows, tokenizer.pad_token_id, batch, 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device() == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -45,13 +47,15 @@ def run_posttrain(args) -> dict:
         _optimizer_step(model, optimizer, data.batch(i), causal_lm_loss, cfg, accelerator)
         scheduler.step()
 
-    return measured(timed_steps(step, args.warmup, args.steps), model, tokenizer)
+    return measured(timed_steps(step, args.warmup, args.steps), model, rows, batch)
 
 
-def measured(times: list[float], model, tokenizer) -> dict:
-    result = {"times": times, "tokens": tokens_per_batch(tokenizer)}
+def measured(times: list[float], model, rows: list, batch: int) -> dict:
+    """Step times with the mean tokens per batch (real tokens, padding not counted) and, on a GPU, FLOPs."""
+    mean_length = sum(len(ids) for ids, _ in rows) / len(rows)
+    result = {"times": times, "tokens": batch * mean_length}
     if device() == "cuda":
-        result["flops_per_token"] = training_flops_per_token(model, int(result["tokens"] / BATCH))
+        result["flops_per_token"] = training_flops_per_token(model, int(mean_length))
     return result
 
 
@@ -60,18 +64,20 @@ def run_trl(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = load(args.size)
-
-    data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in examples()])
+    pairs = examples(args.size, tokenizer)
+    data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
     timer = trl_step_timer()
     with tempfile.TemporaryDirectory() as tmp:
-        config = SFTConfig(output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=args.warmup + args.steps,
+        config = SFTConfig(output_dir=tmp, per_device_train_batch_size=BATCH[args.size],
+                           max_steps=args.warmup + args.steps,
                            learning_rate=1e-4, logging_steps=10**6, save_strategy="no", report_to=[],
                            completion_only_loss=True, packing=False, dataset_num_proc=1, bf16=args.size == "110m",
                            use_cpu=device() == "cpu", disable_tqdm=True, max_length=1024)
         trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                              callbacks=[timer])
         trainer.train()
-    return measured(timer.times[args.warmup:], model, tokenizer)
+    rows = [encode_pair(tokenizer, p, c) for p, c in pairs]
+    return measured(timer.times[args.warmup:], model, rows, BATCH[args.size])
 
 
 def run_side(args) -> dict:
