@@ -14,6 +14,7 @@ stopping; a NaN or infinite loss stops the run and keeps the last good checkpoin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -46,6 +47,7 @@ class TrainingConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0: only on Ctrl-C)
     seed: int = 0  # seeds data order, sampling and initialisation
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16
+    compile: bool = False  # torch.compile the forward of the training steps: a GPU lever (no faster on a 2-core CPU)
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -87,6 +89,15 @@ def make_accelerator(precision: str = "auto"):
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     # cpu=True is what makes Accelerate join a torchrun process group over gloo on CPU-only machines
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+
+
+def make_optimizer(params, cfg: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW over `params` (tensors or parameter groups) with the config's learning rate and weight decay.
+
+    Fused (one kernel for the whole update) on a GPU; the CPU keeps the default for-each implementation,
+    whose results the demonstrations' figures were measured with."""
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+                             fused=torch.cuda.is_available())
 
 
 def mean_over_processes(metrics: dict, accelerator) -> dict:
@@ -167,7 +178,7 @@ def train(
     accelerator = make_accelerator(cfg.precision)
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     ckpt = output_dir / CHECKPOINT
     start = 0
@@ -177,6 +188,8 @@ def train(
         start = load_checkpoint(ckpt, model, optimizer, scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    unwrapped = accelerator.unwrap_model(model)
+    compiled = torch.compile(unwrapped.forward) if cfg.compile else None
 
     history, last_metrics, tokens = [], {}, 0
     main_process = accelerator.is_main_process  # only rank 0 writes files
@@ -187,7 +200,8 @@ def train(
     try:
         for step in range(start, cfg.steps):
             batch = _shard(batch_fn(step), accelerator.process_index, accelerator.num_processes)
-            metrics = _optimizer_step(model, optimizer, batch, loss_fn, cfg, accelerator)
+            with forward_as(unwrapped, compiled):
+                metrics = _optimizer_step(model, optimizer, batch, loss_fn, cfg, accelerator)
             if not math.isfinite(metrics["loss"]):
                 where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
                 raise UserError(
@@ -224,6 +238,22 @@ def train(
     elapsed = time.perf_counter() - t0
     model.eval()
     return TrainResult(history, last_metrics, elapsed, tokens / max(elapsed, 1e-9))
+
+
+@contextlib.contextmanager
+def forward_as(module, forward: Callable | None):
+    """Run the block with `forward` (a compiled version, say) standing in for `module.forward`, if given.
+
+    Only the training steps run compiled; evaluation and generation between them, with other shapes,
+    stay eager rather than recompiling."""
+    if forward is None:
+        yield
+        return
+    module.forward = forward  # an instance attribute shadows the class's method
+    try:
+        yield
+    finally:
+        del module.forward
 
 
 def _optimizer_step(model, optimizer, batch: dict, loss_fn, cfg: TrainingConfig, accelerator) -> dict:

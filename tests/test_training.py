@@ -93,3 +93,25 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tokenizer, tmp_pa
 def test_resume_without_checkpoint_is_a_clear_error(tokenizer, tmp_path):
     with pytest.raises(UserError, match="no checkpoint"):
         train(random_model(tokenizer), dataset(tokenizer).batch, causal_lm_loss, config(), tmp_path, resume=True)
+
+
+def test_forward_as_swaps_the_forward_for_the_block_only():
+    layer = torch.nn.Linear(2, 2)
+    x = torch.ones(1, 2)
+    eager = layer(x)
+    with training.forward_as(layer, lambda inputs: torch.zeros(1, 2)):
+        assert torch.equal(layer(x), torch.zeros(1, 2))
+    assert torch.equal(layer(x), eager) and "forward" not in vars(layer)
+    with training.forward_as(layer, None):  # nothing to swap in: the eager forward
+        assert torch.equal(layer(x), eager)
+
+
+@pytest.mark.slow
+def test_compiled_training_steps_match_eager(tokenizer, tmp_path):
+    """compile=true runs the same steps (torch.compile of the forward; ~30 s of compiling on a CPU)."""
+    eager, compiled = random_model(tokenizer), random_model(tokenizer)
+    a = train(eager, dataset(tokenizer).batch, causal_lm_loss, config(steps=4, log_every=1), tmp_path / "a")
+    b = train(compiled, dataset(tokenizer).batch, causal_lm_loss, config(steps=4, log_every=1, compile=True),
+              tmp_path / "b")
+    assert [h["loss"] for h in b.history] == pytest.approx([h["loss"] for h in a.history], rel=1e-4)
+    assert "forward" not in vars(compiled)  # evaluation after training runs eager

@@ -43,7 +43,8 @@ from posttrain.rl.advantages import group_advantages
 from posttrain.rl.frontier import HeldOut
 from posttrain.rl.rollouts import (completion_stats, forward_logprobs, policy_path, reward_function, step_rollouts,
                                    training_problems)
-from posttrain.training import TrainingConfig, TrainResult, lr_lambda, make_accelerator, mean_over_processes
+from posttrain.training import (TrainingConfig, TrainResult, forward_as, lr_lambda, make_accelerator,
+                                make_optimizer, mean_over_processes)
 
 
 @dataclasses.dataclass
@@ -106,10 +107,11 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     rows = cfg.prompts_per_step * cfg.num_generations
     updates = cfg.steps * cfg.epochs * -(-rows // cfg.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
+    compiled = torch.compile(policy.forward) if cfg.compile else None
     if reference is not None:
         reference.to(accelerator.device)
 
@@ -122,7 +124,8 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
         rollouts = step_rollouts(policy, tokenizer, problems, step, cfg.prompts_per_step, num_samples=cfg.num_generations,
                                  max_new_tokens=held_out.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                  reward_fn=reward_fn, accelerator=accelerator)
-        metrics = optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg)
+        with forward_as(policy, compiled):  # the updates compiled if cfg.compile; sampling stays eager
+            metrics = optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg)
         tokens += int(rollouts.batch["attention_mask"].sum())
         metrics = mean_over_processes({**metrics, **reward_stats(rollouts.rewards, cfg.num_generations),
                                        **completion_stats(rollouts)}, accelerator)

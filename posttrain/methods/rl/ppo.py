@@ -44,7 +44,8 @@ from posttrain.rl.frontier import HeldOut
 from posttrain.rl.kl import kl_k1
 from posttrain.rl.rollouts import (completion_stats, forward_logprobs, policy_path, reward_function, step_rollouts,
                                    training_problems)
-from posttrain.training import TrainingConfig, TrainResult, lr_lambda, make_accelerator, mean_over_processes
+from posttrain.training import (TrainingConfig, TrainResult, forward_as, lr_lambda, make_accelerator,
+                                make_optimizer, mean_over_processes)
 
 
 @dataclasses.dataclass
@@ -132,10 +133,11 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     rows = cfg.prompts_per_step * cfg.samples_per_prompt
     updates = cfg.steps * cfg.epochs * -(-rows // cfg.batch_size)
     groups = [{"params": list(model.parameters())}, {"params": list(head.parameters()), "lr": cfg.value_lr}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optimizer = make_optimizer(groups, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
     model, head, optimizer = accelerator.prepare(model, head, optimizer)
     policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
+    compiled = torch.compile(policy.forward) if cfg.compile else None
     reference.to(accelerator.device)
 
     main_process = accelerator.is_main_process  # only rank 0 writes files
@@ -147,7 +149,8 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
         rollouts = step_rollouts(policy, tokenizer, problems, step, cfg.prompts_per_step, num_samples=cfg.samples_per_prompt,
                                  max_new_tokens=held_out.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                  reward_fn=reward_fn, accelerator=accelerator)
-        metrics = optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts, cfg)
+        with forward_as(policy, compiled):  # the updates compiled if cfg.compile; sampling stays eager
+            metrics = optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts, cfg)
         tokens += int(rollouts.batch["attention_mask"].sum())
         metrics = mean_over_processes({**metrics, **completion_stats(rollouts)}, accelerator)
         metrics = {"step": step + 1, **metrics, "lr": scheduler.get_last_lr()[0]}
