@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-from benchmarks.common import SEQ_LEN, device, load, main, timed_steps, trl_step_timer, with_context
+from benchmarks.common import SEQ_LEN, compiled_forward, device, load, main, timed_steps, trl_step_timer, with_context
 from posttrain.data import encode_pair
 from posttrain.world import MAIN_SKILL, render, sample_problems
 from posttrain.world.skills import Problem
@@ -48,7 +48,7 @@ def pairs(size: str, tokenizer) -> list[tuple[str, str, str]]:
 def run_posttrain(args) -> dict:
     from posttrain.losses.dpo import dpo_sigmoid
     from posttrain.methods.rl.dpo import all_pair_logps, dpo_loss_fn, pair_batches, pair_tensors
-    from posttrain.training import TrainingConfig, _optimizer_step, make_accelerator
+    from posttrain.training import TrainingConfig, _optimizer_step, forward_as, make_accelerator, make_optimizer
 
     model, tokenizer = load(args.size)
     rows = [(encode_pair(tokenizer, p, c), encode_pair(tokenizer, p, r)) for p, c, r in pairs(args.size, tokenizer)]
@@ -57,13 +57,15 @@ def run_posttrain(args) -> dict:
     tensors["ref_logps"] = all_pair_logps(model, tensors)  # before timing, as TRL's precompute
     cfg = TrainingConfig(steps=args.warmup + args.steps, batch_size=BATCH[args.size], lr=1e-6)
     accelerator = make_accelerator(cfg.precision)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device() == "cuda")
+    optimizer = make_optimizer(model.parameters(), cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     loss_fn = dpo_loss_fn(lambda p: dpo_sigmoid(p, 0.1), 0.1, 0.0)
     batch = pair_batches(tensors, BATCH[args.size], 0)
     step = lambda i: _optimizer_step(model, optimizer, batch(i), loss_fn, cfg, accelerator)  # noqa: E731
-    return {"times": timed_steps(step, args.warmup, args.steps), "pairs": BATCH[args.size]}
+    with forward_as(model, compiled_forward(model, args.side)):  # as train() runs with compile=true
+        times = timed_steps(step, args.warmup, args.steps)
+    return {"times": times, "pairs": BATCH[args.size]}
 
 
 def run_trl(args) -> dict:
@@ -87,8 +89,8 @@ def run_trl(args) -> dict:
 
 
 def run_side(args) -> dict:
-    return {"posttrain": run_posttrain, "trl": run_trl}[args.side](args)
+    return {"posttrain": run_posttrain, "posttrain-compiled": run_posttrain, "trl": run_trl}[args.side](args)
 
 
 if __name__ == "__main__":
-    main(__spec__.name, run_side, ["posttrain", "trl"], "pairs/s", "pairs")
+    main(__spec__.name, run_side, ["posttrain", "posttrain-compiled", "trl"], "pairs/s", "pairs")

@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from benchmarks.common import (SEQ_LEN, device, load, main, timed_steps, training_flops_per_token,
+from benchmarks.common import (SEQ_LEN, compiled_forward, device, load, main, timed_steps, training_flops_per_token,
                                trl_step_timer, with_context)
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.losses.sft import causal_lm_loss
@@ -30,7 +30,8 @@ def examples(size: str, tokenizer) -> list[tuple[str, str]]:
 
 
 def run_posttrain(args) -> dict:
-    from posttrain.training import TrainingConfig, _optimizer_step, lr_lambda, make_accelerator
+    from posttrain.training import (TrainingConfig, _optimizer_step, forward_as, lr_lambda, make_accelerator,
+                                    make_optimizer)
 
     model, tokenizer = load(args.size)
     batch = BATCH[args.size]
@@ -38,7 +39,7 @@ def run_posttrain(args) -> dict:
     accelerator = make_accelerator(cfg.precision)
     rows = [encode_pair(tokenizer, p, c) for p, c in examples(args.size, tokenizer)]
     data = EncodedDataset(rows, tokenizer.pad_token_id, batch, 0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device() == "cuda")
+    optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -47,7 +48,9 @@ def run_posttrain(args) -> dict:
         _optimizer_step(model, optimizer, data.batch(i), causal_lm_loss, cfg, accelerator)
         scheduler.step()
 
-    return measured(timed_steps(step, args.warmup, args.steps), model, rows, batch)
+    with forward_as(model, compiled_forward(model, args.side)):  # as train() runs with compile=true
+        times = timed_steps(step, args.warmup, args.steps)
+    return measured(times, model, rows, batch)
 
 
 def measured(times: list[float], model, rows: list, batch: int) -> dict:
@@ -81,8 +84,8 @@ def run_trl(args) -> dict:
 
 
 def run_side(args) -> dict:
-    return {"posttrain": run_posttrain, "trl": run_trl}[args.side](args)
+    return {"posttrain": run_posttrain, "posttrain-compiled": run_posttrain, "trl": run_trl}[args.side](args)
 
 
 if __name__ == "__main__":
-    main(__spec__.name, run_side, ["posttrain", "trl"], "tokens/s", "tokens")
+    main(__spec__.name, run_side, ["posttrain", "posttrain-compiled", "trl"], "tokens/s", "tokens")
