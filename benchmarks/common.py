@@ -76,11 +76,6 @@ def with_context(pairs: list[tuple[str, ...]], tokenizer, length: int) -> list[t
     return out
 
 
-def compiled_forward(model, side: str):
-    """torch.compile of the model's forward for a `*-compiled` side (what `compile=true` gives a run), else None."""
-    return torch.compile(model.forward) if side.endswith("-compiled") else None
-
-
 def peak_memory_mb() -> float:
     """Peak GPU memory allocated, or this process's peak resident set on the CPU (MB)."""
     if torch.cuda.is_available():

@@ -4,9 +4,8 @@ Same model, same pairs (4-digit chain-of-thought addition from the world: chosen
 solution, rejected = the solution of a problem with one operand digit misread, the policy's usual
 mistake), sigmoid loss, beta 0.1, AdamW. Tiny: batch 16 pairs as they are (~110 tokens a side).
 110m: batch 8 pairs of up to 512 tokens a side (worked examples before each prompt), DESIGN.md's
-reference shape. Both sides precompute the reference
-log-probs before the timed steps (TRL: precompute_ref_log_probs=True); posttrain runs chosen and
-rejected through one forward.
+reference shape. Both sides precompute the reference log-probs before the timed steps (TRL:
+precompute_ref_log_probs=True); posttrain runs chosen and rejected through one forward.
 
     python -m benchmarks.dpo_step                 # embedded tiny model (CPU or GPU)
     python -m benchmarks.dpo_step --size 110m     # random-init ~110M Llama, bf16 (GPU)
@@ -18,7 +17,7 @@ import tempfile
 
 import torch
 
-from benchmarks.common import SEQ_LEN, compiled_forward, device, load, main, timed_steps, trl_step_timer, with_context
+from benchmarks.common import SEQ_LEN, device, load, main, timed_steps, trl_step_timer, with_context
 from posttrain.data import encode_pair
 from posttrain.world import MAIN_SKILL, render, sample_problems
 from posttrain.world.skills import Problem
@@ -48,7 +47,8 @@ def pairs(size: str, tokenizer) -> list[tuple[str, str, str]]:
 def run_posttrain(args) -> dict:
     from posttrain.losses.dpo import dpo_sigmoid
     from posttrain.methods.rl.dpo import all_pair_logps, dpo_loss_fn, pair_batches, pair_tensors
-    from posttrain.training import TrainingConfig, _optimizer_step, forward_as, make_accelerator, make_optimizer
+    from posttrain.training import (TrainingConfig, _optimizer_step, compiled_forward, forward_as, make_accelerator,
+                                    make_optimizer)
 
     model, tokenizer = load(args.size)
     rows = [(encode_pair(tokenizer, p, c), encode_pair(tokenizer, p, r)) for p, c, r in pairs(args.size, tokenizer)]
@@ -63,7 +63,8 @@ def run_posttrain(args) -> dict:
     loss_fn = dpo_loss_fn(lambda p: dpo_sigmoid(p, 0.1), 0.1, 0.0)
     batch = pair_batches(tensors, BATCH[args.size], 0)
     step = lambda i: _optimizer_step(model, optimizer, batch(i), loss_fn, cfg, accelerator)  # noqa: E731
-    with forward_as(model, compiled_forward(model, args.side)):  # as train() runs with compile=true
+    compiled = compiled_forward(model, args.side.endswith("-compiled"))  # as train() with compile=true
+    with forward_as(model, compiled):
         times = timed_steps(step, args.warmup, args.steps)
     return {"times": times, "pairs": BATCH[args.size]}
 

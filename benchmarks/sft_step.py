@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from benchmarks.common import (SEQ_LEN, compiled_forward, device, load, main, timed_steps, training_flops_per_token,
+from benchmarks.common import (SEQ_LEN, device, load, main, timed_steps, training_flops_per_token,
                                trl_step_timer, with_context)
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.losses.sft import causal_lm_loss
@@ -30,8 +30,8 @@ def examples(size: str, tokenizer) -> list[tuple[str, str]]:
 
 
 def run_posttrain(args) -> dict:
-    from posttrain.training import (TrainingConfig, _optimizer_step, forward_as, lr_lambda, make_accelerator,
-                                    make_optimizer)
+    from posttrain.training import (TrainingConfig, _optimizer_step, compiled_forward, forward_as, lr_lambda,
+                                    make_accelerator, make_optimizer)
 
     model, tokenizer = load(args.size)
     batch = BATCH[args.size]
@@ -48,7 +48,8 @@ def run_posttrain(args) -> dict:
         _optimizer_step(model, optimizer, data.batch(i), causal_lm_loss, cfg, accelerator)
         scheduler.step()
 
-    with forward_as(model, compiled_forward(model, args.side)):  # as train() runs with compile=true
+    compiled = compiled_forward(model, args.side.endswith("-compiled"))  # as train() with compile=true
+    with forward_as(model, compiled):
         times = timed_steps(step, args.warmup, args.steps)
     return measured(times, model, rows, batch)
 

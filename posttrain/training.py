@@ -189,7 +189,7 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     unwrapped = accelerator.unwrap_model(model)
-    compiled = torch.compile(unwrapped.forward) if cfg.compile else None
+    compiled = compiled_forward(unwrapped, cfg.compile)
 
     history, last_metrics, tokens = [], {}, 0
     main_process = accelerator.is_main_process  # only rank 0 writes files
@@ -238,6 +238,11 @@ def train(
     elapsed = time.perf_counter() - t0
     model.eval()
     return TrainResult(history, last_metrics, elapsed, tokens / max(elapsed, 1e-9))
+
+
+def compiled_forward(module, enabled: bool) -> Callable | None:
+    """torch.compile of `module.forward` when `enabled` (cfg.compile), for `forward_as`; else None."""
+    return torch.compile(module.forward) if enabled else None
 
 
 @contextlib.contextmanager

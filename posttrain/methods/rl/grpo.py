@@ -43,8 +43,8 @@ from posttrain.rl.advantages import group_advantages
 from posttrain.rl.frontier import HeldOut
 from posttrain.rl.rollouts import (completion_stats, forward_logprobs, policy_path, reward_function, step_rollouts,
                                    training_problems)
-from posttrain.training import (TrainingConfig, TrainResult, forward_as, lr_lambda, make_accelerator,
-                                make_optimizer, mean_over_processes)
+from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
+                                make_accelerator, make_optimizer, mean_over_processes)
 
 
 @dataclasses.dataclass
@@ -111,7 +111,7 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
-    compiled = torch.compile(policy.forward) if cfg.compile else None
+    compiled = compiled_forward(policy, cfg.compile)
     if reference is not None:
         reference.to(accelerator.device)
 
