@@ -1,8 +1,11 @@
 """Rollout generation: posttrain's sampler vs `model.generate` (new tokens/s).
 
 Every side samples (temperature 1) exactly NEW_TOKENS tokens for each of BATCH prompts of world
-questions: posttrain's sampler ignores EOS here, `generate` gets min_new_tokens. Sides: posttrain,
-HF generate with the dynamic cache, HF generate with cache_implementation="static".
+questions: posttrain's sampler ignores EOS here, `generate` gets min_new_tokens. Sides: posttrain
+(its default dynamic cache), posttrain-compiled (`decode="compiled"`: a static cache and the decode
+step compiled, one CUDA graph a token on a GPU), HF generate with cache_implementation="static"
+(which `generate` compiles on a GPU) and HF generate with the dynamic cache. Warm-up steps include
+the compiling.
 
     python -m benchmarks.generation                       # tiny model, batch 64
     python -m benchmarks.generation --size 110m --batch 256
@@ -44,10 +47,10 @@ def run_side(args) -> dict:
     model, tokenizer = load(args.size)
     model.eval()
     texts = prompts()
-    if args.side == "posttrain":
-        never = NeverStops(tokenizer)
+    if args.side.startswith("posttrain"):
+        never, decode = NeverStops(tokenizer), "compiled" if args.side.endswith("-compiled") else "dynamic"
         step = lambda i: generate(model, never, texts, max_new_tokens=NEW_TOKENS, temperature=1.0,  # noqa: E731
-                                  seed=i, batch_size=BATCH)
+                                  seed=i, batch_size=BATCH, decode=decode)
     else:
         tokenizer.padding_side = "left"
         enc = tokenizer(texts, return_tensors="pt", padding=True).to(device())
@@ -61,5 +64,5 @@ def run_side(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(__spec__.name, run_side, ["posttrain", "hf-static", "hf-dynamic"], f"new tokens/s (batch {BATCH})",
+    main(__spec__.name, run_side, ["posttrain", "posttrain-compiled", "hf-static", "hf-dynamic"], f"new tokens/s (batch {BATCH})",
          "new_tokens")

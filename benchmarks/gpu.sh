@@ -3,7 +3,7 @@
 # (default runs/bench-gpu), one file per benchmark, with the device's name in device.txt.
 #
 #   bash benchmarks/gpu.sh training    # SFT and DPO steps, eager and compiled: at most 5 minutes
-#   bash benchmarks/gpu.sh rollouts    # GRPO step, generation at batch 64 and 256: at most 6.5 minutes
+#   bash benchmarks/gpu.sh rollouts    # GRPO step, generation at batch 64 and 256, eager and compiled: at most 8.5 minutes
 #   bash benchmarks/gpu.sh             # both (over one device call's 10 minutes if every cap is reached)
 #
 # The GPU machine has torch, transformers and accelerate but not TRL; carry TRL and the embedded
@@ -50,9 +50,9 @@ for group in $GROUPS_TO_RUN; do
         run sft 150 python3 -m benchmarks.sft_step --size "$SIZE" "${STEPS[@]}"
         run dpo 150 python3 -m benchmarks.dpo_step --size "$SIZE" "${STEPS[@]}" ;;
     rollouts)
-        run grpo 140 python3 -m benchmarks.grpo_step --size "$SIZE" "${STEPS[@]}"
-        run generation64 120 env BENCH_BATCH=64 python3 -m benchmarks.generation --size "$SIZE" "${GENERATION_STEPS[@]}"
-        run generation256 120 env BENCH_BATCH=256 python3 -m benchmarks.generation --size "$SIZE" "${GENERATION_STEPS[@]}" ;;
+        run grpo 200 python3 -m benchmarks.grpo_step --size "$SIZE" "${STEPS[@]}"
+        run generation64 150 env BENCH_BATCH=64 python3 -m benchmarks.generation --size "$SIZE" "${GENERATION_STEPS[@]}"
+        run generation256 150 env BENCH_BATCH=256 python3 -m benchmarks.generation --size "$SIZE" "${GENERATION_STEPS[@]}" ;;
     *) echo "unknown group '$group': expected training or rollouts" >&2; exit 2 ;;
     esac
 done

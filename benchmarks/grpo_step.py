@@ -6,6 +6,9 @@ model on either side), one optimizer step per batch of rollouts. The completion 
 world's CoT length on the tiny model and 256 tokens at 110m (DESIGN.md's reference shape; a
 random-init model rarely samples EOS, so its completions run to the budget). A step is: sample,
 score, compute advantages, update. posttrain also reports the share of its step spent sampling.
+The posttrain-compiled side is what `compile=true` gives a GRPO run: the decode step compiled over a
+static cache (`generate(decode="compiled")`) and the update's forward compiled; warm-up steps
+include the compiling.
 
     python -m benchmarks.grpo_step                 # embedded tiny model (CPU or GPU)
     python -m benchmarks.grpo_step --size 110m     # random-init ~110M Llama, bf16 (GPU)
@@ -35,28 +38,31 @@ def completion_budget(size: str, tokenizer, todo) -> int:
 def run_posttrain(args) -> dict:
     from posttrain.methods.rl.grpo import GRPOConfig, optimise
     from posttrain.rl.rollouts import cot_prompts, sample_rollouts
-    from posttrain.training import lr_lambda, make_accelerator
+    from posttrain.training import compiled_forward, forward_as, lr_lambda, make_accelerator, make_optimizer
 
     model, tokenizer = load(args.size)
     todo = problems()
     budget = completion_budget(args.size, tokenizer, todo)
     cfg = GRPOConfig(prompts_per_step=PROMPTS, num_generations=GROUP, batch_size=PROMPTS * GROUP, beta=0.0,
-                     steps=args.warmup + args.steps, lr=1e-6)
+                     steps=args.warmup + args.steps, lr=1e-6, compile=args.side.endswith("-compiled"))
     accelerator = make_accelerator(cfg.precision)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device() == "cuda")
+    optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
+    compiled = compiled_forward(model, cfg.compile)
+    decode = "compiled" if cfg.compile else "dynamic"
     sampling: list[float] = []
 
     def step(i):
         start = time.perf_counter()
         batch = todo[i * PROMPTS : (i + 1) * PROMPTS]
         rollouts = sample_rollouts(model, tokenizer, *cot_prompts(batch), num_samples=GROUP, max_new_tokens=budget,
-                                   temperature=1.0, seed=i)
+                                   temperature=1.0, seed=i, decode=decode)
         sync()
         sampling.append(time.perf_counter() - start)
         model.train()
-        optimise(model, None, optimizer, scheduler, accelerator, rollouts, cfg)
+        with forward_as(model, compiled):
+            optimise(model, None, optimizer, scheduler, accelerator, rollouts, cfg)
 
     times = timed_steps(step, args.warmup, args.steps)
     return {"times": times, "completions": PROMPTS * GROUP,
@@ -89,8 +95,8 @@ def run_trl(args) -> dict:
 
 
 def run_side(args) -> dict:
-    return {"posttrain": run_posttrain, "trl": run_trl}[args.side](args)
+    return run_trl(args) if args.side == "trl" else run_posttrain(args)
 
 
 if __name__ == "__main__":
-    main(__spec__.name, run_side, ["posttrain", "trl"], "completions/s", "completions")
+    main(__spec__.name, run_side, ["posttrain", "posttrain-compiled", "trl"], "completions/s", "completions")

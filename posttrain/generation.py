@@ -8,6 +8,11 @@ Sampling, per batch of prompts:
        every row has produced EOS (or one of `stop_ids`, e.g. a newline to generate one reasoning
        step at a time) or `max_new_tokens` tokens
 
+The decoding cache is transformers' DynamicCache by default, which grows by one column a step and
+costs nothing to set up. `decode="compiled"` preallocates the whole chunk's cache (StaticCache) so
+that every step has the same shapes, and runs the step through torch.compile: on a GPU one CUDA
+graph replay per token (`StaticDecoder`). Both give the same tokens for the same seed.
+
 Log-probs: log pi(y_t | x, y_<t) for the completion tokens of a teacher-forced batch.
 """
 from __future__ import annotations
@@ -17,9 +22,10 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from posttrain.data import encode_prompt
+from posttrain.errors import UserError
 from posttrain.losses.sft import IGNORE
 
 
@@ -51,6 +57,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+DECODES = ("dynamic", "static", "compiled")
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -64,10 +73,16 @@ def generate(
     seed: int = 0,
     batch_size: int = 256,
     stop_ids: tuple[int, ...] = (),
+    decode: str = "dynamic",
 ) -> Samples:
     """Sample `num_samples` completions for each prompt; see the module docstring.
 
-    A row also stops after emitting any token in `stop_ids` (kept in its output, like EOS)."""
+    A row also stops after emitting any token in `stop_ids` (kept in its output, like EOS).
+    `decode` picks the KV cache of the decoding steps: "dynamic" grows by one column a step (no set-up,
+    the default); "static" is preallocated for the whole chunk (`StaticDecoder`); "compiled" is static
+    with the step run by torch.compile, as one CUDA graph on a GPU (each new shape compiles once)."""
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODES)}, got '{decode}'")
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     generator = torch.Generator(device=_device(model)).manual_seed(seed)
     was_training = model.training
@@ -77,7 +92,7 @@ def generate(
     for start in range(0, len(encoded), prompts_per_chunk):
         chunk = encoded[start : start + prompts_per_chunk]
         ids, stopped = _generate_chunk(model, tokenizer, chunk, max_new_tokens, temperature, top_p, num_samples, generator,
-                                       (tokenizer.eos_token_id, *stop_ids))
+                                       (tokenizer.eos_token_id, *stop_ids), decode)
         out.token_ids += ids
         out.stopped += stopped
         out.prompt_ids += [p for p in chunk for _ in range(num_samples)]
@@ -95,40 +110,117 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_p, num_samples, generator, stops):
+def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_p, num_samples, generator, stops, decode):
     device, pad = _device(model), tokenizer.pad_token_id
-    stop_set = torch.tensor(stops, device=device)
     width = max(len(p) for p in prompts)
+    if decode != "dynamic":  # fewer distinct cache shapes, so fewer compiles
+        width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (P, W)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)  # filled in place by every forward below
-    kw = {_cache_keyword(model): cache, "use_cache": True}
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, **kw).logits[:, -1]
-    if num_samples > 1:
-        cache.batch_repeat_interleave(num_samples)
-        logits, mask = logits.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
-    rows = logits.shape[0]
-    next_pos = mask.sum(-1, keepdim=True)  # (R, 1): the position of the first new token
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    new_tokens = []
-    for _ in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, generator)
-        token = token.masked_fill(done, pad)  # finished rows emit padding
-        new_tokens.append(token)
-        done |= torch.isin(token, stop_set)
-        if done.all():
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, **kw).logits[:, -1]
-        next_pos = next_pos + 1
-    tokens = torch.stack(new_tokens, dim=1).tolist()  # (R, steps)
+    prefill = DynamicCache(config=model.config)  # filled in place by the forward
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                   **{_cache_keyword(model): prefill, "use_cache": True}).logits[:, -1]
+    logits, mask = logits.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)  # (R, .)
+    if decode == "dynamic":
+        prefill.batch_repeat_interleave(num_samples)
+        step = DynamicDecoder(model, prefill, mask)
+    else:
+        step = static_decoder(model, mask.shape[0], width + max_new_tokens, compiled=decode == "compiled")
+        step.start(prefill, num_samples, mask)
+    # Reading `done` on the host waits for the GPU to finish; on a GPU look every 16 steps, not every step
+    # (rows that are done emit padding meanwhile).
+    check_every = 16 if device.type == "cuda" else 1
+    tokens = _decode(step, logits, mask.sum(-1, keepdim=True), max_new_tokens, temperature, top_p, generator,
+                     torch.tensor(stops, device=device), pad, check_every).tolist()  # (R, steps)
     ids, stopped = [], []
     for row in tokens:
         cut = next((i + 1 for i, t in enumerate(row) if t in stops), None)
         ids.append(row[:cut])
         stopped.append(cut is not None)
     return ids, stopped
+
+
+def _decode(step, logits, next_pos, max_new_tokens, temperature, top_p, generator, stop_set, pad, check_every):
+    """Sample a token per row, feed it back through `step(token, position) -> logits`, repeat; (R, steps)."""
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    new_tokens = []
+    for i in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_p, generator).masked_fill(done, pad)  # finished rows: padding
+        new_tokens.append(token)
+        done |= torch.isin(token, stop_set)
+        if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and done.all()):
+            break
+        logits = step(token[:, None], next_pos + i)
+    return torch.stack(new_tokens, dim=1)
+
+
+class DynamicDecoder:
+    """Decoding steps on transformers' DynamicCache: every step appends its key and value (torch.cat)."""
+
+    def __init__(self, model, cache: DynamicCache, mask: torch.Tensor):
+        self.model, self.mask = model, mask
+        self.kwargs = {_cache_keyword(model): cache, "use_cache": True}
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """(R, 1) tokens at (R, 1) positions -> next-token logits (R, V)."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
+        return self.model(input_ids=token, attention_mask=self.mask, position_ids=position, **self.kwargs).logits[:, -1]
+
+
+WIDTH_MULTIPLE = 64  # static caches round the prompt width up to this
+
+
+class StaticDecoder:
+    """Decoding steps on a preallocated cache of R rows x L columns (transformers' StaticCache).
+
+    Every step has the same shapes (token (R, 1), mask (R, L), cache (R, heads, L, head dim)): the
+    key and value of column c are written in place, and the causal mask hides the columns not yet
+    written. Fixed shapes let torch.compile trace the step once; with mode="reduce-overhead" a GPU
+    then replays it as one CUDA graph, one launch per token instead of one per kernel (a small
+    model's decode step is launch overhead, not arithmetic). The decoder lives as long as the model
+    and is reused by every chunk of the same shape (`static_decoder`).
+    """
+
+    def __init__(self, model, rows: int, length: int, compiled: bool):
+        self.model = model
+        self.cache = StaticCache(config=model.config, max_cache_len=length)
+        if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+            raise UserError(f"decode=static and decode=compiled need full-attention layers; "
+                            f"{type(model).__name__} has sliding-window ones: use decode=dynamic")
+        self.mask = torch.ones(rows, length, dtype=torch.long, device=_device(model))
+        torch._dynamo.mark_static_address(self.mask)  # refilled in place for every chunk, never copied into a graph
+        self.kwargs = {_cache_keyword(model): self.cache, "use_cache": True}
+        self.compiled = compiled
+        self.forward = torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if compiled else self._forward
+
+    def _forward(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=token, attention_mask=self.mask, position_ids=position, **self.kwargs).logits[:, -1]
+
+    def start(self, prefill: DynamicCache, repeats: int, prompt_mask: torch.Tensor) -> None:
+        """Copy the prompts' keys and values (P rows, W columns), each repeated for its `repeats` samples,
+        into columns 0..W-1; the mask is the prompts' (R, W) padding mask, then ones."""
+        self.cache.reset()
+        for index, layer in enumerate(prefill.layers):
+            self.cache.update(layer.keys.repeat_interleave(repeats, 0), layer.values.repeat_interleave(repeats, 0), index)
+        self.mask[:, : prompt_mask.shape[1]].copy_(prompt_mask)
+        self.mask[:, prompt_mask.shape[1] :].fill_(1)
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """(R, 1) tokens at (R, 1) positions -> next-token logits (R, V)."""
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits may be overwritten now
+        return self.forward(token, position)
+
+
+def static_decoder(model, rows: int, length: int, compiled: bool) -> StaticDecoder:
+    """The model's decoder for this shape, built on first use (a compiled one compiles on its first step)."""
+    decoders = model.__dict__.setdefault("_posttrain_decoders", {})
+    weight = next(model.parameters())
+    key = (rows, length, compiled, weight.device, weight.dtype)  # a model moved or cast gets new caches
+    if key not in decoders:
+        decoders[key] = StaticDecoder(model, rows, length, compiled)
+    return decoders[key]
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ class TrainingConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0: only on Ctrl-C)
     seed: int = 0  # seeds data order, sampling and initialisation
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16
-    compile: bool = False  # torch.compile the training steps' forward: a GPU lever (CPU: ~1.2x only at fixed shapes)
+    compile: bool = False  # torch.compile the training steps' forward and GRPO/PPO's decode step: GPU levers
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:

@@ -1,4 +1,5 @@
 """The sampler and log-probs against hand computations on a tiny random model."""
+import pytest
 import torch
 
 from posttrain.data import encode_pair, pad_batch
@@ -67,3 +68,37 @@ def test_top_p_keeps_only_the_nucleus():
     picks = {int(sample_next(logits, 1.0, 0.8, g)) for _ in range(200)}
     assert picks == {0, 1}  # 0.6 < 0.8 so the second token joins; the tail never does
     assert int(sample_next(logits, 0.0, 1.0, g)) == 0
+
+
+def test_static_cache_decoding_equals_uncached_reference(tokenizer):
+    """decode="static" (preallocated cache, what "compiled" compiles) decodes exactly as the reference,
+    also on a second chunk of the same shape, which reuses the decoder and its cache."""
+    model = random_model(tokenizer, seed=3)
+    first = ["Q: 1+2\n", "Q: reverse 3 1 4 1 5\n", "Q: 347+285\n"]
+    second = ["Q: 9-4\n", "Q: sort 5 2 8\n", "Q: 12+34\n"]
+    with torch.no_grad():
+        for prompts in (first, second):
+            samples = generate(model, tokenizer, prompts, max_new_tokens=12, decode="static")
+            for prompt, got in zip(prompts, samples.token_ids):
+                assert got == greedy_without_cache(model, tokenizer, prompt, 12)
+    assert len(model._posttrain_decoders) == 1
+
+
+def test_static_cache_samples_equal_the_dynamic_caches(tokenizer):
+    model = random_model(tokenizer, seed=4)
+    kwargs = dict(num_samples=4, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=7)
+    dynamic = generate(model, tokenizer, ["Q: 12+34\n", "Q: 5+6\n"], **kwargs)
+    static = generate(model, tokenizer, ["Q: 12+34\n", "Q: 5+6\n"], decode="static", **kwargs)
+    assert static.token_ids == dynamic.token_ids and static.stopped == dynamic.stopped
+    assert len({tuple(t) for t in static.token_ids}) > 1
+
+
+@pytest.mark.slow
+def test_compiled_decoding_equals_the_dynamic_cache(tokenizer):
+    """decode="compiled" (torch.compile of the static-cache step; ~20 s of compiling on a CPU)."""
+    model = random_model(tokenizer, seed=5)
+    prompts = ["Q: 1+2\n", "Q: reverse 3 1 4 1 5\n", "Q: 347+285\n"]
+    for kwargs in (dict(), dict(num_samples=2, temperature=1.0, seed=3)):
+        want = generate(model, tokenizer, prompts, max_new_tokens=12, **kwargs)
+        got = generate(model, tokenizer, prompts, max_new_tokens=12, decode="compiled", **kwargs)
+        assert got.token_ids == want.token_ids

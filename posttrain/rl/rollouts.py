@@ -126,18 +126,21 @@ def rollout_seed(seed: int, step: int, accelerator) -> int:
 
 
 def step_rollouts(policy, tokenizer, problems: list[Problem], step: int, prompts_per_step: int, *, num_samples: int,
-                  max_new_tokens: int, temperature: float, seed: int, reward_fn: RewardFn, accelerator) -> Rollouts:
+                  max_new_tokens: int, temperature: float, seed: int, reward_fn: RewardFn, accelerator,
+                  decode: str = "dynamic") -> Rollouts:
     """This rank's rollouts of training step `step` (PPO and GRPO): its share of the step's prompts, sampled."""
     share = rank_share(problems[step * prompts_per_step : (step + 1) * prompts_per_step], accelerator)
     return sample_rollouts(policy, tokenizer, *cot_prompts(share), num_samples=num_samples, max_new_tokens=max_new_tokens,
-                           temperature=temperature, seed=rollout_seed(seed, step, accelerator), reward_fn=reward_fn)
+                           temperature=temperature, seed=rollout_seed(seed, step, accelerator), reward_fn=reward_fn,
+                           decode=decode)
 
 
 def sample_rollouts(model, tokenizer, prompts: list[str], answers: list[str] | None = None, *, num_samples: int,
-                    max_new_tokens: int, temperature: float, seed: int, reward_fn: RewardFn = verifier_rewards) -> Rollouts:
-    """Sample `num_samples` completions per prompt; score them against `answers` when given."""
+                    max_new_tokens: int, temperature: float, seed: int, reward_fn: RewardFn = verifier_rewards,
+                    decode: str = "dynamic") -> Rollouts:
+    """Sample `num_samples` completions per prompt (`generate`'s `decode`); score them against `answers` if given."""
     samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                       num_samples=num_samples, seed=seed)
+                       num_samples=num_samples, seed=seed, decode=decode)
     rows = [(prompt + ids, [IGNORE] * len(prompt) + ids) for prompt, ids in zip(samples.prompt_ids, samples.token_ids)]
     row_prompts = [q for q in prompts for _ in range(num_samples)]
     if answers is None:

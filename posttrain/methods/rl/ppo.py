@@ -148,8 +148,9 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     for step in bar:
         rollouts = step_rollouts(policy, tokenizer, problems, step, cfg.prompts_per_step, num_samples=cfg.samples_per_prompt,
                                  max_new_tokens=held_out.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                                 reward_fn=reward_fn, accelerator=accelerator)
-        with forward_as(policy, compiled):  # the updates compiled if cfg.compile; sampling stays eager
+                                 reward_fn=reward_fn, accelerator=accelerator,
+                                 decode="compiled" if cfg.compile else "dynamic")
+        with forward_as(policy, compiled):  # the updates compiled if cfg.compile (sampling: its own decode step)
             metrics = optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts, cfg)
         tokens += int(rollouts.batch["attention_mask"].sum())
         metrics = mean_over_processes({**metrics, **completion_stats(rollouts)}, accelerator)
