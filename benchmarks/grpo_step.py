@@ -95,7 +95,7 @@ def run_trl(args) -> dict:
 
 
 def run_side(args) -> dict:
-    return run_trl(args) if args.side == "trl" else run_posttrain(args)
+    return {"posttrain": run_posttrain, "posttrain-compiled": run_posttrain, "trl": run_trl}[args.side](args)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 DECODES = ("dynamic", "static", "compiled")
+WIDTH_MULTIPLE = 64  # static caches round the prompt width up to this
 
 
 @torch.no_grad()
@@ -126,7 +127,7 @@ def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_
                    **{_cache_keyword(model): prefill, "use_cache": True}).logits[:, -1]
     logits, mask = logits.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)  # (R, .)
     if decode == "dynamic":
-        step = DynamicDecoder(model, reserve_room(prefill, num_samples, width + max_new_tokens), mask)
+        step = DynamicDecoder(model, reserve_room(prefill, num_samples, width + max_new_tokens), mask, max_new_tokens)
     else:
         step = static_decoder(model, mask.shape[0], width + max_new_tokens, compiled=decode == "compiled")
         step.start(prefill, num_samples, mask)
@@ -182,32 +183,35 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
+def repeated(layer, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill layer's keys and values with each row repeated for its `repeats` samples."""
+    return layer.keys.repeat_interleave(repeats, 0), layer.values.repeat_interleave(repeats, 0)
+
+
 def reserve_room(prefill: DynamicCache, repeats: int, capacity: int) -> DynamicCache:
     """The prompts' cache with each row repeated for its samples and every full-attention layer a
     GrowingLayer of `capacity` columns (other kinds of layers, e.g. sliding-window ones, keep theirs)."""
     for index, layer in enumerate(prefill.layers):
         if type(layer) is DynamicLayer:
-            keys, values = layer.keys.repeat_interleave(repeats, 0), layer.values.repeat_interleave(repeats, 0)
-            prefill.layers[index] = GrowingLayer(keys, values, capacity)
+            prefill.layers[index] = GrowingLayer(*repeated(layer, repeats), capacity)
         else:
             layer.batch_repeat_interleave(repeats)
     return prefill
 
 
 class DynamicDecoder:
-    """Decoding steps on a cache as long as the tokens so far (`reserve_room`): one new column a step."""
+    """Decoding steps on a cache as long as the tokens so far (`reserve_room`): one new column a step,
+    and the padding mask (R, W + new tokens) read as a view of its first columns."""
 
-    def __init__(self, model, cache: DynamicCache, mask: torch.Tensor):
-        self.model, self.mask = model, mask
+    def __init__(self, model, cache: DynamicCache, prompt_mask: torch.Tensor, max_new_tokens: int):
+        self.model, self.cache = model, cache
+        self.mask = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], max_new_tokens)], dim=-1)
         self.kwargs = {_cache_keyword(model): cache, "use_cache": True}
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """(R, 1) tokens at (R, 1) positions -> next-token logits (R, V)."""
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
-        return self.model(input_ids=token, attention_mask=self.mask, position_ids=position, **self.kwargs).logits[:, -1]
-
-
-WIDTH_MULTIPLE = 64  # static caches round the prompt width up to this
+        mask = self.mask[:, : self.cache.get_seq_length() + 1]  # the cached columns and this token's
+        return self.model(input_ids=token, attention_mask=mask, position_ids=position, **self.kwargs).logits[:, -1]
 
 
 class StaticDecoder:
@@ -241,7 +245,7 @@ class StaticDecoder:
         into columns 0..W-1; the mask is the prompts' (R, W) padding mask, then ones."""
         self.cache.reset()
         for index, layer in enumerate(prefill.layers):
-            self.cache.update(layer.keys.repeat_interleave(repeats, 0), layer.values.repeat_interleave(repeats, 0), index)
+            self.cache.update(*repeated(layer, repeats), index)
         self.mask[:, : prompt_mask.shape[1]].copy_(prompt_mask)
         self.mask[:, prompt_mask.shape[1] :].fill_(1)
 
