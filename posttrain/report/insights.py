@@ -53,9 +53,11 @@ def instruction(s: dict) -> str | None:
     m, b = s["metrics"], s["baseline"]
     if "seen" not in m:
         return None
-    return (f"Instruction tuning: seen phrasings {_change(b['seen'], m['seen'])}, held-out phrasings "
-            f"{_change(b['held_out_styles'], m['held_out_styles'])}, held-out skill/phrasing combination "
-            f"{_change(b['held_out_combination'], m['held_out_combination'])}.")
+    wordings = (f", new sentences of known words {_change(b['held_out_wordings'], m['held_out_wordings'])}"
+                if "held_out_wordings" in m else "")  # summaries from before held-out wordings existed
+    return (f"Instruction tuning: seen phrasings {_change(b['seen'], m['seen'])}{wordings}, held-out styles "
+            f"(words only pretraining used) {_change(b['held_out_styles'], m['held_out_styles'])}, held-out "
+            f"skill/phrasing combination {_change(b['held_out_combination'], m['held_out_combination'])}.")
 
 
 def distill(s: dict) -> str | None:

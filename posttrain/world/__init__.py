@@ -11,6 +11,7 @@ from posttrain.world.formats import (
     FORMATS,
     HELD_OUT_COMBINATION,
     HELD_OUT_STYLES,
+    NEW_WORDINGS,
     SEEN_STYLES,
     STYLES,
     check_steps,
@@ -25,8 +26,8 @@ from posttrain.world.skills import EASY_DIFFICULTY, MAIN_SKILL, SKILLS, Problem,
 from posttrain.world.splits import SPLITS, sample_problem, sample_problems, split_of
 
 __all__ = [
-    "COT_TRIGGER", "EASY_DIFFICULTY", "FORMATS", "HELD_OUT_COMBINATION", "HELD_OUT_STYLES", "MAIN_SKILL", "SEEN_STYLES",
-    "SKILLS", "SPLITS", "STYLES", "Problem", "check_steps", "completion_steps", "extract_answer",
+    "COT_TRIGGER", "EASY_DIFFICULTY", "FORMATS", "HELD_OUT_COMBINATION", "HELD_OUT_STYLES", "MAIN_SKILL", "NEW_WORDINGS",
+    "SEEN_STYLES", "SKILLS", "SPLITS", "STYLES", "Problem", "check_steps", "completion_steps", "extract_answer",
     "first_error", "is_seen_phrasing", "random_problem", "render", "sample_problem", "sample_problems",
     "split_of", "verify",
 ]

@@ -22,7 +22,7 @@ COT_TRIGGER = "Let's think step by step."
 FORMATS = ("direct", "cot", "instruction")
 
 # Natural-language phrasings per skill and style. The styles "formal" and "story" never appear in
-# training data (held-out phrasings), nor does the single combination ("sort", "polite").
+# training data (held-out styles), nor does the single combination ("sort", "polite").
 TEMPLATES = {
     "add": {
         "question": "What is {a} plus {b}?",
@@ -70,6 +70,26 @@ HELD_OUT_STYLES = ("formal", "story")
 HELD_OUT_COMBINATION = ("sort", "polite")
 SEEN_STYLES = tuple(s for s in STYLES if s not in HELD_OUT_STYLES)
 
+# Held-out wordings: new sentences for each skill, in no training data and no pretraining document,
+# made of words instruction tuning's training requests use (all but "them" and "turned"). Where the
+# held-out styles bring words only pretraining prose has, these ask whether tuning carries a skill to
+# a new sentence of known words. Written before they were first measured, and kept as written.
+NEW_WORDINGS = ("new 1", "new 2", "new 3", "new 4")
+HELD_OUT_WORDINGS = {
+    "add": ("Could you find {a} plus {b}?", "Find the total of {a} and {b}.", "What do {a} and {b} add up to?",
+            "Please add {a} and {b}."),
+    "sub": ("Could you find {a} minus {b}?", "Please take {b} away from {a}.", "What is the difference of {a} and {b}?",
+            "Find {a} take away {b}."),
+    "compare": ("Could you compare {a} with {b}?", "Please find how {a} compares to {b}.",
+                "Which is larger, {a} or {b}? Compare them.", "Compare {a} and {b}, please."),
+    "reverse": ("Could you reverse {xs}?", "Please write {xs} backwards.", "What is {xs} turned around?",
+                "Reverse {xs}, please."),
+    "sort": ("Could you sort {xs}?", "Please put {xs} in order.", "What is the list {xs} sorted?",
+             "Sort {xs} in ascending order."),
+}
+# Every phrasing by name: the styles', then the held-out wordings'.
+PHRASINGS = {skill: {**TEMPLATES[skill], **dict(zip(NEW_WORDINGS, HELD_OUT_WORDINGS[skill]))} for skill in TEMPLATES}
+
 
 def is_seen_phrasing(skill: str, style: str) -> bool:
     """Whether instruction data for training may use this skill/style pair."""
@@ -77,10 +97,11 @@ def is_seen_phrasing(skill: str, style: str) -> bool:
 
 
 def question(problem: Problem, fmt: str = "direct", style: str = "question") -> str:
-    """The text after `Q: `: symbolic for direct/CoT, a natural-language phrasing for instruction."""
+    """The text after `Q: `: symbolic for direct/CoT, a natural-language phrasing (a style or a held-out
+    wording, `PHRASINGS`) for instruction."""
     if fmt != "instruction":
         return problem.expression
-    return fill(TEMPLATES[problem.skill][style], problem)
+    return fill(PHRASINGS[problem.skill][style], problem)
 
 
 def fill(template: str, problem: Problem) -> str:

@@ -9,14 +9,25 @@ Multi-task SFT on natural-language requests (FLAN, Wei et al. 2022; here on the 
     ...                               ...                               ...
     A: 92                             A: 1 1 3 4                        A: 1 7 2
 
-Every skill has six phrasings (styles, `world/formats.py`). Training uses only the seen ones; two
-styles ("formal", "story") and one skill-style combination (sort asked politely) are held out, so
-the evaluation separates seen phrasings (fitting the training distribution), held-out phrasings
-(new wording of known skills) and the held-out combination (a known skill and a known style, never
-together). Problems are at each skill's easy difficulty, where the base model is good when asked
-symbolically (`Q: 34+58`): the run measures following instructions, not learning arithmetic, and
-reports the symbolic accuracy before and after as the ceiling and as a forgetting probe. The
-headline accuracy is on held-out phrasings; before and after use the same test problems.
+Every skill has six phrasings (styles, `world/formats.py`). Training uses only the seen ones, and
+the evaluation holds out three kinds of phrasing, each a different question:
+
+    held-out wordings     four new sentences per skill made of words the training requests use
+                          ("Could you sort 3 1 4 1?"): does tuning carry a skill to a new sentence?
+    held-out styles       "formal" and "story", whose deciding words only pretraining prose has
+                          ("I have 9 apples and get 8 more. How many ..."): does it carry new words?
+    held-out combination  sort asked politely: a known skill and a known style, never together
+
+Problems are at each skill's easy difficulty, where the base model is good when asked symbolically
+(`Q: 34+58`): the run measures following instructions, not learning arithmetic, and reports the
+symbolic accuracy before and after as the ceiling and as a forgetting probe. The headline accuracy
+is the hardest group, the held-out styles; before and after use the same test problems.
+
+Measured (second box, defaults, 139 s): seen 0.26 -> 0.84, held-out wordings 0.10 -> 0.83 (0.98 x
+seen: the issue's 0.8 x bar is met on new sentences), held-out combination 0.22 -> 0.94, held-out
+styles 0.01 -> 0.41 (0.48 x seen: not met, below). New sentences fail where they echo a seen frame of
+another skill: "Please take {b} away from {a}." 0.06 (the seen "Subtract {b} from {a}." 0.08: both
+need the second number copied first), "Reverse {xs}, please." 0.40.
 
 Design choices, each measured while building this (seed 0, 400 steps, held-out styles / seen):
 - The answer first restates the request as the world's symbolic question, then reasons (`restate`).
@@ -36,7 +47,8 @@ Design choices, each measured while building this (seed 0, 400 steps, held-out s
   single frame stands for a skill. All three: 0.00 -> 0.53 (seen 0.90); without `surround` 0.22
   (seen 0.94); without `PARAPHRASES` 0.27 (seen 0.93). The world before all three reached 0.17.
 
-What it cannot do here: reach the held-out styles' bar of 0.8 x seen (0.53 vs 0.90). The formal
+What it cannot do here: reach the bar of 0.8 x seen on the held-out styles (0.53 vs 0.90 when the
+design choices above were measured, 0.41 vs 0.84 with the defaults now). The formal
 phrasings mostly work (sum 1.00, minus 0.96); the misses are requests whose deciding words occur
 only in pretraining prose, and the tuned model reads them by the frame, not by those words: "I have
 99 apples and get 98 more. How many apples do I have?" becomes `99-98` (0.00), "Determine the order
@@ -79,12 +91,12 @@ from posttrain.models import DEFAULT_MODEL, load_model
 from posttrain.report.finetuning_plots import grouped_bars
 from posttrain.report.plots import training_curve
 from posttrain.training import TrainingConfig, train
-from posttrain.world import (EASY_DIFFICULTY, HELD_OUT_COMBINATION, HELD_OUT_STYLES, SKILLS, STYLES, is_seen_phrasing,
-                             render, sample_problems)
+from posttrain.world import (EASY_DIFFICULTY, HELD_OUT_COMBINATION, HELD_OUT_STYLES, NEW_WORDINGS, SKILLS, STYLES,
+                             is_seen_phrasing, render, sample_problems)
 from posttrain.world.corpus import NAMES, THINGS
 from posttrain.world.formats import TEMPLATES, fill
 
-GROUPS = ("seen", "held_out_styles", "held_out_combination")
+GROUPS = ("seen", "held_out_wordings", "held_out_styles", "held_out_combination")
 # What an example's answer looks like. `restate` first writes the request as the world's symbolic
 # question (`34+58`, `sort 3 1 4 1`): picking the skill and copying its operands is then one short
 # line, after which the base model's own chain of thought for that question takes over.
@@ -105,7 +117,7 @@ class InstructionConfig(TrainingConfig):
     symbolic_fraction: float = 0.2  # share of examples asked symbolically (`Q: 34+58`, the base's format): keeps it
     surround: bool = True  # random words before and after each training request (PREFIXES, SUFFIXES)
     paraphrases: bool = True  # also train on PARAPHRASES, more seen wordings of each skill
-    eval_per_cell: int = 50  # test problems per skill, each asked in every style
+    eval_per_cell: int = 50  # test problems per skill, each asked in every phrasing
     steps: int = 400
     batch_size: int = 32
     lr: float = 1e-3
@@ -180,10 +192,11 @@ def training_pairs(cfg: InstructionConfig) -> list[tuple[str, str]]:
 
 
 def accuracy_table(model, tokenizer, tests: dict) -> dict[str, dict[str, float]]:
-    """skill -> style -> greedy accuracy, plus style "symbolic" (`Q: 34+58`, the skill without wording)."""
+    """skill -> phrasing -> greedy accuracy: the styles, the held-out wordings ("new 1" ...), and "symbolic"
+    (`Q: 34+58`, the skill without wording)."""
     problems = [p for skill_problems in tests.values() for p in skill_problems]
     table = {skill: {} for skill in tests}
-    for style in (*STYLES, "symbolic"):
+    for style in (*STYLES, *NEW_WORDINGS, "symbolic"):
         fmt, phrasing = ("direct", "question") if style == "symbolic" else ("instruction", style)
         correct = evaluate(model, tokenizer, problems, fmt=fmt, style=phrasing)["correct"]  # budget: a CoT's length
         start = 0
@@ -195,6 +208,8 @@ def accuracy_table(model, tokenizer, tests: dict) -> dict[str, dict[str, float]]
 
 
 def group_of(skill: str, style: str) -> str | None:
+    if style in NEW_WORDINGS:
+        return "held_out_wordings"
     if style in HELD_OUT_STYLES:
         return "held_out_styles"
     if (skill, style) == HELD_OUT_COMBINATION:
@@ -215,8 +230,12 @@ def group_accuracy(table: dict) -> dict:
 
 
 def style_accuracy(table: dict) -> dict:
-    """Mean accuracy over skills for each phrasing style (and symbolic)."""
-    return {style: sum(by_style[style] for by_style in table.values()) / len(table) for style in (*STYLES, "symbolic")}
+    """Mean accuracy over skills for each phrasing style, the held-out wordings together ("new"), and symbolic."""
+    def mean(style: str) -> float:
+        return sum(by_style[style] for by_style in table.values()) / len(table)
+
+    new_wordings = sum(map(mean, NEW_WORDINGS)) / len(NEW_WORDINGS)
+    return {**{style: mean(style) for style in STYLES}, "new": new_wordings, "symbolic": mean("symbolic")}
 
 
 def summarise(table: dict, n_per_cell: int) -> dict:
@@ -244,6 +263,6 @@ def run(cfg: InstructionConfig, resume: bool = False) -> dict:
     grouped_bars({"base": {g: baseline[g] for g in groups}, "tuned": {g: after[g] for g in groups}},
                  out / "accuracy_by_group.png", "Instruction following: seen vs held-out phrasings")
     grouped_bars({"base": style_accuracy(baseline["by_skill_style"]), "tuned": style_accuracy(after["by_skill_style"])},
-                 out / "accuracy_by_style.png", "Accuracy per phrasing (formal and story held out)")
+                 out / "accuracy_by_style.png", "Accuracy per phrasing (held out: formal, story and the new wordings)")
     metrics = {**after, "train_examples": len(pairs), "train_tokens": dataset.tokens()}
     return write_summary(out, "instruction", cfg, metrics, baseline, model, result, model_dir=str(out / "model"))
