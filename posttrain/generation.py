@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicLayer
 
 from posttrain.data import encode_prompt
 from posttrain.errors import UserError
-from posttrain.losses.sft import IGNORE
+from posttrain.losses.sft import IGNORE, labelled_suffix
 
 
 @dataclasses.dataclass
@@ -279,7 +279,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
-    """Sum of completion-token log-probs per row, (B,): log pi(y | x)."""
+    """Sum of completion-token log-probs per row, (B,): log pi(y | x). Logits are computed only for the
+    positions that can predict a completion token (`labelled_suffix`)."""
     batch = {k: v.to(_device(model)) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-    return token_logprobs(logits, batch["labels"]).sum(-1)
+    keep = labelled_suffix(batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_to_keep=keep).logits
+    return token_logprobs(logits, batch["labels"][:, -keep:]).sum(-1)

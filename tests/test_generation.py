@@ -21,15 +21,17 @@ def test_token_logprobs_equal_a_hand_computation():
 
 
 def test_sequence_logprobs_sum_only_completion_tokens(tokenizer):
+    """Two rows whose completions start at different columns (the first is scored from a later column)."""
     model = random_model(tokenizer)
-    ids, labels = encode_pair(tokenizer, "Q: 12+34\n", "A: 46")
-    batch = pad_batch([(ids, labels)], tokenizer.pad_token_id)
+    rows = [encode_pair(tokenizer, "Q: 1+2\nA: 3\nQ: 12+34\n", "A: 46"), encode_pair(tokenizer, "Q: 12+34\n", "A: 46")]
+    batch = pad_batch(rows, tokenizer.pad_token_id)
     with torch.no_grad():
         got = sequence_logprobs(model, batch)
-        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
-    n_prompt = labels.count(IGNORE)
-    want = sum(logp[t - 1, ids[t]] for t in range(n_prompt, len(ids)))
-    assert torch.allclose(got, want.reshape(1), atol=1e-5)
+        want = []
+        for ids, labels in rows:
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+            want.append(sum(logp[t - 1, ids[t]] for t in range(labels.count(IGNORE), len(ids))))
+    assert torch.allclose(got, torch.stack(want), atol=1e-5)
 
 
 def greedy_without_cache(model, tokenizer, prompt: str, n: int) -> list[int]:

@@ -11,26 +11,36 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token loss (B, T-1): position t predicts labels[t+1]; ignored positions are 0."""
-    shifted = labels[:, 1:]  # (B, T-1)
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="none"
-    ).view_as(shifted)
-
-
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Mean cross-entropy over labelled tokens: -1/N sum_t log p(y_t | y_<t, x)."""
+    """Mean cross-entropy over labelled tokens: -1/N sum_t log p(y_t | y_<t, x).
+
+    Only the N labelled positions' logits are cast to float32 and scored: (N, V), not (B, T, V).
+    """
     mask = labels[:, 1:] != IGNORE  # (B, T-1)
     n_tokens = mask.sum().clamp(min=1)
-    loss = token_cross_entropy(logits, labels).sum() / n_tokens
+    picked = logits[:, :-1][mask].float()  # (N, V): the positions that predict a label
+    loss = F.cross_entropy(picked, labels[:, 1:][mask], reduction="sum") / n_tokens
     return loss, {"loss": loss.item(), "tokens": int(n_tokens)}
 
 
+def labelled_suffix(labels: torch.Tensor) -> int:
+    """How many final positions of the batch can predict a labelled token: T - j, where column j is the
+    first (over all rows) whose next token carries a label. Logits before it score nothing."""
+    labelled_columns = (labels[:, 1:] != IGNORE).any(0).nonzero()  # (columns, 1)
+    first = int(labelled_columns[0]) if len(labelled_columns) else labels.shape[1] - 1
+    return labels.shape[1] - first
+
+
 def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Run `model` on a batch (input_ids, labels, optional attention_mask) and return `sft_loss`."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-    return sft_loss(logits, batch["labels"])
+    """Run `model` on a batch (input_ids, labels, optional attention_mask) and return `sft_loss`.
+
+    The output layer runs only where a label can follow (`logits_to_keep`): prompts that precede
+    every row's completion cost no vocabulary-sized logits (with long prompts, most of them).
+    """
+    keep = labelled_suffix(batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   logits_to_keep=keep).logits  # (B, keep, V)
+    return sft_loss(logits, batch["labels"][:, -keep:])
 
 
 def l2sp_penalty(model, anchors: dict[str, torch.Tensor], strength: float) -> torch.Tensor:
