@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from posttrain.config import load_config
+from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
 from posttrain.losses.distill import forward_kl, reverse_kl
 from posttrain.methods.finetuning import distill
+from tests.conftest import random_model
 
 QUICK = [f"{k}={v}" for k, v in distill.QUICK.items()]
 
@@ -60,6 +62,19 @@ def test_kl_is_zero_for_identical_models_and_averages_labelled_positions():
     loss, metrics = forward_kl(shifted, logits, labels)
     single, _ = forward_kl(shifted[:1, 1:3], logits[:1, 1:3], torch.tensor([[-100, 3]]))
     assert metrics["tokens"] == 6 and loss.item() == pytest.approx(single.item() / 6, rel=1e-5)
+
+
+def test_soft_kd_loss_reads_only_the_logits_that_score_a_label(tokenizer):
+    """The loss a soft-KD step trains on equals the divergence over every position's logits."""
+    rows = [encode_pair(tokenizer, "Q: 12+34\n" * n, f"A: {46 * n}") for n in (2, 4)]
+    batch = EncodedDataset(rows, tokenizer.pad_token_id, 2, seed=0).batch(0)
+    teacher, student = random_model(tokenizer, seed=0, hidden=64), random_model(tokenizer, seed=1)
+    cfg = load_config(distill.DistillConfig, None, ["temperature=2"])
+    loss, metrics = distill.soft_kd_loss(teacher, cfg)(student, batch)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    full, _ = forward_kl(student(**inputs).logits, teacher(**inputs).logits, batch["labels"], 2.0)
+    assert loss.item() == pytest.approx(full.item(), abs=1e-6)
+    assert metrics["tokens"] == int((batch["labels"] != -100).sum())
 
 
 def test_a_student_with_another_vocabulary_is_refused(quick_model, tiny_model_dir):
