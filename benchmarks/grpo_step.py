@@ -50,14 +50,13 @@ def run_posttrain(args) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
     compiled = compiled_forward(model, cfg.compile)
-    decode = "compiled" if cfg.compile else "dynamic"
     sampling: list[float] = []
 
     def step(i):
         start = time.perf_counter()
         batch = todo[i * PROMPTS : (i + 1) * PROMPTS]
         rollouts = sample_rollouts(model, tokenizer, *cot_prompts(batch), num_samples=GROUP, max_new_tokens=budget,
-                                   temperature=1.0, seed=i, decode=decode)
+                                   temperature=1.0, seed=i, decode=cfg.rollout_decode)
         sync()
         sampling.append(time.perf_counter() - start)
         model.train()

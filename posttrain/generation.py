@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicLayer
 
 from posttrain.data import encode_prompt
 from posttrain.errors import UserError
-from posttrain.losses.sft import IGNORE, labelled_suffix
+from posttrain.losses.sft import IGNORE, labelled_logits
 
 
 @dataclasses.dataclass
@@ -280,8 +280,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """Sum of completion-token log-probs per row, (B,): log pi(y | x). Logits are computed only for the
-    positions that can predict a completion token (`labelled_suffix`)."""
+    positions that can predict a completion token (`labelled_logits`)."""
     batch = {k: v.to(_device(model)) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-    keep = labelled_suffix(batch["labels"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_to_keep=keep).logits
-    return token_logprobs(logits, batch["labels"][:, -keep:]).sum(-1)
+    return token_logprobs(*labelled_logits(model, batch)).sum(-1)

@@ -49,6 +49,11 @@ class TrainingConfig:
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the training steps' forward and GRPO/PPO's decode step: GPU levers
 
+    @property
+    def rollout_decode(self) -> str:
+        """The sampler's decode mode for GRPO/PPO rollouts: the compiled static-cache step if `compile`."""
+        return "compiled" if self.compile else "dynamic"
+
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise UserError("steps, batch_size and grad_accum must be >= 1")

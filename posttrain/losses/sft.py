@@ -31,16 +31,18 @@ def labelled_suffix(labels: torch.Tensor) -> int:
     return labels.shape[1] - first
 
 
-def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Run `model` on a batch (input_ids, labels, optional attention_mask) and return `sft_loss`.
-
-    The output layer runs only where a label can follow (`logits_to_keep`): prompts that precede
-    every row's completion cost no vocabulary-sized logits (with long prompts, most of them).
-    """
+def labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, K, V), labels (B, K)) of the last K = `labelled_suffix` positions, aligned as the full
+    ones are (position t scores labels[t + 1]). The output layer runs only there (`logits_to_keep`):
+    prompts that precede every row's completion cost no vocabulary-sized logits."""
     keep = labelled_suffix(batch["labels"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   logits_to_keep=keep).logits  # (B, keep, V)
-    return sft_loss(logits, batch["labels"][:, -keep:])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_to_keep=keep).logits
+    return logits, batch["labels"][:, -keep:]
+
+
+def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Run `model` on a batch (input_ids, labels, optional attention_mask) and return `sft_loss`."""
+    return sft_loss(*labelled_logits(model, batch))
 
 
 def l2sp_penalty(model, anchors: dict[str, torch.Tensor], strength: float) -> torch.Tensor:

@@ -49,7 +49,7 @@ from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
 from posttrain.generation import generate
 from posttrain.losses.distill import DIVERGENCES
-from posttrain.losses.sft import causal_lm_loss, labelled_suffix
+from posttrain.losses.sft import causal_lm_loss, labelled_logits
 from posttrain.methods.common import eval_skill, headline, prepare_output, resumable, world_examples, write_summary
 from posttrain.models import count_params, load_model
 from posttrain.report.distill_plots import student_bars
@@ -134,11 +134,10 @@ def soft_kd_loss(teacher, cfg: DistillConfig):
     divergence = DIVERGENCES[cfg.divergence]
 
     def loss_fn(student, batch: dict):
-        keep = labelled_suffix(batch["labels"])  # logits only where a label can follow, for both models
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": keep}
-        with torch.no_grad():
-            teacher_logits = teacher.to(batch["input_ids"].device)(**inputs).logits  # (B, keep, V)
-        return divergence(student(**inputs).logits, teacher_logits, batch["labels"][:, -keep:], cfg.temperature)
+        with torch.no_grad():  # both models' logits only where a label can follow: (B, K, V)
+            teacher_logits, _ = labelled_logits(teacher.to(batch["input_ids"].device), batch)
+        student_logits, labels = labelled_logits(student, batch)
+        return divergence(student_logits, teacher_logits, labels, cfg.temperature)
 
     return loss_fn
 

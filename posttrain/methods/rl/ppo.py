@@ -149,7 +149,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
         rollouts = step_rollouts(policy, tokenizer, problems, step, cfg.prompts_per_step, num_samples=cfg.samples_per_prompt,
                                  max_new_tokens=held_out.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                  reward_fn=reward_fn, accelerator=accelerator,
-                                 decode="compiled" if cfg.compile else "dynamic")
+                                 decode=cfg.rollout_decode)
         with forward_as(policy, compiled):  # the updates compiled if cfg.compile (sampling: its own decode step)
             metrics = optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts, cfg)
         tokens += int(rollouts.batch["attention_mask"].sum())
