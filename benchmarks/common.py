@@ -115,13 +115,22 @@ def trl_step_timer():
     return StepTimer()
 
 
-def side_main(run_side) -> None:
-    """Entry point of one side's subprocess: prints one JSON line of its measurements."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--side", required=True)
+def arguments(description: str, data: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The options shared by the comparison and each side's process."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--data", choices=data, default=data[0],
+                        help="world: the world's examples as they are; mixed: 1-4 digit problems, direct and "
+                             "worked, for rows of very different lengths (where the script offers it)")
+    return parser
+
+
+def side_main(run_side, data: tuple[str, ...]) -> None:
+    """Entry point of one side's subprocess: prints one JSON line of its measurements."""
+    parser = arguments("one side", data)
+    parser.add_argument("--side", required=True)
     args = parser.parse_args()
     result = run_side(args)
     result.update(side=args.side, size=args.size, peak_mb=peak_memory_mb(),
@@ -129,25 +138,21 @@ def side_main(run_side) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def main(module: str, run_side, sides: list[str], unit: str, per_step: str) -> None:
+def main(module: str, run_side, sides: list[str], unit: str, per_step: str, data: tuple[str, ...] = ("world",)) -> None:
     """`python -m benchmarks.X [--size ...]` compares the sides; with --side it is one side's process."""
     if "--side" in sys.argv:
-        side_main(run_side)
+        side_main(run_side, data)
     else:
-        compare(module, sides, unit, per_step)
+        compare(module, sides, unit, per_step, data)
 
 
-def compare(module: str, sides: list[str], unit: str, per_step: str) -> None:
+def compare(module: str, sides: list[str], unit: str, per_step: str, data: tuple[str, ...]) -> None:
     """Run each side in a subprocess and print a table with throughput ratios to the last side."""
-    parser = argparse.ArgumentParser(description=f"posttrain vs others: {unit}")
-    parser.add_argument("--size", choices=SIZES, default="tiny")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args()
+    args = arguments(f"posttrain vs others: {unit}", data).parse_args()
     rows = []
     for side in sides:
         cmd = [sys.executable, "-m", module, "--side", side, "--size", args.size, "--warmup", str(args.warmup),
-               "--steps", str(args.steps)]
+               "--steps", str(args.steps), "--data", args.data]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
@@ -155,7 +160,8 @@ def compare(module: str, sides: list[str], unit: str, per_step: str) -> None:
         rows.append(json.loads(line[7:]))
     base = rows[-1][per_step] / rows[-1]["median_s"]
     where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    print(f"{unit}, size={args.size}, device={where}, median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"{unit}, size={args.size}, data={args.data}, device={where}, median of {args.steps} steps after "
+          f"{args.warmup} warm-up")
     print(f"| side | {unit} | median step (ms) | peak memory (MB) | MFU | vs {rows[-1]['side']} | notes |")
     print("|---|---|---|---|---|---|---|")
     known = {"side", "size", "peak_mb", "median_s", "flops_per_token", per_step}

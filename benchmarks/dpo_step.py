@@ -18,6 +18,7 @@ import tempfile
 import torch
 
 from benchmarks.common import SEQ_LEN, device, load, main, timed_steps, trl_step_timer, with_context
+from posttrain import packing
 from posttrain.data import encode_pair
 from posttrain.world import MAIN_SKILL, render, sample_problems
 from posttrain.world.skills import Problem
@@ -60,6 +61,7 @@ def run_posttrain(args) -> dict:
     optimizer = make_optimizer(model.parameters(), cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    packing.enable(model)  # as train() does with packing=true, the default
     loss_fn = dpo_loss_fn(lambda p: dpo_sigmoid(p, 0.1), 0.1, 0.0)
     batch = pair_batches(tensors, BATCH[args.size], 0)
     step = lambda i: _optimizer_step(model, optimizer, batch(i), loss_fn, cfg, accelerator)  # noqa: E731

@@ -21,6 +21,7 @@ import time
 import torch
 
 from benchmarks.common import SEQ_LEN, device, load, main, sync, timed_steps, trl_step_timer
+from posttrain import packing
 from posttrain.evaluation import max_new_tokens_for
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 
@@ -49,6 +50,7 @@ def run_posttrain(args) -> dict:
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
+    packing.enable(model)  # as the GRPO run does with packing=true, the default
     compiled = compiled_forward(model, cfg.compile)
     sampling: list[float] = []
 

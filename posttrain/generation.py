@@ -282,4 +282,6 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """Sum of completion-token log-probs per row, (B,): log pi(y | x). Logits are computed only for the
     positions that can predict a completion token (`labelled_logits`)."""
     batch = {k: v.to(_device(model)) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-    return token_logprobs(*labelled_logits(model, batch)).sum(-1)
+    logits, targets, rows = labelled_logits(model, batch)  # (N, V), (N,), (N,)
+    logp = -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,): log p(y_t | ...)
+    return logp.new_zeros(len(batch["input_ids"])).index_add(0, rows, logp)

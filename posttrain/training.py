@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from posttrain import packing
 from posttrain.errors import UserError
 from posttrain.io import JsonlWriter, atomic_dir, read_json, write_json
 
@@ -48,6 +49,7 @@ class TrainingConfig:
     seed: int = 0  # seeds data order, sampling and initialisation
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the training steps' forward and GRPO/PPO's decode step: GPU levers
+    packing: bool = True  # run padded batches packed (posttrain/packing.py): no layer computes on padding
 
     @property
     def rollout_decode(self) -> str:
@@ -194,6 +196,8 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     unwrapped = accelerator.unwrap_model(model)
+    if cfg.packing:
+        packing.enable(unwrapped)
     compiled = compiled_forward(unwrapped, cfg.compile)
 
     history, last_metrics, tokens = [], {}, 0

@@ -16,29 +16,26 @@ QUICK = [f"{k}={v}" for k, v in distill.QUICK.items()]
 
 
 def one_position(teacher_row, student_row):
-    """Logits (1, 2, V) whose first position scores the one labelled token (labels [-100, 1])."""
-    teacher = torch.tensor([[teacher_row, [0.0] * len(teacher_row)]])
-    student = torch.tensor([[student_row, [0.0] * len(student_row)]], requires_grad=True)
-    return student, teacher, torch.tensor([[-100, 1]])
+    """Logits (1, V) of one labelled position for each model."""
+    return torch.tensor([student_row], requires_grad=True), torch.tensor([teacher_row])
 
 
 def test_forward_kl_by_hand():
     """Teacher logits (0, ln 3) give p = (1/4, 3/4); student logits (0, 0) give q = (1/2, 1/2).
     KL(p || q) = 1/4 ln(1/4 / 1/2) + 3/4 ln(3/4 / 1/2) = -1/4 ln 2 + 3/4 ln 1.5 = 0.1308121."""
-    student, teacher, labels = one_position([0.0, math.log(3)], [0.0, 0.0])
-    loss, metrics = forward_kl(student, teacher, labels)
+    student, teacher = one_position([0.0, math.log(3)], [0.0, 0.0])
+    loss, metrics = forward_kl(student, teacher)
     assert loss.item() == pytest.approx(-0.25 * math.log(2) + 0.75 * math.log(1.5), abs=1e-6)
     assert loss.item() == pytest.approx(0.1308121, abs=1e-6) and metrics["tokens"] == 1
     # d KL / d z_student = q - p = (1/2 - 1/4, 1/2 - 3/4) at tau = 1
     loss.backward()
-    torch.testing.assert_close(student.grad[0, 0], torch.tensor([0.25, -0.25]))
-    assert student.grad[0, 1].abs().sum() == 0  # the position without a label gets no gradient
+    torch.testing.assert_close(student.grad[0], torch.tensor([0.25, -0.25]))
 
 
 def test_reverse_kl_by_hand():
     """KL(q || p) = 1/2 ln(1/2 / 1/4) + 1/2 ln(1/2 / 3/4) = 1/2 ln(4/3) = 0.1438410."""
-    student, teacher, labels = one_position([0.0, math.log(3)], [0.0, 0.0])
-    loss, _ = reverse_kl(student, teacher, labels)
+    student, teacher = one_position([0.0, math.log(3)], [0.0, 0.0])
+    loss, _ = reverse_kl(student, teacher)
     assert loss.item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
 
 
@@ -46,33 +43,33 @@ def test_temperature_softens_the_targets_and_scales_by_tau_squared():
     """At tau = 2 the teacher's logits become (0, ln 3 / 2): p = (1, sqrt 3) / (1 + sqrt 3); q stays uniform.
     tau^2 KL = 4 (p1 ln 2 p1 + p2 ln 2 p2) = 0.1453631."""
     p1, p2 = 1 / (1 + math.sqrt(3)), math.sqrt(3) / (1 + math.sqrt(3))
-    student, teacher, labels = one_position([0.0, math.log(3)], [0.0, 0.0])
-    loss, metrics = forward_kl(student, teacher, labels, temperature=2.0)
+    student, teacher = one_position([0.0, math.log(3)], [0.0, 0.0])
+    loss, metrics = forward_kl(student, teacher, temperature=2.0)
     assert loss.item() == pytest.approx(4 * (p1 * math.log(2 * p1) + p2 * math.log(2 * p2)), abs=1e-6)
     assert loss.item() == pytest.approx(0.1453631, abs=1e-6) and metrics["kl"] == pytest.approx(loss.item() / 4)
 
 
-def test_kl_is_zero_for_identical_models_and_averages_labelled_positions():
+def test_kl_is_zero_for_identical_models_and_averages_the_positions():
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 7)
-    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 3, 4]])
-    assert forward_kl(logits, logits, labels)[0].item() == pytest.approx(0.0, abs=1e-6)
+    logits = torch.randn(6, 7)
+    assert forward_kl(logits, logits)[0].item() == pytest.approx(0.0, abs=1e-6)
     shifted = logits.clone()
-    shifted[0, 1] += torch.arange(7.0)  # change only position 1 of row 0, which scores labels[0, 2]
-    loss, metrics = forward_kl(shifted, logits, labels)
-    single, _ = forward_kl(shifted[:1, 1:3], logits[:1, 1:3], torch.tensor([[-100, 3]]))
+    shifted[1] += torch.arange(7.0)  # change only position 1
+    loss, metrics = forward_kl(shifted, logits)
+    single, _ = forward_kl(shifted[1:2], logits[1:2])
     assert metrics["tokens"] == 6 and loss.item() == pytest.approx(single.item() / 6, rel=1e-5)
 
 
 def test_soft_kd_loss_reads_only_the_logits_that_score_a_label(tokenizer):
-    """The loss a soft-KD step trains on equals the divergence over every position's logits."""
+    """The loss a soft-KD step trains on equals the divergence over every position's logits, masked by hand."""
     rows = [encode_pair(tokenizer, "Q: 12+34\n" * n, f"A: {46 * n}") for n in (2, 4)]
     batch = EncodedDataset(rows, tokenizer.pad_token_id, 2, seed=0).batch(0)
     teacher, student = random_model(tokenizer, seed=0, hidden=64), random_model(tokenizer, seed=1)
     cfg = load_config(distill.DistillConfig, None, ["temperature=2"])
     loss, metrics = distill.soft_kd_loss(teacher, cfg)(student, batch)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    full, _ = forward_kl(student(**inputs).logits, teacher(**inputs).logits, batch["labels"], 2.0)
+    labelled = batch["labels"][:, 1:] != -100  # (B, T-1): position t scores labels[:, t + 1]
+    full, _ = forward_kl(student(**inputs).logits[:, :-1][labelled], teacher(**inputs).logits[:, :-1][labelled], 2.0)
     assert loss.item() == pytest.approx(full.item(), abs=1e-6)
     assert metrics["tokens"] == int((batch["labels"] != -100).sum())
 

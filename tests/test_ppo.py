@@ -88,7 +88,9 @@ def test_ppo_run_output_contract(tmp_path):
     for name in ("objective/kl", "objective/entropy", "objective/scores", "policy/clipfrac", "policy/approxkl",
                  "loss/policy", "loss/value", "val/explained_variance", "completions/mean_length", "eval/accuracy"):
         assert name in lines[0]
-    assert lines[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference
+    # The first rollout comes from the reference, so KL = 0 up to float rounding: the policy's log-probs come
+    # from every position's logits (beside its values), the reference's from the completion positions' only.
+    assert lines[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
     for name in ("training_curve.png", "reward_kl_frontier.png", "samples.jsonl", "model/value_head.safetensors"):
         assert (tmp_path / name).stat().st_size > 0
 

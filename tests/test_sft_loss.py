@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from posttrain.data import EncodedDataset, encode_pair
-from posttrain.losses.sft import IGNORE, causal_lm_loss, labelled_suffix, sft_loss
+from posttrain.losses.sft import IGNORE, causal_lm_loss, labelled_positions, labelled_suffix, sft_loss
 from tests.conftest import random_model
 
 
@@ -14,7 +14,9 @@ def test_sft_loss_by_hand():
     Position 2 predicts nothing. Mean over the two labelled tokens: ln(8/3) / 2."""
     logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [5.0, -5.0]]])  # (1, 3, 2)
     labels = torch.tensor([[IGNORE, 1, 0]])
-    loss, metrics = sft_loss(logits, labels)
+    scored, targets, rows = labelled_positions(logits, labels)
+    assert scored.shape == (2, 2) and targets.tolist() == [1, 0] and rows.tolist() == [0, 0]
+    loss, metrics = sft_loss(scored, targets)
     assert loss.item() == pytest.approx(math.log(8 / 3) / 2, abs=1e-6)
     assert metrics["tokens"] == 2
 
@@ -35,7 +37,7 @@ def test_causal_lm_loss_equals_the_loss_over_every_position(tokenizer):
     loss, metrics = causal_lm_loss(model, batch)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    full, _ = sft_loss(logits, batch["labels"])
+    full, _ = sft_loss(*labelled_positions(logits, batch["labels"])[:2])
     full_grads = torch.autograd.grad(full, list(model.parameters()))
     assert loss.item() == pytest.approx(full.item(), abs=1e-6)
     assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(grads, full_grads))

@@ -1,26 +1,33 @@
 """Supervised fine-tuning losses.
 
 Next-token cross-entropy averaged over the tokens that carry a label; prompt and padding tokens
-carry the label -100 and so no loss. Shapes: logits (B, T, V), labels (B, T).
+carry the label -100 and so no loss. Shapes: a batch's input_ids and labels (B, T); the loss reads the
+logits of the N positions whose next token carries a label, (N, V).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from posttrain import packing
+
 IGNORE = -100
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Mean cross-entropy over labelled tokens: -1/N sum_t log p(y_t | y_<t, x).
+def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Mean cross-entropy over the N labelled positions: -1/N sum_t log p(y_t | y_<t, x).
 
-    Only the N labelled positions' logits are cast to float32 and scored: (N, V), not (B, T, V).
-    """
+    logits (N, V) at the positions that predict a label, scored in float32; targets (N,) those labels."""
+    n_tokens = max(len(targets), 1)
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / n_tokens
+    return loss, {"loss": loss.item(), "tokens": len(targets)}
+
+
+def labelled_positions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The positions of full-layout logits (B, T, V) whose next token carries a label, in row-major order:
+    (logits (N, V), targets (N,), rows (N,)); position t scores labels[:, t + 1]."""
     mask = labels[:, 1:] != IGNORE  # (B, T-1)
-    n_tokens = mask.sum().clamp(min=1)
-    picked = logits[:, :-1][mask].float()  # (N, V): the positions that predict a label
-    loss = F.cross_entropy(picked, labels[:, 1:][mask], reduction="sum") / n_tokens
-    return loss, {"loss": loss.item(), "tokens": int(n_tokens)}
+    return logits[:, :-1][mask], labels[:, 1:][mask], mask.nonzero()[:, 0]
 
 
 def labelled_suffix(labels: torch.Tensor) -> int:
@@ -31,18 +38,35 @@ def labelled_suffix(labels: torch.Tensor) -> int:
     return labels.shape[1] - first
 
 
-def labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, K, V), labels (B, K)) of the last K = `labelled_suffix` positions, aligned as the full
-    ones are (position t scores labels[t + 1]). The output layer runs only there (`logits_to_keep`):
-    prompts that precede every row's completion cost no vocabulary-sized logits."""
+def labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (N, V), targets (N,), rows (N,)) at the N positions of the batch whose next token carries a
+    label, row by row. The output layer runs only there. A model `packing.enable`d runs a padded batch
+    packed (no layer computes on padding); otherwise on the last K = `labelled_suffix` columns
+    (`logits_to_keep`), so prompts that precede every row's completion cost no vocabulary-sized logits."""
+    mask = batch.get("attention_mask")
+    if packing.enabled(model) and packing.has_padding(batch) and packing.is_right_padded(mask):
+        return packed_labelled_logits(model, batch)
     keep = labelled_suffix(batch["labels"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_to_keep=keep).logits
-    return logits, batch["labels"][:, -keep:]
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=keep).logits  # (B, K, V)
+    return labelled_positions(logits, batch["labels"][:, -keep:])
+
+
+def packed_labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`labelled_logits` of a right-padded batch run packed: one row of its real tokens (`packing.pack`)."""
+    packed = packing.pack(batch)
+    # position t scores labels[t + 1], unless t + 1 starts the next sequence
+    scores = (packed.labels[1:] != IGNORE) & ~packed.sequence_starts()[1:]  # (N-1,)
+    keep = scores.nonzero().squeeze(1)
+    with packing.packed_attention(model):
+        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, logits_to_keep=keep,
+                       packed=packed.layout).logits[0]  # (N_labelled, V)
+    return logits, packed.labels[keep + 1], packed.layout.rows[keep]
 
 
 def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """Run `model` on a batch (input_ids, labels, optional attention_mask) and return `sft_loss`."""
-    return sft_loss(*labelled_logits(model, batch))
+    logits, targets, _ = labelled_logits(model, batch)
+    return sft_loss(logits, targets)
 
 
 def l2sp_penalty(model, anchors: dict[str, torch.Tensor], strength: float) -> torch.Tensor:

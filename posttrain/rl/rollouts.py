@@ -15,11 +15,13 @@ import dataclasses
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from posttrain.data import pad_batch
 from posttrain.errors import UserError
-from posttrain.generation import generate, token_logprobs
-from posttrain.losses.sft import IGNORE
+from posttrain.generation import generate
+from posttrain.losses.ppo import token_entropy
+from posttrain.losses.sft import IGNORE, labelled_logits
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 from posttrain.world.skills import Problem
 
@@ -152,9 +154,16 @@ def sample_rollouts(model, tokenizer, prompts: list[str], answers: list[str] | N
 
 
 def forward_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi of every next token (N, T-1), logits (N, T, V)) of a right-padded batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return token_logprobs(logits, batch["labels"]), logits
+    """(log pi of each completion token, entropy of the next-token distribution there), both (N, T-1) and 0
+    where no completion token follows, of a right-padded batch. Logits only where a completion token
+    follows, packed if `packing.enable`d (`labelled_logits`); the entropy carries no gradient."""
+    logits, targets, _ = labelled_logits(model, batch)  # (M, V) at the M completion positions, row by row
+    logp = -F.cross_entropy(logits.float(), targets, reduction="none")  # (M,)
+    with torch.no_grad():
+        entropy = token_entropy(logits)  # (M,)
+    scored = batch["labels"][:, 1:] != IGNORE  # (N, T-1): the same positions, in the same order
+    grid = torch.zeros(scored.shape, dtype=logp.dtype, device=logp.device)
+    return grid.masked_scatter(scored, logp), grid.masked_scatter(scored, entropy)
 
 
 def completion_stats(rollouts: Rollouts) -> dict:

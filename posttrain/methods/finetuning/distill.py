@@ -134,10 +134,10 @@ def soft_kd_loss(teacher, cfg: DistillConfig):
     divergence = DIVERGENCES[cfg.divergence]
 
     def loss_fn(student, batch: dict):
-        with torch.no_grad():  # both models' logits only where a label can follow: (B, K, V)
-            teacher_logits, _ = labelled_logits(teacher.to(batch["input_ids"].device), batch)
-        student_logits, labels = labelled_logits(student, batch)
-        return divergence(student_logits, teacher_logits, labels, cfg.temperature)
+        with torch.no_grad():  # both models' logits only where a label follows, the same N positions: (N, V)
+            teacher_logits, _, _ = labelled_logits(teacher.to(batch["input_ids"].device), batch)
+        student_logits, _, _ = labelled_logits(student, batch)
+        return divergence(student_logits, teacher_logits, cfg.temperature)
 
     return loss_fn
 

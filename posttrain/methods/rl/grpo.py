@@ -31,15 +31,15 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from posttrain import packing
 from posttrain.errors import UserError
 from posttrain.io import JsonlWriter
 from posttrain.losses.grpo import AGGREGATIONS, grpo_loss
-from posttrain.losses.ppo import entropy_bonus
 from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
 from posttrain.models import load_model
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
-from posttrain.rl.advantages import group_advantages
+from posttrain.rl.advantages import group_advantages, masked_mean
 from posttrain.rl.frontier import HeldOut
 from posttrain.rl.rollouts import (completion_stats, forward_logprobs, policy_path, reward_function, step_rollouts,
                                    training_problems)
@@ -111,6 +111,8 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
+    if cfg.packing:
+        packing.enable(policy)  # updates on the rollouts' real tokens only
     compiled = compiled_forward(policy, cfg.compile)
     if reference is not None:
         reference.to(accelerator.device)
@@ -174,13 +176,12 @@ def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg:
     generator = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.epochs):
         for rows in torch.randperm(len(advantages), generator=generator).split(minibatch):
-            logp, logits = forward_logprobs(model, {k: v[rows] for k, v in batch.items()})
+            logp, entropy = forward_logprobs(model, {k: v[rows] for k, v in batch.items()})
             ref_rows = ref_logp[rows] if ref_logp is not None else None
             old_rows = logp.detach() if old_logp is None else old_logp[rows]
             loss, metrics = grpo_loss(logp, old_rows, ref_rows, advantages[rows], mask[rows],
                                       clip_eps=cfg.clip_eps, beta=cfg.beta, aggregate=AGGREGATIONS[cfg.loss_aggregation])
-            with torch.no_grad():
-                metrics["entropy"] = entropy_bonus(logits[:, :-1], mask[rows])[0].item()
+            metrics["entropy"] = masked_mean(entropy, mask[rows]).item()
             accelerator.backward(loss)
             if cfg.max_grad_norm:
                 metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))

@@ -1,0 +1,114 @@
+"""Padding-free (packed) batches: the layout by hand, and the same losses, gradients and log-probs as padded."""
+import pytest
+import torch
+from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from posttrain import packing
+from posttrain.data import EncodedDataset, encode_pair
+from posttrain.generation import sequence_logprobs
+from posttrain.losses.sft import IGNORE, causal_lm_loss
+from tests.conftest import random_model
+
+
+def test_pack_by_hand():
+    """Rows of 3, 1 and 2 real tokens in a 3 x 3 grid: their tokens end to end, positions from 0 in each."""
+    batch = {"input_ids": torch.tensor([[5, 6, 7], [8, 0, 0], [9, 4, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]]),
+             "labels": torch.tensor([[IGNORE, 6, 7], [IGNORE, IGNORE, IGNORE], [IGNORE, 4, IGNORE]])}
+    packed = packing.pack(batch)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 4]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert packed.labels.tolist() == [IGNORE, 6, 7, IGNORE, IGNORE, 4]
+    assert packed.layout.slots.tolist() == [0, 1, 2, 3, 6, 7] and packed.layout.rows.tolist() == [0, 0, 0, 1, 2, 2]
+    assert packed.sequence_starts().tolist() == [True, False, False, True, True, False]
+    grid = packing.to_grid(torch.arange(6.0).view(1, 1, 6, 1), packed.layout)  # (B, H, W, D) = (3, 1, 3, 1)
+    assert grid.flatten().tolist() == [0, 1, 2, 3, 0, 0, 4, 5, 0]
+
+
+def test_right_padding_is_recognised():
+    assert packing.is_right_padded(torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert not packing.is_right_padded(torch.tensor([[0, 1, 1], [1, 1, 1]]))  # left-padded: trained padded
+
+
+def batch_of_mixed_lengths(tokenizer, rows: int = 4) -> dict:
+    """Prompts and completions of different lengths, so that the padded batch is mostly padding in places."""
+    pairs = [encode_pair(tokenizer, "Q: 12+34\n" * (1 + i % 3), "A: 46" * (1 + i)) for i in range(rows)]
+    return EncodedDataset(pairs, tokenizer.pad_token_id, rows, seed=0).batch(0)
+
+
+def gpt2_model(tokenizer) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # the two steps compared draw no dropout
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    return GPT2LMHeadModel(config)
+
+
+def grouped_query_llama(tokenizer) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("build", [random_model, gpt2_model, grouped_query_llama], ids=["llama", "gpt2", "llama-gqa"])
+def test_packed_training_step_equals_the_padded_one(tokenizer, build, monkeypatch):
+    """Rotary (Llama) and learned (GPT-2) positions, grouped-query attention: same loss and every gradient."""
+    calls = []
+    monkeypatch.setitem(AttentionInterface._global_mapping, packing.NAME,
+                        lambda *args, **kwargs: calls.append(1) or packing.attention(*args, **kwargs))
+    batch = batch_of_mixed_lengths(tokenizer)
+    assert not batch["attention_mask"].all()
+    model = build(tokenizer).train()
+    padded, metrics = causal_lm_loss(model, batch)
+    padded_grads = torch.autograd.grad(padded, list(model.parameters()))
+    assert packing.enable(model)
+    calls.clear()
+    loss, packed_metrics = causal_lm_loss(model, batch)
+    assert len(calls) == 2  # the packed attention ran, once per layer
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert loss.item() == pytest.approx(padded.item(), abs=1e-6) and packed_metrics["tokens"] == metrics["tokens"]
+    assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(grads, padded_grads))
+    assert model.config._attn_implementation != packing.NAME  # restored after each packed call
+
+
+def test_packed_sequence_logprobs_equal_the_padded_ones(tokenizer):
+    """DPO's per-row sums, rows in their batch order."""
+    batch = batch_of_mixed_lengths(tokenizer, rows=5)
+    model = random_model(tokenizer)
+    with torch.no_grad():
+        padded = sequence_logprobs(model, batch)
+        assert packing.enable(model)
+        packed = sequence_logprobs(model, batch)
+    assert torch.allclose(packed, padded, atol=1e-5)
+
+
+def test_a_model_whose_attention_ignores_the_layout_trains_padded(tokenizer, monkeypatch, capsys):
+    """If packed sequences could see each other, `enable` finds the logits changed and refuses."""
+    def across_sequences(module, query, key, value, attention_mask, packed=None, **kwargs):
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True)
+        return out.transpose(1, 2), None
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, packing.NAME, across_sequences)
+    model = random_model(tokenizer)
+    assert not packing.enable(model) and not packing.enabled(model)
+    assert "training on padded batches" in capsys.readouterr().err
+
+
+def test_rollout_logprobs_and_entropy_equal_the_full_computation_packed_or_not(tokenizer):
+    """GRPO's update: per-token log-probs and entropies on the (N, T-1) grid, 0 where no completion token follows."""
+    from posttrain.generation import token_logprobs
+    from posttrain.losses.ppo import token_entropy
+    from posttrain.rl.rollouts import forward_logprobs
+
+    batch = batch_of_mixed_lengths(tokenizer, rows=5)
+    model = random_model(tokenizer)
+    scored = batch["labels"][:, 1:] != IGNORE
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (N, T, V)
+        want_logp, want_entropy = token_logprobs(logits, batch["labels"]), token_entropy(logits[:, :-1]) * scored
+        for packed in (False, True):
+            if packed:
+                assert packing.enable(model)
+            logp, entropy = forward_logprobs(model, batch)
+            assert torch.allclose(logp, want_logp, atol=1e-5) and torch.allclose(entropy, want_entropy, atol=1e-5)
