@@ -61,7 +61,8 @@ def run_posttrain(args) -> dict:
     optimizer = make_optimizer(model.parameters(), cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    packing.enable(model)  # as train() does with packing=true, the default
+    if args.side != "posttrain-padded":  # as train() does with packing=true, the default
+        packing.enable(model)
     loss_fn = dpo_loss_fn(lambda p: dpo_sigmoid(p, 0.1), 0.1, 0.0)
     batch = pair_batches(tensors, BATCH[args.size], 0)
     step = lambda i: _optimizer_step(model, optimizer, batch(i), loss_fn, cfg, accelerator)  # noqa: E731
@@ -92,8 +93,9 @@ def run_trl(args) -> dict:
 
 
 def run_side(args) -> dict:
-    return {"posttrain": run_posttrain, "posttrain-compiled": run_posttrain, "trl": run_trl}[args.side](args)
+    return {"posttrain": run_posttrain, "posttrain-padded": run_posttrain, "posttrain-compiled": run_posttrain,
+            "trl": run_trl}[args.side](args)
 
 
 if __name__ == "__main__":
-    main(__spec__.name, run_side, ["posttrain", "posttrain-compiled", "trl"], "pairs/s", "pairs")
+    main(__spec__.name, run_side, ["posttrain", "posttrain-padded", "posttrain-compiled", "trl"], "pairs/s", "pairs")
