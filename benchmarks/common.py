@@ -2,7 +2,8 @@
 
 Each benchmark script runs every side in its own subprocess (so peak memory is that side's alone),
 with the same model, data, batch and sequence length; warm-up steps are excluded and the median
-step time is reported. Run a script with no arguments to get the table.
+step time is reported. Run a script with no arguments to get the table; `--rounds 2` runs the sides
+in turn twice (a machine whose speed drifts then slows every side alike), `--sides a,b` a subset.
 """
 from __future__ import annotations
 
@@ -147,30 +148,50 @@ def main(module: str, run_side, sides: list[str], unit: str, per_step: str, data
 
 
 def compare(module: str, sides: list[str], unit: str, per_step: str, data: tuple[str, ...]) -> None:
-    """Run each side in a subprocess and print a table with throughput ratios to the last side."""
-    args = arguments(f"posttrain vs others: {unit}", data).parse_args()
-    rows = []
-    for side in sides:
-        cmd = [sys.executable, "-m", module, "--side", side, "--size", args.size, "--warmup", str(args.warmup),
-               "--steps", str(args.steps), "--data", args.data]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"side {side} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(line[7:]))
-    base = rows[-1][per_step] / rows[-1]["median_s"]
+    """Run each side in a subprocess and print a table with throughput ratios to the last side.
+
+    With --rounds R the sides run in turn R times (A B C, A B C, ...), so a machine whose speed drifts
+    slows every side alike; a side's step time is the median of its rounds, and each round's ratio is
+    listed in the notes."""
+    parser = arguments(f"posttrain vs others: {unit}", data)
+    parser.add_argument("--rounds", type=int, default=1, help="times to run every side, in turn (default 1)")
+    parser.add_argument("--sides", default=",".join(sides), help=f"comma-separated subset of {','.join(sides)}; "
+                        "the last is the reference of the ratios")
+    args = parser.parse_args()
+    chosen = args.sides.split(",")
+    if not chosen or any(side not in sides for side in chosen):
+        parser.error(f"--sides must name some of {', '.join(sides)}")
+    sides = chosen
+    rounds = [[run_one(module, side, args) for side in sides] for _ in range(args.rounds)]
     where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     print(f"{unit}, size={args.size}, data={args.data}, device={where}, median of {args.steps} steps after "
-          f"{args.warmup} warm-up")
-    print(f"| side | {unit} | median step (ms) | peak memory (MB) | MFU | vs {rows[-1]['side']} | notes |")
+          f"{args.warmup} warm-up, {args.rounds} round(s)")
+    print(f"| side | {unit} | median step (ms) | peak memory (MB) | MFU | vs {sides[-1]} | notes |")
     print("|---|---|---|---|---|---|---|")
+    rate = lambda r: r[per_step] / r["median_s"]  # noqa: E731
     known = {"side", "size", "peak_mb", "median_s", "flops_per_token", per_step}
-    for r in rows:
-        rate = r[per_step] / r["median_s"]
-        mfu = f"{100 * rate * r['flops_per_token'] / H100_BF16_FLOPS:.1f}%" if "flops_per_token" in r else ""
-        notes = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k not in known)  # e.g. GRPO's sampling share
-        print(f"| {r['side']} | {rate:,.1f} | {1000 * r['median_s']:.1f} | {r['peak_mb']:.0f} | {mfu} | {rate / base:.2f}x "
-              f"| {notes} |")
+    base = statistics.median(rate(results[-1]) for results in rounds)
+    for i, side in enumerate(sides):
+        runs = [results[i] for results in rounds]
+        r = {**runs[0], "median_s": statistics.median(x["median_s"] for x in runs),
+             "peak_mb": max(x["peak_mb"] for x in runs)}
+        mfu = f"{100 * rate(r) * r['flops_per_token'] / H100_BF16_FLOPS:.1f}%" if "flops_per_token" in r else ""
+        notes = [f"{k} {statistics.mean(x[k] for x in runs):.2f}" for k in r if k not in known]  # e.g. GRPO's sampling
+        if args.rounds > 1:
+            notes.append("rounds " + " / ".join(f"{rate(x) / rate(results[-1]):.2f}x" for x, results in zip(runs, rounds)))
+        print(f"| {side} | {rate(r):,.1f} | {1000 * r['median_s']:.1f} | {r['peak_mb']:.0f} | {mfu} | "
+              f"{rate(r) / base:.2f}x | {', '.join(notes)} |")
+
+
+def run_one(module: str, side: str, args) -> dict:
+    """One side's measurements, from its own subprocess."""
+    cmd = [sys.executable, "-m", module, "--side", side, "--size", args.size, "--warmup", str(args.warmup),
+           "--steps", str(args.steps), "--data", args.data]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"side {side} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[7:])
 
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM

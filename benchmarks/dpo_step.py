@@ -5,7 +5,8 @@ solution, rejected = the solution of a problem with one operand digit misread, t
 mistake), sigmoid loss, beta 0.1, AdamW. Tiny: batch 16 pairs as they are (~110 tokens a side).
 110m: batch 8 pairs of up to 512 tokens a side (worked examples before each prompt), DESIGN.md's
 reference shape. Both sides precompute the reference log-probs before the timed steps (TRL:
-precompute_ref_log_probs=True); posttrain runs chosen and rejected through one forward.
+precompute_ref_log_probs=True); posttrain runs chosen and rejected through one forward, packed as
+`train()` does by default (the posttrain-padded side without).
 
     python -m benchmarks.dpo_step                 # embedded tiny model (CPU or GPU)
     python -m benchmarks.dpo_step --size 110m     # random-init ~110M Llama, bf16 (GPU)

@@ -47,8 +47,9 @@ GENERATION_STEPS=(--warmup 1 --steps 3)  # a step is a whole rollout of 256 toke
 for group in $GROUPS_TO_RUN; do
     case $group in
     training)
-        run sft 150 python3 -m benchmarks.sft_step --size "$SIZE" "${STEPS[@]}"
-        run dpo 150 python3 -m benchmarks.dpo_step --size "$SIZE" "${STEPS[@]}" ;;
+        # the 110m rows are 930-1014 tokens, little padding: the padded and padding-free sides are left out
+        run sft 150 python3 -m benchmarks.sft_step --size "$SIZE" "${STEPS[@]}" --sides posttrain,posttrain-compiled,trl
+        run dpo 150 python3 -m benchmarks.dpo_step --size "$SIZE" "${STEPS[@]}" --sides posttrain,posttrain-compiled,trl ;;
     rollouts)
         run grpo 200 python3 -m benchmarks.grpo_step --size "$SIZE" "${STEPS[@]}"
         run generation64 150 env BENCH_BATCH=64 python3 -m benchmarks.generation --size "$SIZE" "${GENERATION_STEPS[@]}"

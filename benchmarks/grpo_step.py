@@ -8,7 +8,8 @@ random-init model rarely samples EOS, so its completions run to the budget). A s
 score, compute advantages, update. posttrain also reports the share of its step spent sampling.
 The posttrain-compiled side is what `compile=true` gives a GRPO run: the decode step compiled over a
 static cache (`generate(decode="compiled")`) and the update's forward compiled; warm-up steps
-include the compiling.
+include the compiling. posttrain updates on packed rollouts (`packing=true`, the default: no layer
+but attention computes on padding); the posttrain-padded side without.
 
     python -m benchmarks.grpo_step                 # embedded tiny model (CPU or GPU)
     python -m benchmarks.grpo_step --size 110m     # random-init ~110M Llama, bf16 (GPU)
@@ -50,7 +51,8 @@ def run_posttrain(args) -> dict:
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
-    packing.enable(model)  # as the GRPO run does with packing=true, the default
+    if args.side != "posttrain-padded":  # as the GRPO run does with packing=true, the default
+        packing.enable(model)
     compiled = compiled_forward(model, cfg.compile)
     sampling: list[float] = []
 
@@ -96,8 +98,10 @@ def run_trl(args) -> dict:
 
 
 def run_side(args) -> dict:
-    return {"posttrain": run_posttrain, "posttrain-compiled": run_posttrain, "trl": run_trl}[args.side](args)
+    return {"posttrain": run_posttrain, "posttrain-padded": run_posttrain, "posttrain-compiled": run_posttrain,
+            "trl": run_trl}[args.side](args)
 
 
 if __name__ == "__main__":
-    main(__spec__.name, run_side, ["posttrain", "posttrain-compiled", "trl"], "completions/s", "completions")
+    main(__spec__.name, run_side, ["posttrain", "posttrain-padded", "posttrain-compiled", "trl"], "completions/s",
+         "completions")
