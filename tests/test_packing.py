@@ -112,3 +112,14 @@ def test_rollout_logprobs_and_entropy_equal_the_full_computation_packed_or_not(t
                 assert packing.enable(model)
             logp, entropy = forward_logprobs(model, batch)
             assert torch.allclose(logp, want_logp, atol=1e-5) and torch.allclose(entropy, want_entropy, atol=1e-5)
+
+
+def test_train_packs_by_default_and_not_with_packing_false(tokenizer, tmp_path):
+    from posttrain.training import TrainingConfig, train
+
+    data = EncodedDataset([encode_pair(tokenizer, "Q: 1+2\n" * (1 + i % 3), "A: 3") for i in range(8)],
+                          tokenizer.pad_token_id, 4, seed=0)
+    for pack, folder in ((True, "packed"), (False, "padded")):
+        model = random_model(tokenizer)
+        train(model, data.batch, causal_lm_loss, TrainingConfig(steps=2, batch_size=4, packing=pack), tmp_path / folder)
+        assert packing.enabled(model) == pack
