@@ -60,10 +60,10 @@ def run_posttrain(args) -> dict:
     cfg = TrainingConfig(steps=args.warmup + args.steps, batch_size=BATCH[args.size], lr=1e-6)
     accelerator = make_accelerator(cfg.precision)
     optimizer = make_optimizer(model.parameters(), cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
     if args.side != "posttrain-padded":  # as train() does with packing=true, the default
         packing.enable(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
     loss_fn = dpo_loss_fn(lambda p: dpo_sigmoid(p, 0.1), 0.1, 0.0)
     batch = pair_batches(tensors, BATCH[args.size], 0)
     step = lambda i: _optimizer_step(model, optimizer, batch(i), loss_fn, cfg, accelerator)  # noqa: E731

@@ -50,9 +50,9 @@ def run_posttrain(args) -> dict:
     accelerator = make_accelerator(cfg.precision)
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    model, optimizer = accelerator.prepare(model, optimizer)
     if args.side != "posttrain-padded":  # as the GRPO run does with packing=true, the default
         packing.enable(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
     compiled = compiled_forward(model, cfg.compile)
     sampling: list[float] = []
 

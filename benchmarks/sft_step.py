@@ -51,10 +51,10 @@ def run_posttrain(args) -> dict:
     data = EncodedDataset(rows, tokenizer.pad_token_id, batch, 0)
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
     if args.side != "posttrain-padded":  # as train() does with packing=true, the default
         packing.enable(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
 
     def step(i):
         _optimizer_step(model, optimizer, data.batch(i), causal_lm_loss, cfg, accelerator)

@@ -138,10 +138,12 @@ def enable(model) -> bool:
         return False  # a reward model's scalar head, say: its losses do not read labelled logits
     if not enabled(model):
         gap = packing_gap(model)
-        tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
+        # float rounding differs between the two layouts' kernels; sequences that see each other differ by far
+        # more (the embedded model: 0.14 of its largest logit)
+        tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
         if gap > tolerance:
-            print(f"note: {type(model).__name__} gave different logits packed and padded (max |diff| {gap:.3g}); "
-                  "training on padded batches", file=sys.stderr)
+            print(f"note: {type(model).__name__} gave different logits packed and padded (max |diff| {gap:.3g} of "
+                  "the largest logit); training on padded batches", file=sys.stderr)
             return False
         model._posttrain_packing = True
     return True
@@ -149,7 +151,8 @@ def enable(model) -> bool:
 
 @torch.no_grad()
 def packing_gap(model) -> float:
-    """Max |logits packed - logits padded| over the real tokens of two sequences of 7 and 4 tokens."""
+    """Max |logits packed - logits padded| / max |logits padded| over the real tokens of two sequences of 7 and
+    4 tokens. Run it before Accelerate wraps the model in autocast: in float32 the two agree to rounding."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -161,7 +164,7 @@ def packing_gap(model) -> float:
         packed = pack(batch)
         with packed_attention(model):
             logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, packed=packed.layout).logits[0]
-        return (padded - logits).abs().max().item()
+        return ((padded - logits).abs().max() / padded.abs().max().clamp(min=1e-6)).item()
     except (TypeError, RuntimeError) as error:  # an architecture that cannot take the packed call at all
         print(f"note: packed call failed ({error})", file=sys.stderr)
         return float("inf")

@@ -193,11 +193,11 @@ def train(
         if not (ckpt / "state.json").exists():
             raise UserError(f"--resume: no checkpoint in {output_dir} (expected {ckpt}/state.json)")
         start = load_checkpoint(ckpt, model, optimizer, scheduler)
+    if cfg.packing:
+        packing.enable(model)  # checked before Accelerate's autocast wraps the forward
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     unwrapped = accelerator.unwrap_model(model)
-    if cfg.packing:
-        packing.enable(unwrapped)
     compiled = compiled_forward(unwrapped, cfg.compile)
 
     history, last_metrics, tokens = [], {}, 0

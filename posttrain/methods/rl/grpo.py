@@ -109,10 +109,10 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     updates = cfg.steps * cfg.epochs * -(-rows // cfg.batch_size)
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
+    if cfg.packing:
+        packing.enable(model)  # updates on the rollouts' real tokens only; checked before autocast wraps the forward
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
-    if cfg.packing:
-        packing.enable(policy)  # updates on the rollouts' real tokens only
     compiled = compiled_forward(policy, cfg.compile)
     if reference is not None:
         reference.to(accelerator.device)
