@@ -63,6 +63,7 @@ def is_right_padded(mask: torch.Tensor) -> bool:
 
 
 def has_padding(batch: dict) -> bool:
+    """Whether any position of the batch is padding (attention_mask 0)."""
     mask = batch.get("attention_mask")
     return mask is not None and not bool(mask.all())
 
@@ -70,12 +71,11 @@ def has_padding(batch: dict) -> bool:
 def pack(batch: dict) -> Packed:
     """The real tokens of a right-padded batch (input_ids, attention_mask, optional labels: (B, W)) in one row."""
     mask = batch["attention_mask"].bool()  # (B, W)
-    rows_, width = mask.shape
-    columns = torch.arange(width, device=mask.device).expand(rows_, width)
+    n_rows, width = mask.shape
+    columns = torch.arange(width, device=mask.device).expand(n_rows, width)
+    row_of = torch.arange(n_rows, device=mask.device).unsqueeze(1).expand(n_rows, width)
     labels = batch["labels"][mask] if "labels" in batch else None
-    layout = Layout(slots=mask.flatten().nonzero().squeeze(1),
-                    rows=torch.arange(rows_, device=mask.device).unsqueeze(1).expand(rows_, width)[mask],
-                    shape=(rows_, width))
+    layout = Layout(slots=mask.flatten().nonzero().squeeze(1), rows=row_of[mask], shape=(n_rows, width))
     return Packed(batch["input_ids"][mask].unsqueeze(0), columns[mask].unsqueeze(0), labels, layout)
 
 
