@@ -278,10 +278,15 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (picked - logits.logsumexp(-1)) * mask
 
 
-def sequence_logprobs(model, batch: dict) -> torch.Tensor:
-    """Sum of completion-token log-probs per row, (B,): log pi(y | x). Logits are computed only for the
-    positions that can predict a completion token (`labelled_logits`)."""
-    batch = {k: v.to(_device(model)) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+def labelled_token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p of each labelled token (N,), the logits it was read from (N, V), its row (N,)), row by row;
+    logits only where a label follows, packed if `packing.enable`d (`labelled_logits`)."""
     logits, targets, rows = labelled_logits(model, batch)  # (N, V), (N,), (N,)
-    logp = -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,): log p(y_t | ...)
+    return -F.cross_entropy(logits.float(), targets, reduction="none"), logits, rows
+
+
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    """Sum of completion-token log-probs per row, (B,): log pi(y | x)."""
+    batch = {k: v.to(_device(model)) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+    logp, _, rows = labelled_token_logprobs(model, batch)
     return logp.new_zeros(len(batch["input_ids"])).index_add(0, rows, logp)

@@ -110,7 +110,8 @@ def test_rollout_logprobs_and_entropy_equal_the_full_computation_packed_or_not(t
         for packed in (False, True):
             if packed:
                 assert packing.enable(model)
-            logp, entropy = forward_logprobs(model, batch)
+            assert forward_logprobs(model, batch)[1] is None  # the entropy only when asked for
+            logp, entropy = forward_logprobs(model, batch, with_entropy=True)
             assert torch.allclose(logp, want_logp, atol=1e-5) and torch.allclose(entropy, want_entropy, atol=1e-5)
 
 

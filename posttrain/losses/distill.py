@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(p_logits / tau) || softmax(q_logits / tau)) per position: (N, V) -> (N,)."""
     log_p = F.log_softmax(p_logits.float() / temperature, dim=-1)  # (N, V)

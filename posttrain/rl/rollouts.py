@@ -15,13 +15,12 @@ import dataclasses
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from posttrain.data import pad_batch
 from posttrain.errors import UserError
-from posttrain.generation import generate
+from posttrain.generation import generate, labelled_token_logprobs
 from posttrain.losses.ppo import token_entropy
-from posttrain.losses.sft import IGNORE, labelled_logits
+from posttrain.losses.sft import IGNORE
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 from posttrain.world.skills import Problem
 
@@ -153,16 +152,17 @@ def sample_rollouts(model, tokenizer, prompts: list[str], answers: list[str] | N
                     pad_batch(rows, tokenizer.pad_token_id), samples.stopped)
 
 
-def forward_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi of each completion token, entropy of the next-token distribution there), both (N, T-1) and 0
-    where no completion token follows, of a right-padded batch. Logits only where a completion token
-    follows, packed if `packing.enable`d (`labelled_logits`); the entropy carries no gradient."""
-    logits, targets, _ = labelled_logits(model, batch)  # (M, V) at the M completion positions, row by row
-    logp = -F.cross_entropy(logits.float(), targets, reduction="none")  # (M,)
-    with torch.no_grad():
-        entropy = token_entropy(logits)  # (M,)
+def forward_logprobs(model, batch: dict, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log pi of each completion token, and with `with_entropy` the entropy of the next-token distribution
+    there, else None), both (N, T-1) and 0 where no completion token follows, of a right-padded batch.
+    Logits only where a completion token follows (`labelled_token_logprobs`); the entropy has no gradient."""
+    logp, logits, _ = labelled_token_logprobs(model, batch)  # (M,), (M, V): the M completion positions, row by row
     scored = batch["labels"][:, 1:] != IGNORE  # (N, T-1): the same positions, in the same order
     grid = torch.zeros(scored.shape, dtype=logp.dtype, device=logp.device)
+    if not with_entropy:
+        return grid.masked_scatter(scored, logp), None
+    with torch.no_grad():
+        entropy = token_entropy(logits)  # (M,)
     return grid.masked_scatter(scored, logp), grid.masked_scatter(scored, entropy)
 
 

@@ -28,8 +28,9 @@ Measured (second box, defaults, 120-139 s): seen 0.26 -> 0.84, held-out wordings
 0.94, held-out styles 0.01 -> 0.41 (0.48 x seen: not met, below). After a change that only reorders
 the loss's floating-point sums (logits for labelled positions only), the same run gave seen 0.84,
 wordings 0.80, styles 0.41 and the combination 0.70: one cell can move by 0.2 on rounding alone.
-New sentences fail where they echo a seen frame of another skill: "Please take {b} away from {a}." 0.06 (the seen "Subtract {b} from {a}." 0.08: both
-need the second number copied first), "Reverse {xs}, please." 0.40.
+New sentences fail where they echo a seen frame of another skill: "Please take {b} away from {a}."
+0.06 (the seen "Subtract {b} from {a}." 0.08: both need the second number copied first), "Reverse
+{xs}, please." 0.40.
 
 Design choices, each measured while building this (seed 0, 400 steps, held-out styles / seen):
 - The answer first restates the request as the world's symbolic question, then reasons (`restate`).

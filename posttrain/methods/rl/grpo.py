@@ -176,7 +176,7 @@ def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg:
     generator = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.epochs):
         for rows in torch.randperm(len(advantages), generator=generator).split(minibatch):
-            logp, entropy = forward_logprobs(model, {k: v[rows] for k, v in batch.items()})
+            logp, entropy = forward_logprobs(model, {k: v[rows] for k, v in batch.items()}, with_entropy=True)
             ref_rows = ref_logp[rows] if ref_logp is not None else None
             old_rows = logp.detach() if old_logp is None else old_logp[rows]
             loss, metrics = grpo_loss(logp, old_rows, ref_rows, advantages[rows], mask[rows],
