@@ -282,7 +282,12 @@ def labelled_token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Ten
     """(log p of each labelled token (N,), the logits it was read from (N, V), its row (N,)), row by row;
     logits only where a label follows, packed if `packing.enable`d (`labelled_logits`)."""
     logits, targets, rows = labelled_logits(model, batch)  # (N, V), (N,), (N,)
-    return -F.cross_entropy(logits.float(), targets, reduction="none"), logits, rows
+    return target_logprobs(logits, targets), logits, rows
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) under each row of logits: (N, V), (N,) -> (N,), in float32."""
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:

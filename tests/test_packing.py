@@ -115,6 +115,30 @@ def test_rollout_logprobs_and_entropy_equal_the_full_computation_packed_or_not(t
             assert torch.allclose(logp, want_logp, atol=1e-5) and torch.allclose(entropy, want_entropy, atol=1e-5)
 
 
+def test_ppo_values_logprobs_and_entropies_equal_the_full_computation_packed_or_not(tokenizer):
+    """PPO's forward: the value head on the last hidden state, log-probs and entropies, on the (N, T-1) grid at
+    completion positions (0 elsewhere), with the same gradient reaching the value head."""
+    from posttrain.generation import token_logprobs
+    from posttrain.losses.ppo import token_entropy
+    from posttrain.methods.rl.ppo import ValueHead, forward_with_values
+
+    batch = batch_of_mixed_lengths(tokenizer, rows=5)
+    model = random_model(tokenizer)
+    head = ValueHead(model.config.hidden_size)
+    torch.nn.init.normal_(head.linear.weight, generator=torch.Generator().manual_seed(0))  # not 0, as it starts
+    scored = batch["labels"][:, 1:] != IGNORE
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    want = (token_logprobs(out.logits, batch["labels"]), head(out.hidden_states[-1][:, :-1]) * scored,
+            token_entropy(out.logits[:, :-1]) * scored)
+    want_grad = torch.autograd.grad(want[1].sum(), head.linear.weight)[0]
+    for packed in (False, True):
+        if packed:
+            assert packing.enable(model)
+        got = forward_with_values(model, head, batch)
+        assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+        assert torch.allclose(torch.autograd.grad(got[1].sum(), head.linear.weight)[0], want_grad, atol=1e-4)
+
+
 def test_train_packs_by_default_and_not_with_packing_false(tokenizer, tmp_path):
     from posttrain.training import TrainingConfig, train
 

@@ -58,7 +58,8 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def entropy_bonus(logits, mask) -> tuple[torch.Tensor, dict]:
-    """Mean entropy over completion positions; the caller subtracts coef * it from the loss."""
-    entropy = masked_mean(token_entropy(logits), mask)
+def entropy_bonus(entropies, mask) -> tuple[torch.Tensor, dict]:
+    """Mean of the per-position entropies (`token_entropy`) over completion positions; the caller subtracts
+    coef * it from the loss."""
+    entropy = masked_mean(entropies, mask)
     return entropy, {"policy/entropy": entropy.item()}

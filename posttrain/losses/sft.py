@@ -6,6 +6,8 @@ logits of the N positions whose next token carries a label, (N, V).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -38,29 +40,49 @@ def labelled_suffix(labels: torch.Tensor) -> int:
     return labels.shape[1] - first
 
 
+class Labelled(NamedTuple):
+    """What the model computes at the N positions of a batch whose next token carries a label, row by row."""
+
+    logits: torch.Tensor  # (N, V)
+    targets: torch.Tensor  # (N,): the labels those positions predict
+    rows: torch.Tensor  # (N,): the batch row of each
+    hidden: torch.Tensor | None  # (N, H): the last hidden state there (what a value head reads), when asked
+
+
 def labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits (N, V), targets (N,), rows (N,)) at the N positions of the batch whose next token carries a
-    label, row by row. The output layer runs only there. A model `packing.enable`d runs a padded batch
-    packed (no layer computes on padding); otherwise on the last K = `labelled_suffix` columns
+    label, row by row (`labelled_forward`)."""
+    logits, targets, rows, _ = labelled_forward(model, batch)
+    return logits, targets, rows
+
+
+def labelled_forward(model, batch: dict, hidden: bool = False) -> Labelled:
+    """The model's outputs at the N positions of the batch whose next token carries a label; with `hidden`,
+    also the last hidden states there. The output layer runs only there. A model `packing.enable`d runs a
+    padded batch packed (no layer computes on padding); otherwise on the last K = `labelled_suffix` columns
     (`logits_to_keep`), so prompts that precede every row's completion cost no vocabulary-sized logits."""
     mask = batch.get("attention_mask")
     if packing.enabled(model) and packing.has_padding(batch) and packing.is_right_padded(mask):
-        return packed_labelled_logits(model, batch)
+        return packed_labelled_forward(model, batch, hidden)
     keep = labelled_suffix(batch["labels"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=keep).logits  # (B, K, V)
-    return labelled_positions(logits, batch["labels"][:, -keep:])
+    labels = batch["labels"][:, -keep:]
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=keep,
+                output_hidden_states=hidden)  # logits (B, K, V)
+    states = labelled_positions(out.hidden_states[-1][:, -keep:], labels)[0] if hidden else None
+    return Labelled(*labelled_positions(out.logits, labels), states)
 
 
-def packed_labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`labelled_logits` of a right-padded batch run packed: one row of its real tokens (`packing.pack`)."""
+def packed_labelled_forward(model, batch: dict, hidden: bool = False) -> Labelled:
+    """`labelled_forward` of a right-padded batch run packed: one row of its real tokens (`packing.pack`)."""
     packed = packing.pack(batch)
     # position t scores labels[t + 1], unless t + 1 starts the next sequence
     scores = (packed.labels[1:] != IGNORE) & ~packed.sequence_starts()[1:]  # (N-1,)
     keep = scores.nonzero().squeeze(1)
     with packing.packed_attention(model):
-        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, logits_to_keep=keep,
-                       packed=packed.layout).logits[0]  # (N_labelled, V)
-    return logits, packed.labels[keep + 1], packed.layout.rows[keep]
+        out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, logits_to_keep=keep,
+                    packed=packed.layout, output_hidden_states=hidden)
+    states = out.hidden_states[-1][0, keep] if hidden else None
+    return Labelled(out.logits[0], packed.labels[keep + 1], packed.layout.rows[keep], states)  # logits (N_labelled, V)
 
 
 def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:

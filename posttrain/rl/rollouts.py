@@ -157,13 +157,17 @@ def forward_logprobs(model, batch: dict, with_entropy: bool = False) -> tuple[to
     there, else None), both (N, T-1) and 0 where no completion token follows, of a right-padded batch.
     Logits only where a completion token follows (`labelled_token_logprobs`); the entropy has no gradient."""
     logp, logits, _ = labelled_token_logprobs(model, batch)  # (M,), (M, V): the M completion positions, row by row
-    scored = batch["labels"][:, 1:] != IGNORE  # (N, T-1): the same positions, in the same order
-    grid = torch.zeros(scored.shape, dtype=logp.dtype, device=logp.device)
     if not with_entropy:
-        return grid.masked_scatter(scored, logp), None
+        return on_completion_grid(logp, batch), None
     with torch.no_grad():
         entropy = token_entropy(logits)  # (M,)
-    return grid.masked_scatter(scored, logp), grid.masked_scatter(scored, entropy)
+    return on_completion_grid(logp, batch), on_completion_grid(entropy, batch)
+
+
+def on_completion_grid(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(M,) values of the M positions that predict a completion token, row by row -> the (N, T-1) grid, 0 elsewhere."""
+    scored = batch["labels"][:, 1:] != IGNORE  # (N, T-1)
+    return values.new_zeros(scored.shape).masked_scatter(scored, values)
 
 
 def completion_stats(rollouts: Rollouts) -> dict:

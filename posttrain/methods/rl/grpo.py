@@ -109,8 +109,10 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     updates = cfg.steps * cfg.epochs * -(-rows // cfg.batch_size)
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
-    if cfg.packing:
-        packing.enable(model)  # updates on the rollouts' real tokens only; checked before autocast wraps the forward
+    if cfg.packing:  # updates and reference passes on the rollouts' real tokens only; checked before autocast
+        packing.enable(model)
+        if reference is not None:
+            packing.enable(reference)
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
     compiled = compiled_forward(policy, cfg.compile)

@@ -31,10 +31,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from posttrain import packing
 from posttrain.errors import UserError
-from posttrain.generation import token_logprobs
+from posttrain.generation import target_logprobs
 from posttrain.io import JsonlWriter
-from posttrain.losses.ppo import clipped_surrogate, clipped_value_loss, entropy_bonus
+from posttrain.losses.ppo import clipped_surrogate, clipped_value_loss, entropy_bonus, token_entropy
+from posttrain.losses.sft import labelled_forward
 from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
 from posttrain.models import load_model
 from posttrain.report.plots import training_curve
@@ -42,8 +44,8 @@ from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import gae, masked_mean, whiten
 from posttrain.rl.frontier import HeldOut
 from posttrain.rl.kl import kl_k1
-from posttrain.rl.rollouts import (completion_stats, forward_logprobs, policy_path, reward_function, step_rollouts,
-                                   training_problems)
+from posttrain.rl.rollouts import (completion_stats, forward_logprobs, on_completion_grid, policy_path, reward_function,
+                                   step_rollouts, training_problems)
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
                                 make_accelerator, make_optimizer, mean_over_processes)
 
@@ -109,9 +111,12 @@ class ValueHead(torch.nn.Module):
 
 
 def forward_with_values(model, head, batch: dict):
-    """(log-probs (N, T-1), values (N, T-1), logits (N, T, V)); values[t] scores the prefix that emits t+1."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-    return token_logprobs(out.logits, batch["labels"]), head(out.hidden_states[-1][:, :-1]), out.logits
+    """(log-probs, values, entropies), each (N, T-1): at t, of the completion token t+1, of the prefix that emits
+    it and of the distribution it is drawn from; 0 where no completion token follows. The output layer and
+    the value head run only at those positions, packed if `packing.enable`d (`labelled_forward`)."""
+    logits, targets, _, hidden = labelled_forward(model, batch, hidden=True)  # (M, V), (M,), _, (M, H)
+    per_position = (target_logprobs(logits, targets), head(hidden), token_entropy(logits))  # each (M,)
+    return tuple(on_completion_grid(x, batch) for x in per_position)
 
 
 def run(cfg: PPOConfig, resume: bool = False) -> dict:
@@ -135,6 +140,9 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     groups = [{"params": list(model.parameters())}, {"params": list(head.parameters()), "lr": cfg.value_lr}]
     optimizer = make_optimizer(groups, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
+    if cfg.packing:  # updates and reference passes on the rollouts' real tokens only; checked before autocast
+        packing.enable(model)
+        packing.enable(reference)
     model, head, optimizer = accelerator.prepare(model, head, optimizer)
     policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
     compiled = compiled_forward(policy, cfg.compile)
@@ -205,10 +213,10 @@ def optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts
     minibatch = cfg.batch_size // accelerator.num_processes  # cfg.batch_size is global, over all ranks
     for _ in range(cfg.epochs):
         for rows in torch.randperm(len(scores), generator=generator).split(minibatch):
-            logp, values, logits = forward_with_values(model, head, {k: v[rows] for k, v in batch.items()})
+            logp, values, entropies = forward_with_values(model, head, {k: v[rows] for k, v in batch.items()})
             pg_loss, pg_metrics = clipped_surrogate(logp, old_logp[rows], advantages[rows], mask[rows], cfg.clip_eps)
             vf_loss, vf_metrics = clipped_value_loss(values, old_values[rows], returns[rows], mask[rows], cfg.value_clip)
-            entropy, ent_metrics = entropy_bonus(logits[:, :-1], mask[rows])
+            entropy, ent_metrics = entropy_bonus(entropies, mask[rows])
             loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
             accelerator.backward(loss)
             metrics = {"loss": loss.item(), **pg_metrics, **vf_metrics, **ent_metrics}
