@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from posttrain import packing
 from posttrain.errors import UserError
 from posttrain.io import JsonlWriter, atomic_dir, read_json, write_json
+from posttrain.losses.sft import budget_logits
 
 CHECKPOINT = "checkpoint"
 
@@ -50,6 +51,7 @@ class TrainingConfig:
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the training steps' forward and GRPO/PPO's decode step: GPU levers
     packing: bool = True  # run padded batches packed (posttrain/packing.py): no layer computes on padding
+    loss_logits_mb: float = 1024.0  # SFT losses hold at most this many MB of float32 logits, else chunk (0: no limit)
 
     @property
     def rollout_decode(self) -> str:
@@ -61,6 +63,8 @@ class TrainingConfig:
             raise UserError("steps, batch_size and grad_accum must be >= 1")
         if self.batch_size % self.grad_accum:
             raise UserError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if self.loss_logits_mb < 0:
+            raise UserError(f"loss_logits_mb must be >= 0 (0: no limit), got {self.loss_logits_mb}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"precision must be auto, fp32 or bf16, got '{self.precision}'")
 
@@ -195,6 +199,7 @@ def train(
         start = load_checkpoint(ckpt, model, optimizer, scheduler)
     if cfg.packing:
         packing.enable(model)  # checked before Accelerate's autocast wraps the forward
+    budget_logits(model, cfg.loss_logits_mb)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     unwrapped = accelerator.unwrap_model(model)

@@ -42,9 +42,12 @@ def run_single_and_torchrun(tmp_path, args, nproc=2):
     return single, multi
 
 
-def test_sft_on_two_processes_matches_one_with_the_same_global_batch(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("logits", ["loss_logits_mb=1024", "loss_logits_mb=0.002"], ids=["whole", "chunked"])
+def test_sft_on_two_processes_matches_one_with_the_same_global_batch(tmp_path, tiny_model_dir, logits):
+    """Also with the loss's logits built two rows at a time (`ChunkedCrossEntropy`), which reads the tied output
+    weight outside the model's forward: DDP still averages its gradient."""
     args = ["-m", "posttrain", "sft", "--model", str(tiny_model_dir), "--data", sft_data(tmp_path / "train.jsonl"),
-            "steps=6", "batch_size=8", "log_every=1", "lr=3e-3", "warmup_steps=1"]
+            "steps=6", "batch_size=8", "log_every=1", "lr=3e-3", "warmup_steps=1", logits]
     single, multi = run_single_and_torchrun(tmp_path, args)
     assert losses(multi) == pytest.approx(losses(single), rel=1e-4)
     assert losses(single)[-1] < losses(single)[0]

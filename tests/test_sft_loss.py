@@ -1,11 +1,15 @@
-"""The SFT loss: its value by hand, and the output layer run only where a label can follow."""
+"""The SFT loss: its value by hand, the output layer run only where a label can follow, and in chunks."""
 import math
 
 import pytest
 import torch
 
 from posttrain.data import EncodedDataset, encode_pair
-from posttrain.losses.sft import IGNORE, causal_lm_loss, labelled_positions, labelled_suffix, sft_loss
+from transformers import LlamaForCausalLM
+
+from posttrain import packing
+from posttrain.losses.sft import (IGNORE, ChunkedCrossEntropy, budget_logits, causal_lm_loss, chunk_rows,
+                                  labelled_positions, labelled_suffix, sft_loss)
 from tests.conftest import random_model
 
 
@@ -42,3 +46,56 @@ def test_causal_lm_loss_equals_the_loss_over_every_position(tokenizer):
     assert loss.item() == pytest.approx(full.item(), abs=1e-6)
     assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(grads, full_grads))
     assert metrics["tokens"] == int((batch["labels"] != IGNORE).sum())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 10])
+def test_chunked_cross_entropy_equals_the_full_one(rows):
+    """Summed cross-entropy of 10 rows and its gradients for the hidden states and the output weight, with
+    chunks of 1, 3 (the last one short) and all 10 rows, against autograd through the full logits."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 6, generator=generator, requires_grad=True)
+    weight = torch.randn(7, 6, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 7, (10,), generator=generator)
+    full = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    chunked = ChunkedCrossEntropy.apply(hidden, weight, targets, rows)
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    want = torch.autograd.grad(2.5 * full, (hidden, weight))  # an upstream gradient other than 1
+    got = torch.autograd.grad(2.5 * chunked, (hidden, weight))
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    frozen = ChunkedCrossEntropy.apply(hidden, weight.detach(), targets, rows)  # a frozen output layer (LoRA)
+    assert torch.allclose(torch.autograd.grad(2.5 * frozen, hidden)[0], want[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_causal_lm_loss_over_its_logits_budget_is_the_same_loss_in_chunks(tokenizer, packed):
+    """A budget of 3 rows of logits: same loss and every gradient as with the logits built at once."""
+    rows = [encode_pair(tokenizer, "Q: 12+34\n" * n, f"A: {46 * n}") for n in (2, 3, 5)]
+    batch = EncodedDataset(rows, tokenizer.pad_token_id, 3, seed=0).batch(0)
+    chunked, whole = random_model(tokenizer), random_model(tokenizer)
+    if packed:
+        assert packing.enable(chunked) and packing.enable(whole)
+    budget_logits(chunked, 3 * 4 * chunked.config.vocab_size / 2**20)  # 3 rows of float32 logits
+    n_labelled = int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert chunk_rows(chunked, n_labelled) == 3 and chunk_rows(whole, n_labelled) == 0
+    (loss, metrics), (want, _) = causal_lm_loss(chunked, batch), causal_lm_loss(whole, batch)
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6) and metrics["tokens"] == n_labelled
+    grads = torch.autograd.grad(loss, list(chunked.parameters()))
+    want_grads = torch.autograd.grad(want, list(whole.parameters()))
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(grads, want_grads))
+
+
+def test_logits_changed_after_the_output_layer_are_never_chunked(tokenizer):
+    """A model that scales its logits after the output layer: the chunked loss would miss the scale, so the
+    loss builds them at once whatever the budget."""
+
+    class ScaledLogits(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = 2 * out.logits
+            return out
+
+    plain = random_model(tokenizer)
+    scaled = ScaledLogits(plain.config)
+    for model in (plain, scaled):
+        budget_logits(model, 1e-6)  # less than one row: chunks of one row
+    assert chunk_rows(plain, 100) == 1 and chunk_rows(scaled, 100) == 0

@@ -3,6 +3,11 @@
 Next-token cross-entropy averaged over the tokens that carry a label; prompt and padding tokens
 carry the label -100 and so no loss. Shapes: a batch's input_ids and labels (B, T); the loss reads the
 logits of the N positions whose next token carries a label, (N, V).
+
+Those logits can outgrow the model: 16k labelled tokens of a 151k-word vocabulary are 10 GB in float32,
+before their gradient. Beyond a budget (`budget_logits`, 1 GB by default) `causal_lm_loss` never holds
+them all: `ChunkedCrossEntropy` builds them from the last hidden states a chunk of rows at a time and
+builds each chunk again in the backward pass, trading one more output-layer product for the memory.
 """
 from __future__ import annotations
 
@@ -56,39 +61,139 @@ def labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, tor
     return logits, targets, rows
 
 
-def labelled_forward(model, batch: dict, hidden: bool = False) -> Labelled:
+def labelled_forward(model, batch: dict, hidden: bool = False, logits: bool = True) -> Labelled:
     """The model's outputs at the N positions of the batch whose next token carries a label; with `hidden`,
-    also the last hidden states there. The output layer runs only there. A model `packing.enable`d runs a
-    padded batch packed (no layer computes on padding); otherwise on the last K = `labelled_suffix` columns
+    also the last hidden states there; with `logits=False`, no logits at all (None: the output layer runs
+    on no position). The output layer runs only there. A model `packing.enable`d runs a padded batch
+    packed (no layer computes on padding); otherwise on the last K = `labelled_suffix` columns
     (`logits_to_keep`), so prompts that precede every row's completion cost no vocabulary-sized logits."""
     mask = batch.get("attention_mask")
     if packing.enabled(model) and packing.has_padding(batch) and packing.is_right_padded(mask):
-        return packed_labelled_forward(model, batch, hidden)
+        return packed_labelled_forward(model, batch, hidden, logits)
     keep = labelled_suffix(batch["labels"])
     labels = batch["labels"][:, -keep:]
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=keep,
-                output_hidden_states=hidden)  # logits (B, K, V)
-    states = labelled_positions(out.hidden_states[-1][:, -keep:], labels)[0] if hidden else None
-    return Labelled(*labelled_positions(out.logits, labels), states)
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=hidden,
+                logits_to_keep=keep if logits else no_positions(labels))  # logits (B, K, V)
+    states, targets, rows = labelled_positions(out.hidden_states[-1][:, -keep:], labels) if hidden else (None,) * 3
+    if logits:
+        selected, targets, rows = labelled_positions(out.logits, labels)
+    return Labelled(selected if logits else None, targets, rows, states)
 
 
-def packed_labelled_forward(model, batch: dict, hidden: bool = False) -> Labelled:
+def packed_labelled_forward(model, batch: dict, hidden: bool = False, logits: bool = True) -> Labelled:
     """`labelled_forward` of a right-padded batch run packed: one row of its real tokens (`packing.pack`)."""
     packed = packing.pack(batch)
     # position t scores labels[t + 1], unless t + 1 starts the next sequence
     scores = (packed.labels[1:] != IGNORE) & ~packed.sequence_starts()[1:]  # (N-1,)
     keep = scores.nonzero().squeeze(1)
     with packing.packed_attention(model):
-        out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, logits_to_keep=keep,
-                    packed=packed.layout, output_hidden_states=hidden)
+        out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, packed=packed.layout,
+                    logits_to_keep=keep if logits else keep[:0], output_hidden_states=hidden)
     states = out.hidden_states[-1][0, keep] if hidden else None
-    return Labelled(out.logits[0], packed.labels[keep + 1], packed.layout.rows[keep], states)  # logits (N_labelled, V)
+    selected = out.logits[0] if logits else None  # (N_labelled, V)
+    return Labelled(selected, packed.labels[keep + 1], packed.layout.rows[keep], states)
+
+
+def no_positions(like: torch.Tensor) -> torch.Tensor:
+    """`logits_to_keep` that keeps no position: an empty index."""
+    return torch.empty(0, dtype=torch.long, device=like.device)
 
 
 def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Run `model` on a batch (input_ids, labels, optional attention_mask) and return `sft_loss`."""
-    logits, targets, _ = labelled_logits(model, batch)
-    return sft_loss(logits, targets)
+    """Run `model` on a batch (input_ids, labels, optional attention_mask) and return `sft_loss`; when its
+    logits would pass the model's budget (`budget_logits`), the same loss chunk by chunk."""
+    rows = chunk_rows(model, int((batch["labels"][:, 1:] != IGNORE).sum()))
+    if not rows:
+        logits, targets, _ = labelled_logits(model, batch)
+        return sft_loss(logits, targets)
+    _, targets, _, hidden = labelled_forward(model, batch, hidden=True, logits=False)  # hidden (N, H)
+    weight = packing.unwrapped(model).get_output_embeddings().weight  # (V, H)
+    loss = ChunkedCrossEntropy.apply(hidden, weight, targets, rows) / max(len(targets), 1)
+    return loss, {"loss": loss.item(), "tokens": len(targets)}
+
+
+DEFAULT_LOGITS_MB = 1024.0
+
+
+def budget_logits(model, megabytes: float) -> None:
+    """Let `causal_lm_loss` hold at most `megabytes` of `model`'s float32 logits at once (0: no limit)."""
+    packing.unwrapped(model)._posttrain_logits_mb = megabytes
+
+
+def chunk_rows(model, n_labelled: int) -> int:
+    """Rows of logits per chunk for a batch of `n_labelled` positions, or 0 to build them all at once: when
+    they fit the budget, or when the model's logits are not its output layer applied to its last hidden
+    state (a bias, a scale or a soft cap after it), which the chunked loss would leave out."""
+    model = packing.unwrapped(model)
+    megabytes = getattr(model, "_posttrain_logits_mb", DEFAULT_LOGITS_MB)
+    vocab = model.config.vocab_size
+    rows = max(1, int(megabytes * 2**20) // (4 * vocab))
+    if not megabytes or n_labelled <= rows or not logits_from_last_hidden(model):
+        return 0
+    return rows
+
+
+def logits_from_last_hidden(model) -> bool:
+    """Whether logits == output layer (a bias-free nn.Linear) of hidden_states[-1], checked once per model on
+    a short sequence (relative gap <= 1e-4 in float32, 2e-2 in half precision)."""
+    if not hasattr(model, "_posttrain_plain_head"):
+        head = model.get_output_embeddings()
+        model._posttrain_plain_head = (isinstance(head, torch.nn.Linear) and head.bias is None
+                                       and head_gap(model, head) <= (1e-4 if head.weight.dtype == torch.float32 else 2e-2))
+    return model._posttrain_plain_head
+
+
+@torch.no_grad()
+def head_gap(model, head) -> float:
+    """Max |logits - head(last hidden state)| / max |logits| on one sequence of 5 tokens."""
+    was_training = model.training
+    model.eval()
+    ids = torch.arange(5, device=head.weight.device).unsqueeze(0) % model.config.vocab_size
+    out = model(input_ids=ids, output_hidden_states=True)
+    model.train(was_training)
+    return ((out.logits - head(out.hidden_states[-1])).abs().max() / out.logits.abs().max().clamp(min=1e-6)).item()
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """sum_i -log softmax(h_i W^T)[y_i] over N rows, holding at most `rows` rows of logits (rows, V) at once.
+
+        forward:   for each chunk c:  z_c = h_c W^T (float32);  loss += sum(logsumexp(z_c) - z_c[y_c])
+        backward:  z_c again;  dz_c = g * (softmax(z_c) - onehot(y_c));  dh_c = dz_c W,  dW += dz_c^T h_c
+
+    Nothing of size N x V is kept between the passes, only h (N, H). Under autocast the products run in
+    its precision in both passes (custom_fwd / custom_bwd), as the unchunked loss's output layer does.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden, weight, targets, rows: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, len(targets), rows):
+            logits = (hidden[start : start + rows] @ weight.T).float()  # (rows, V)
+            picked = logits.gather(1, targets[start : start + rows, None]).squeeze(1)
+            total += (logits.logsumexp(-1) - picked).sum()
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.rows = rows
+        return total
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_total):
+        hidden, weight, targets = ctx.saved_tensors
+        train_weight = ctx.needs_input_grad[1]  # not when the output layer is frozen (LoRA)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if train_weight else None
+        for start in range(0, len(targets), ctx.rows):
+            chunk = slice(start, start + ctx.rows)
+            h = hidden[chunk]
+            grad_logits = (h @ weight.T).float()  # (rows, V), turned into softmax in place: no second copy
+            grad_logits.sub_(grad_logits.logsumexp(-1, keepdim=True)).exp_()
+            grad_logits[torch.arange(len(h), device=h.device), targets[chunk]] -= 1
+            grad_logits *= grad_total
+            grad_hidden[chunk] = grad_logits.to(weight.dtype) @ weight
+            if train_weight:
+                grad_weight += grad_logits.T @ h.to(grad_logits.dtype)
+        return grad_hidden, grad_weight.to(weight.dtype) if train_weight else None, None, None
 
 
 def l2sp_penalty(model, anchors: dict[str, torch.Tensor], strength: float) -> torch.Tensor:
