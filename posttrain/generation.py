@@ -29,7 +29,9 @@ from transformers.cache_utils import DynamicLayer
 
 from posttrain.data import encode_prompt
 from posttrain.errors import UserError
-from posttrain.losses.sft import IGNORE, labelled_logits
+from posttrain.losses.ppo import token_entropy
+from posttrain.losses.sft import (IGNORE, ChunkedCrossEntropy, chunk_rows, chunked_entropy, labelled_forward,
+                                  labelled_logits, output_weight)
 
 
 @dataclasses.dataclass
@@ -278,11 +280,19 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (picked - logits.logsumexp(-1)) * mask
 
 
-def labelled_token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log p of each labelled token (N,), the logits it was read from (N, V), its row (N,)), row by row;
-    logits only where a label follows, packed if `packing.enable`d (`labelled_logits`)."""
-    logits, targets, rows = labelled_logits(model, batch)  # (N, V), (N,), (N,)
-    return target_logprobs(logits, targets), logits, rows
+def labelled_token_logprobs(model, batch: dict, with_entropy: bool = False):
+    """(log p of each labelled token (N,), with `with_entropy` the entropy of its next-token distribution (N,),
+    without gradient, else None, its row (N,)), row by row; logits only where a label follows, packed if
+    `packing.enable`d (`labelled_logits`), and a chunk of rows at a time past the model's logits budget."""
+    chunk = chunk_rows(model, int((batch["labels"][:, 1:] != IGNORE).sum()))
+    if not chunk:
+        logits, targets, rows = labelled_logits(model, batch)  # (N, V), (N,), (N,)
+        entropy = token_entropy(logits.detach()) if with_entropy else None
+        return target_logprobs(logits, targets), entropy, rows
+    _, targets, rows, hidden = labelled_forward(model, batch, hidden=True, logits=False)  # hidden (N, H)
+    weight = output_weight(model)
+    entropy = chunked_entropy(hidden.detach(), weight, chunk) if with_entropy else None
+    return -ChunkedCrossEntropy.apply(hidden, weight, targets, chunk), entropy, rows
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

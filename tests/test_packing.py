@@ -6,7 +6,7 @@ from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, LlamaC
 from posttrain import packing
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.generation import sequence_logprobs
-from posttrain.losses.sft import IGNORE, causal_lm_loss
+from posttrain.losses.sft import IGNORE, budget_logits, causal_lm_loss
 from tests.conftest import random_model
 
 
@@ -73,14 +73,20 @@ def test_packed_training_step_equals_the_padded_one(tokenizer, build, monkeypatc
 
 
 def test_packed_sequence_logprobs_equal_the_padded_ones(tokenizer):
-    """DPO's per-row sums, rows in their batch order."""
+    """DPO's per-row sums, rows in their batch order; built two rows of logits at a time as well, with the
+    same gradients."""
     batch = batch_of_mixed_lengths(tokenizer, rows=5)
     model = random_model(tokenizer)
     with torch.no_grad():
         padded = sequence_logprobs(model, batch)
-        assert packing.enable(model)
-        packed = sequence_logprobs(model, batch)
-    assert torch.allclose(packed, padded, atol=1e-5)
+    assert packing.enable(model)
+    packed = sequence_logprobs(model, batch)
+    want_grads = torch.autograd.grad((packed * torch.arange(1.0, 6.0)).sum(), list(model.parameters()))
+    budget_logits(model, 2 * 4 * model.config.vocab_size / 2**20)
+    chunked = sequence_logprobs(model, batch)
+    grads = torch.autograd.grad((chunked * torch.arange(1.0, 6.0)).sum(), list(model.parameters()))
+    assert torch.allclose(packed, padded, atol=1e-5) and torch.allclose(chunked, packed, atol=1e-5)
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(grads, want_grads))
 
 
 def test_a_model_whose_attention_ignores_the_layout_trains_padded(tokenizer, monkeypatch, capsys):
@@ -107,9 +113,11 @@ def test_rollout_logprobs_and_entropy_equal_the_full_computation_packed_or_not(t
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (N, T, V)
         want_logp, want_entropy = token_logprobs(logits, batch["labels"]), token_entropy(logits[:, :-1]) * scored
-        for packed in (False, True):
+        for packed, chunked in ((False, False), (True, False), (True, True)):
             if packed:
                 assert packing.enable(model)
+            if chunked:  # logits two rows at a time (`ChunkedCrossEntropy`, `chunked_entropy`)
+                budget_logits(model, 2 * 4 * model.config.vocab_size / 2**20)
             assert forward_logprobs(model, batch)[1] is None  # the entropy only when asked for
             logp, entropy = forward_logprobs(model, batch, with_entropy=True)
             assert torch.allclose(logp, want_logp, atol=1e-5) and torch.allclose(entropy, want_entropy, atol=1e-5)

@@ -50,20 +50,22 @@ def test_causal_lm_loss_equals_the_loss_over_every_position(tokenizer):
 
 @pytest.mark.parametrize("rows", [1, 3, 10])
 def test_chunked_cross_entropy_equals_the_full_one(rows):
-    """Summed cross-entropy of 10 rows and its gradients for the hidden states and the output weight, with
-    chunks of 1, 3 (the last one short) and all 10 rows, against autograd through the full logits."""
+    """Per-row cross-entropy of 10 rows and its gradients for the hidden states and the output weight, with
+    chunks of 1, 3 (the last one short) and all 10 rows, against autograd through the full logits; each row's
+    loss weighted differently, so every row's upstream gradient counts."""
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(10, 6, generator=generator, requires_grad=True)
     weight = torch.randn(7, 6, generator=generator, requires_grad=True)
     targets = torch.randint(0, 7, (10,), generator=generator)
-    full = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    weights = torch.linspace(-1.0, 2.0, 10)
+    full = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="none")
     chunked = ChunkedCrossEntropy.apply(hidden, weight, targets, rows)
-    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
-    want = torch.autograd.grad(2.5 * full, (hidden, weight))  # an upstream gradient other than 1
-    got = torch.autograd.grad(2.5 * chunked, (hidden, weight))
+    assert torch.allclose(chunked, full, atol=1e-6)
+    want = torch.autograd.grad((weights * full).sum(), (hidden, weight))
+    got = torch.autograd.grad((weights * chunked).sum(), (hidden, weight))
     assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
     frozen = ChunkedCrossEntropy.apply(hidden, weight.detach(), targets, rows)  # a frozen output layer (LoRA)
-    assert torch.allclose(torch.autograd.grad(2.5 * frozen, hidden)[0], want[0], atol=1e-5)
+    assert torch.allclose(torch.autograd.grad((weights * frozen).sum(), hidden)[0], want[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -5,9 +5,10 @@ carry the label -100 and so no loss. Shapes: a batch's input_ids and labels (B, 
 logits of the N positions whose next token carries a label, (N, V).
 
 Those logits can outgrow the model: 16k labelled tokens of a 151k-word vocabulary are 10 GB in float32,
-before their gradient. Beyond a budget (`budget_logits`, 1 GB by default) `causal_lm_loss` never holds
-them all: `ChunkedCrossEntropy` builds them from the last hidden states a chunk of rows at a time and
-builds each chunk again in the backward pass, trading one more output-layer product for the memory.
+before their gradient. Beyond a budget (`budget_logits`, 1 GB by default) `causal_lm_loss` (and the
+log-probabilities of DPO and GRPO, `generation.labelled_token_logprobs`) never holds them all:
+`ChunkedCrossEntropy` builds them from the last hidden states a chunk of rows at a time and builds
+each chunk again in the backward pass, trading one more output-layer product for the memory.
 """
 from __future__ import annotations
 
@@ -107,9 +108,14 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
         logits, targets, _ = labelled_logits(model, batch)
         return sft_loss(logits, targets)
     _, targets, _, hidden = labelled_forward(model, batch, hidden=True, logits=False)  # hidden (N, H)
-    weight = packing.unwrapped(model).get_output_embeddings().weight  # (V, H)
-    loss = ChunkedCrossEntropy.apply(hidden, weight, targets, rows) / max(len(targets), 1)
+    weight = output_weight(model)
+    loss = ChunkedCrossEntropy.apply(hidden, weight, targets, rows).sum() / max(len(targets), 1)
     return loss, {"loss": loss.item(), "tokens": len(targets)}
+
+
+def output_weight(model) -> torch.Tensor:
+    """The output layer's weight (V, H), which `ChunkedCrossEntropy` multiplies the hidden states by."""
+    return packing.unwrapped(model).get_output_embeddings().weight
 
 
 DEFAULT_LOGITS_MB = 1024.0
@@ -155,30 +161,31 @@ def head_gap(model, head) -> float:
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """sum_i -log softmax(h_i W^T)[y_i] over N rows, holding at most `rows` rows of logits (rows, V) at once.
+    """-log softmax(h_i W^T)[y_i] for each of N rows, (N,), holding at most `rows` rows of logits (rows, V) at once.
 
-        forward:   for each chunk c:  z_c = h_c W^T (float32);  loss += sum(logsumexp(z_c) - z_c[y_c])
-        backward:  z_c again;  dz_c = g * (softmax(z_c) - onehot(y_c));  dh_c = dz_c W,  dW += dz_c^T h_c
+        forward:   for each chunk c:  z_c = h_c W^T (float32);  loss_c = logsumexp(z_c) - z_c[y_c]
+        backward:  z_c again;  dz_c = g_c * (softmax(z_c) - onehot(y_c));  dh_c = dz_c W,  dW += dz_c^T h_c
 
-    Nothing of size N x V is kept between the passes, only h (N, H). Under autocast the products run in
-    its precision in both passes (custom_fwd / custom_bwd), as the unchunked loss's output layer does.
+    with g the incoming gradient of each row's loss. Nothing of size N x V is kept between the passes,
+    only h (N, H). Under autocast the products run in its precision in both passes (custom_fwd /
+    custom_bwd), as the unchunked loss's output layer does.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight, targets, rows: int):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        losses = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         for start in range(0, len(targets), rows):
-            logits = (hidden[start : start + rows] @ weight.T).float()  # (rows, V)
-            picked = logits.gather(1, targets[start : start + rows, None]).squeeze(1)
-            total += (logits.logsumexp(-1) - picked).sum()
+            chunk = slice(start, start + rows)
+            logits = (hidden[chunk] @ weight.T).float()  # (rows, V)
+            losses[chunk] = logits.logsumexp(-1) - logits.gather(1, targets[chunk, None]).squeeze(1)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.rows = rows
-        return total
+        return losses
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_losses):
         hidden, weight, targets = ctx.saved_tensors
         train_weight = ctx.needs_input_grad[1]  # not when the output layer is frozen (LoRA)
         grad_hidden = torch.empty_like(hidden)
@@ -189,11 +196,21 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             grad_logits = (h @ weight.T).float()  # (rows, V), turned into softmax in place: no second copy
             grad_logits.sub_(grad_logits.logsumexp(-1, keepdim=True)).exp_()
             grad_logits[torch.arange(len(h), device=h.device), targets[chunk]] -= 1
-            grad_logits *= grad_total
+            grad_logits *= grad_losses[chunk, None]
             grad_hidden[chunk] = grad_logits.to(weight.dtype) @ weight
             if train_weight:
                 grad_weight += grad_logits.T @ h.to(grad_logits.dtype)
         return grad_hidden, grad_weight.to(weight.dtype) if train_weight else None, None, None
+
+
+@torch.no_grad()
+def chunked_entropy(hidden: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """Entropy of softmax(h_i W^T) for each of N rows, (N,), `rows` rows of logits at a time (no gradient)."""
+    parts = []
+    for start in range(0, len(hidden), rows):
+        logp = (hidden[start : start + rows] @ weight.T).float().log_softmax(-1)  # (rows, V)
+        parts.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def l2sp_penalty(model, anchors: dict[str, torch.Tensor], strength: float) -> torch.Tensor:

@@ -19,7 +19,6 @@ import torch
 from posttrain.data import pad_batch
 from posttrain.errors import UserError
 from posttrain.generation import generate, labelled_token_logprobs
-from posttrain.losses.ppo import token_entropy
 from posttrain.losses.sft import IGNORE
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 from posttrain.world.skills import Problem
@@ -156,12 +155,8 @@ def forward_logprobs(model, batch: dict, with_entropy: bool = False) -> tuple[to
     """(log pi of each completion token, and with `with_entropy` the entropy of the next-token distribution
     there, else None), both (N, T-1) and 0 where no completion token follows, of a right-padded batch.
     Logits only where a completion token follows (`labelled_token_logprobs`); the entropy has no gradient."""
-    logp, logits, _ = labelled_token_logprobs(model, batch)  # (M,), (M, V): the M completion positions, row by row
-    if not with_entropy:
-        return on_completion_grid(logp, batch), None
-    with torch.no_grad():
-        entropy = token_entropy(logits)  # (M,)
-    return on_completion_grid(logp, batch), on_completion_grid(entropy, batch)
+    logp, entropy, _ = labelled_token_logprobs(model, batch, with_entropy)  # (M,): the M completion positions
+    return on_completion_grid(logp, batch), on_completion_grid(entropy, batch) if with_entropy else None
 
 
 def on_completion_grid(values: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -35,6 +35,7 @@ from posttrain import packing
 from posttrain.errors import UserError
 from posttrain.io import JsonlWriter
 from posttrain.losses.grpo import AGGREGATIONS, grpo_loss
+from posttrain.losses.sft import budget_logits
 from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
 from posttrain.models import load_model
 from posttrain.report.plots import training_curve
@@ -113,6 +114,7 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
         packing.enable(model)
         if reference is not None:
             packing.enable(reference)
+    budget_logits(model, cfg.loss_logits_mb)
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
     compiled = compiled_forward(policy, cfg.compile)
