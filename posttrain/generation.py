@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from posttrain.data import encode_prompt
 from posttrain.errors import UserError
 from posttrain.losses.ppo import token_entropy
 from posttrain.losses.sft import (IGNORE, ChunkedCrossEntropy, chunk_rows, chunked_entropy, labelled_forward,
-                                  labelled_logits, output_weight)
+                                  output_weight)
 
 
 @dataclasses.dataclass
@@ -280,19 +281,29 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (picked - logits.logsumexp(-1)) * mask
 
 
-def labelled_token_logprobs(model, batch: dict, with_entropy: bool = False):
-    """(log p of each labelled token (N,), with `with_entropy` the entropy of its next-token distribution (N,),
-    without gradient, else None, its row (N,)), row by row; logits only where a label follows, packed if
-    `packing.enable`d (`labelled_logits`), and a chunk of rows at a time past the model's logits budget."""
+class TokenScores(NamedTuple):
+    """A model's scores of the N labelled tokens of a batch, row by row."""
+
+    logp: torch.Tensor  # (N,): log p of each labelled token
+    entropy: torch.Tensor | None  # (N,): entropy of the distribution it was drawn from, without gradient
+    rows: torch.Tensor  # (N,): its batch row
+    hidden: torch.Tensor | None  # (N, H): the last hidden state there (PPO's value head reads it)
+
+
+def labelled_token_logprobs(model, batch: dict, with_entropy: bool = False, with_hidden: bool = False) -> TokenScores:
+    """`TokenScores` of the batch's labelled tokens, entropy and hidden states only when asked. Logits only
+    where a label follows, packed if `packing.enable`d (`labelled_forward`), and a chunk of rows at a time
+    past the model's logits budget (`ChunkedCrossEntropy`)."""
     chunk = chunk_rows(model, int((batch["labels"][:, 1:] != IGNORE).sum()))
     if not chunk:
-        logits, targets, rows = labelled_logits(model, batch)  # (N, V), (N,), (N,)
+        logits, targets, rows, hidden = labelled_forward(model, batch, hidden=with_hidden)  # logits (N, V)
         entropy = token_entropy(logits.detach()) if with_entropy else None
-        return target_logprobs(logits, targets), entropy, rows
+        return TokenScores(target_logprobs(logits, targets), entropy, rows, hidden)
     _, targets, rows, hidden = labelled_forward(model, batch, hidden=True, logits=False)  # hidden (N, H)
     weight = output_weight(model)
     entropy = chunked_entropy(hidden.detach(), weight, chunk) if with_entropy else None
-    return -ChunkedCrossEntropy.apply(hidden, weight, targets, chunk), entropy, rows
+    logp = -ChunkedCrossEntropy.apply(hidden, weight, targets, chunk)
+    return TokenScores(logp, entropy, rows, hidden if with_hidden else None)
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -303,5 +314,5 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """Sum of completion-token log-probs per row, (B,): log pi(y | x)."""
     batch = {k: v.to(_device(model)) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-    logp, _, rows = labelled_token_logprobs(model, batch)
+    logp, _, rows, _ = labelled_token_logprobs(model, batch)
     return logp.new_zeros(len(batch["input_ids"])).index_add(0, rows, logp)

@@ -125,7 +125,8 @@ def test_rollout_logprobs_and_entropy_equal_the_full_computation_packed_or_not(t
 
 def test_ppo_values_logprobs_and_entropies_equal_the_full_computation_packed_or_not(tokenizer):
     """PPO's forward: the value head on the last hidden state, log-probs and entropies, on the (N, T-1) grid at
-    completion positions (0 elsewhere), with the same gradient reaching the value head."""
+    completion positions (0 elsewhere), with the same gradient reaching the value head; padded, packed, and
+    with the logits two rows at a time; the entropies with a gradient only when an entropy bonus needs it."""
     from posttrain.generation import token_logprobs
     from posttrain.losses.ppo import token_entropy
     from posttrain.methods.rl.ppo import ValueHead, forward_with_values
@@ -139,12 +140,16 @@ def test_ppo_values_logprobs_and_entropies_equal_the_full_computation_packed_or_
     want = (token_logprobs(out.logits, batch["labels"]), head(out.hidden_states[-1][:, :-1]) * scored,
             token_entropy(out.logits[:, :-1]) * scored)
     want_grad = torch.autograd.grad(want[1].sum(), head.linear.weight)[0]
-    for packed in (False, True):
+    for packed, chunked in ((False, False), (True, False), (True, True)):
         if packed:
             assert packing.enable(model)
-        got = forward_with_values(model, head, batch)
-        assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
-        assert torch.allclose(torch.autograd.grad(got[1].sum(), head.linear.weight)[0], want_grad, atol=1e-4)
+        if chunked:  # logits two rows at a time, except for an entropy bonus's gradient
+            budget_logits(model, 2 * 4 * model.config.vocab_size / 2**20)
+        for entropy_grad in (False, True):
+            got = forward_with_values(model, head, batch, entropy_grad=entropy_grad)
+            assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+            assert got[2].requires_grad == entropy_grad
+            assert torch.allclose(torch.autograd.grad(got[1].sum(), head.linear.weight)[0], want_grad, atol=1e-4)
 
 
 def test_train_packs_by_default_and_not_with_packing_false(tokenizer, tmp_path):

@@ -6,7 +6,7 @@ logits of the N positions whose next token carries a label, (N, V).
 
 Those logits can outgrow the model: 16k labelled tokens of a 151k-word vocabulary are 10 GB in float32,
 before their gradient. Beyond a budget (`budget_logits`, 1 GB by default) `causal_lm_loss` (and the
-log-probabilities of DPO and GRPO, `generation.labelled_token_logprobs`) never holds them all:
+log-probabilities of DPO, GRPO and PPO, `generation.labelled_token_logprobs`) never holds them all:
 `ChunkedCrossEntropy` builds them from the last hidden states a chunk of rows at a time and builds
 each chunk again in the backward pass, trading one more output-layer product for the memory.
 """

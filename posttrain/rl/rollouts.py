@@ -155,7 +155,7 @@ def forward_logprobs(model, batch: dict, with_entropy: bool = False) -> tuple[to
     """(log pi of each completion token, and with `with_entropy` the entropy of the next-token distribution
     there, else None), both (N, T-1) and 0 where no completion token follows, of a right-padded batch.
     Logits only where a completion token follows (`labelled_token_logprobs`); the entropy has no gradient."""
-    logp, entropy, _ = labelled_token_logprobs(model, batch, with_entropy)  # (M,): the M completion positions
+    logp, entropy, _, _ = labelled_token_logprobs(model, batch, with_entropy)  # (M,): the M completion positions
     return on_completion_grid(logp, batch), on_completion_grid(entropy, batch) if with_entropy else None
 
 

@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from posttrain import packing
 from posttrain.errors import UserError
-from posttrain.generation import target_logprobs
+from posttrain.generation import labelled_token_logprobs, target_logprobs
 from posttrain.io import JsonlWriter
 from posttrain.losses.ppo import clipped_surrogate, clipped_value_loss, entropy_bonus, token_entropy
-from posttrain.losses.sft import labelled_forward
+from posttrain.losses.sft import budget_logits, labelled_forward
 from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
 from posttrain.models import load_model
 from posttrain.report.plots import training_curve
@@ -110,12 +110,18 @@ class ValueHead(torch.nn.Module):
         return self.linear(hidden).squeeze(-1)
 
 
-def forward_with_values(model, head, batch: dict):
+def forward_with_values(model, head, batch: dict, entropy_grad: bool = False):
     """(log-probs, values, entropies), each (N, T-1): at t, of the completion token t+1, of the prefix that emits
     it and of the distribution it is drawn from; 0 where no completion token follows. The output layer and
-    the value head run only at those positions, packed if `packing.enable`d (`labelled_forward`)."""
-    logits, targets, _, hidden = labelled_forward(model, batch, hidden=True)  # (M, V), (M,), _, (M, H)
-    per_position = (target_logprobs(logits, targets), head(hidden), token_entropy(logits))  # each (M,)
+    the value head run only at those positions, packed if `packing.enable`d; the entropies carry a gradient
+    only with `entropy_grad` (an entropy bonus), which needs the logits whole; otherwise past the model's
+    logits budget they are built a chunk at a time (`labelled_token_logprobs`)."""
+    if entropy_grad:
+        logits, targets, _, hidden = labelled_forward(model, batch, hidden=True)  # (M, V), (M,), _, (M, H)
+        per_position = (target_logprobs(logits, targets), head(hidden), token_entropy(logits))  # each (M,)
+    else:
+        logp, entropy, _, hidden = labelled_token_logprobs(model, batch, with_entropy=True, with_hidden=True)
+        per_position = (logp, head(hidden), entropy)
     return tuple(on_completion_grid(x, batch) for x in per_position)
 
 
@@ -143,6 +149,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     if cfg.packing:  # updates and reference passes on the rollouts' real tokens only; checked before autocast
         packing.enable(model)
         packing.enable(reference)
+    budget_logits(model, cfg.loss_logits_mb)
     model, head, optimizer = accelerator.prepare(model, head, optimizer)
     policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
     compiled = compiled_forward(policy, cfg.compile)
@@ -213,7 +220,8 @@ def optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts
     minibatch = cfg.batch_size // accelerator.num_processes  # cfg.batch_size is global, over all ranks
     for _ in range(cfg.epochs):
         for rows in torch.randperm(len(scores), generator=generator).split(minibatch):
-            logp, values, entropies = forward_with_values(model, head, {k: v[rows] for k, v in batch.items()})
+            mini = {k: v[rows] for k, v in batch.items()}
+            logp, values, entropies = forward_with_values(model, head, mini, entropy_grad=cfg.ent_coef > 0)
             pg_loss, pg_metrics = clipped_surrogate(logp, old_logp[rows], advantages[rows], mask[rows], cfg.clip_eps)
             vf_loss, vf_metrics = clipped_value_loss(values, old_values[rows], returns[rows], mask[rows], cfg.value_clip)
             entropy, ent_metrics = entropy_bonus(entropies, mask[rows])
