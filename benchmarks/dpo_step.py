@@ -19,7 +19,6 @@ import tempfile
 import torch
 
 from benchmarks.common import SEQ_LEN, device, load, main, timed_steps, trl_step_timer, with_context
-from posttrain import packing
 from posttrain.data import encode_pair
 from posttrain.world import MAIN_SKILL, render, sample_problems
 from posttrain.world.skills import Problem
@@ -50,18 +49,18 @@ def run_posttrain(args) -> dict:
     from posttrain.losses.dpo import dpo_sigmoid
     from posttrain.methods.rl.dpo import all_pair_logps, dpo_loss_fn, pair_batches, pair_tensors
     from posttrain.training import (TrainingConfig, _optimizer_step, compiled_forward, forward_as, make_accelerator,
-                                    make_optimizer)
+                                    make_optimizer, prepare_for_losses)
 
     model, tokenizer = load(args.size)
     rows = [(encode_pair(tokenizer, p, c), encode_pair(tokenizer, p, r)) for p, c, r in pairs(args.size, tokenizer)]
     tensors = pair_tensors(rows, tokenizer.pad_token_id)
     tensors = {k: v.to(device()) for k, v in tensors.items()}
     tensors["ref_logps"] = all_pair_logps(model, tensors)  # before timing, as TRL's precompute
-    cfg = TrainingConfig(steps=args.warmup + args.steps, batch_size=BATCH[args.size], lr=1e-6)
+    cfg = TrainingConfig(steps=args.warmup + args.steps, batch_size=BATCH[args.size], lr=1e-6,
+                         packing=args.side != "posttrain-padded")
     accelerator = make_accelerator(cfg.precision)
     optimizer = make_optimizer(model.parameters(), cfg)
-    if args.side != "posttrain-padded":  # as train() does with packing=true, the default
-        packing.enable(model)
+    prepare_for_losses(model, cfg)  # as train() does
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     loss_fn = dpo_loss_fn(lambda p: dpo_sigmoid(p, 0.1), 0.1, 0.0)

@@ -22,7 +22,6 @@ import time
 import torch
 
 from benchmarks.common import SEQ_LEN, device, load, main, sync, timed_steps, trl_step_timer
-from posttrain import packing
 from posttrain.evaluation import max_new_tokens_for
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 
@@ -40,18 +39,19 @@ def completion_budget(size: str, tokenizer, todo) -> int:
 def run_posttrain(args) -> dict:
     from posttrain.methods.rl.grpo import GRPOConfig, optimise
     from posttrain.rl.rollouts import cot_prompts, sample_rollouts
-    from posttrain.training import compiled_forward, forward_as, lr_lambda, make_accelerator, make_optimizer
+    from posttrain.training import (compiled_forward, forward_as, lr_lambda, make_accelerator, make_optimizer,
+                                    prepare_for_losses)
 
     model, tokenizer = load(args.size)
     todo = problems()
     budget = completion_budget(args.size, tokenizer, todo)
     cfg = GRPOConfig(prompts_per_step=PROMPTS, num_generations=GROUP, batch_size=PROMPTS * GROUP, beta=0.0,
-                     steps=args.warmup + args.steps, lr=1e-6, compile=args.side.endswith("-compiled"))
+                     steps=args.warmup + args.steps, lr=1e-6, compile=args.side.endswith("-compiled"),
+                     packing=args.side != "posttrain-padded")
     accelerator = make_accelerator(cfg.precision)
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    if args.side != "posttrain-padded":  # as the GRPO run does with packing=true, the default
-        packing.enable(model)
+    prepare_for_losses(model, cfg)  # as the GRPO run does
     model, optimizer = accelerator.prepare(model, optimizer)
     compiled = compiled_forward(model, cfg.compile)
     sampling: list[float] = []

@@ -22,7 +22,6 @@ import torch
 
 from benchmarks.common import (SEQ_LEN, device, load, main, timed_steps, training_flops_per_token,
                                trl_step_timer, with_context)
-from posttrain import packing
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.losses.sft import causal_lm_loss
 from posttrain.methods.common import world_examples
@@ -41,18 +40,18 @@ def examples(size: str, data: str, tokenizer) -> list[tuple[str, str]]:
 
 def run_posttrain(args) -> dict:
     from posttrain.training import (TrainingConfig, _optimizer_step, compiled_forward, forward_as, lr_lambda,
-                                    make_accelerator, make_optimizer)
+                                    make_accelerator, make_optimizer, prepare_for_losses)
 
     model, tokenizer = load(args.size)
     batch = BATCH[args.size]
-    cfg = TrainingConfig(steps=args.warmup + args.steps, batch_size=batch, lr=1e-4)
+    cfg = TrainingConfig(steps=args.warmup + args.steps, batch_size=batch, lr=1e-4,
+                         packing=args.side != "posttrain-padded")
     accelerator = make_accelerator(cfg.precision)
     rows = [encode_pair(tokenizer, p, c) for p, c in examples(args.size, args.data, tokenizer)]
     data = EncodedDataset(rows, tokenizer.pad_token_id, batch, 0)
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    if args.side != "posttrain-padded":  # as train() does with packing=true, the default
-        packing.enable(model)
+    prepare_for_losses(model, cfg)  # as train() does
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 

@@ -31,8 +31,7 @@ from transformers.cache_utils import DynamicLayer
 from posttrain.data import encode_prompt
 from posttrain.errors import UserError
 from posttrain.losses.ppo import token_entropy
-from posttrain.losses.sft import (IGNORE, ChunkedCrossEntropy, chunk_rows, chunked_entropy, labelled_forward,
-                                  output_weight)
+from posttrain.losses.sft import IGNORE, chunk_rows, chunked_entropy, chunked_losses, labelled_forward, output_weight
 
 
 @dataclasses.dataclass
@@ -294,16 +293,14 @@ def labelled_token_logprobs(model, batch: dict, with_entropy: bool = False, with
     """`TokenScores` of the batch's labelled tokens, entropy and hidden states only when asked. Logits only
     where a label follows, packed if `packing.enable`d (`labelled_forward`), and a chunk of rows at a time
     past the model's logits budget (`ChunkedCrossEntropy`)."""
-    chunk = chunk_rows(model, int((batch["labels"][:, 1:] != IGNORE).sum()))
+    chunk = chunk_rows(model, batch)
     if not chunk:
         logits, targets, rows, hidden = labelled_forward(model, batch, hidden=with_hidden)  # logits (N, V)
         entropy = token_entropy(logits.detach()) if with_entropy else None
         return TokenScores(target_logprobs(logits, targets), entropy, rows, hidden)
-    _, targets, rows, hidden = labelled_forward(model, batch, hidden=True, logits=False)  # hidden (N, H)
-    weight = output_weight(model)
-    entropy = chunked_entropy(hidden.detach(), weight, chunk) if with_entropy else None
-    logp = -ChunkedCrossEntropy.apply(hidden, weight, targets, chunk)
-    return TokenScores(logp, entropy, rows, hidden if with_hidden else None)
+    losses, rows, hidden = chunked_losses(model, batch, chunk)  # (N,), (N,), (N, H)
+    entropy = chunked_entropy(hidden.detach(), output_weight(model), chunk) if with_entropy else None
+    return TokenScores(-losses, entropy, rows, hidden if with_hidden else None)
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from posttrain import packing
 from posttrain.errors import UserError
 from posttrain.io import JsonlWriter, atomic_dir, read_json, write_json
-from posttrain.losses.sft import budget_logits
+from posttrain.losses.sft import DEFAULT_LOGITS_MB, budget_logits
 
 CHECKPOINT = "checkpoint"
 
@@ -51,7 +51,7 @@ class TrainingConfig:
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the training steps' forward and GRPO/PPO's decode step: GPU levers
     packing: bool = True  # run padded batches packed (posttrain/packing.py): no layer computes on padding
-    loss_logits_mb: float = 1024.0  # SFT losses hold at most this many MB of float32 logits, else chunk (0: no limit)
+    loss_logits_mb: float = DEFAULT_LOGITS_MB  # losses hold at most this many MB of float32 logits, else chunk (0: no limit)
 
     @property
     def rollout_decode(self) -> str:
@@ -197,9 +197,7 @@ def train(
         if not (ckpt / "state.json").exists():
             raise UserError(f"--resume: no checkpoint in {output_dir} (expected {ckpt}/state.json)")
         start = load_checkpoint(ckpt, model, optimizer, scheduler)
-    if cfg.packing:
-        packing.enable(model)  # checked before Accelerate's autocast wraps the forward
-    budget_logits(model, cfg.loss_logits_mb)
+    prepare_for_losses(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     unwrapped = accelerator.unwrap_model(model)
@@ -252,6 +250,16 @@ def train(
     elapsed = time.perf_counter() - t0
     model.eval()
     return TrainResult(history, last_metrics, elapsed, tokens / max(elapsed, 1e-9))
+
+
+def prepare_for_losses(model, cfg: TrainingConfig, *frozen) -> None:
+    """Before Accelerate wraps `model` (its checks run outside autocast): pack its batches if `cfg.packing`
+    (`packing.enable`, and those of the `frozen` reference models that exist) and give its losses
+    `cfg.loss_logits_mb`."""
+    if cfg.packing:
+        for each in (model, *(f for f in frozen if f is not None)):
+            packing.enable(each)
+    budget_logits(model, cfg.loss_logits_mb)
 
 
 def compiled_forward(module, enabled: bool) -> Callable | None:

@@ -78,7 +78,7 @@ def test_causal_lm_loss_over_its_logits_budget_is_the_same_loss_in_chunks(tokeni
         assert packing.enable(chunked) and packing.enable(whole)
     budget_logits(chunked, 3 * 4 * chunked.config.vocab_size / 2**20)  # 3 rows of float32 logits
     n_labelled = int((batch["labels"][:, 1:] != IGNORE).sum())
-    assert chunk_rows(chunked, n_labelled) == 3 and chunk_rows(whole, n_labelled) == 0
+    assert chunk_rows(chunked, batch) == 3 and chunk_rows(whole, batch) == 0
     (loss, metrics), (want, _) = causal_lm_loss(chunked, batch), causal_lm_loss(whole, batch)
     assert loss.item() == pytest.approx(want.item(), abs=1e-6) and metrics["tokens"] == n_labelled
     grads = torch.autograd.grad(loss, list(chunked.parameters()))
@@ -100,4 +100,15 @@ def test_logits_changed_after_the_output_layer_are_never_chunked(tokenizer):
     scaled = ScaledLogits(plain.config)
     for model in (plain, scaled):
         budget_logits(model, 1e-6)  # less than one row: chunks of one row
-    assert chunk_rows(plain, 100) == 1 and chunk_rows(scaled, 100) == 0
+    hundred_labels = {"labels": torch.zeros(1, 101, dtype=torch.long)}  # 100 positions predict a label
+    assert chunk_rows(plain, hundred_labels) == 1 and chunk_rows(scaled, hundred_labels) == 0
+
+
+def test_a_negative_logits_budget_is_refused_with_the_key_named():
+    from posttrain.config import load_config
+    from posttrain.errors import UserError
+    from posttrain.training import TrainingConfig
+
+    assert load_config(TrainingConfig, overrides=["loss_logits_mb=0"]).loss_logits_mb == 0  # 0: no limit
+    with pytest.raises(UserError, match="loss_logits_mb must be >= 0"):
+        load_config(TrainingConfig, overrides=["loss_logits_mb=-1"])

@@ -103,14 +103,20 @@ def no_positions(like: torch.Tensor) -> torch.Tensor:
 def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """Run `model` on a batch (input_ids, labels, optional attention_mask) and return `sft_loss`; when its
     logits would pass the model's budget (`budget_logits`), the same loss chunk by chunk."""
-    rows = chunk_rows(model, int((batch["labels"][:, 1:] != IGNORE).sum()))
+    rows = chunk_rows(model, batch)
     if not rows:
         logits, targets, _ = labelled_logits(model, batch)
         return sft_loss(logits, targets)
-    _, targets, _, hidden = labelled_forward(model, batch, hidden=True, logits=False)  # hidden (N, H)
-    weight = output_weight(model)
-    loss = ChunkedCrossEntropy.apply(hidden, weight, targets, rows).sum() / max(len(targets), 1)
-    return loss, {"loss": loss.item(), "tokens": len(targets)}
+    losses, _, _ = chunked_losses(model, batch, rows)
+    loss = losses.sum() / max(len(losses), 1)
+    return loss, {"loss": loss.item(), "tokens": len(losses)}
+
+
+def chunked_losses(model, batch: dict, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cross-entropy (N,), batch row (N,), last hidden state (N, H)) at the N labelled positions, their
+    logits built `rows` at a time from the hidden states (`ChunkedCrossEntropy`), never all at once."""
+    _, targets, batch_rows, hidden = labelled_forward(model, batch, hidden=True, logits=False)
+    return ChunkedCrossEntropy.apply(hidden, output_weight(model), targets, rows), batch_rows, hidden
 
 
 def output_weight(model) -> torch.Tensor:
@@ -122,18 +128,19 @@ DEFAULT_LOGITS_MB = 1024.0
 
 
 def budget_logits(model, megabytes: float) -> None:
-    """Let `causal_lm_loss` hold at most `megabytes` of `model`'s float32 logits at once (0: no limit)."""
+    """Let `causal_lm_loss` and `generation.labelled_token_logprobs` hold at most `megabytes` of `model`'s
+    float32 logits at once (0: no limit)."""
     packing.unwrapped(model)._posttrain_logits_mb = megabytes
 
 
-def chunk_rows(model, n_labelled: int) -> int:
-    """Rows of logits per chunk for a batch of `n_labelled` positions, or 0 to build them all at once: when
-    they fit the budget, or when the model's logits are not its output layer applied to its last hidden
+def chunk_rows(model, batch: dict) -> int:
+    """Rows of logits per chunk for the batch's labelled positions, or 0 to build them all at once: when
+    they fit the model's budget, or when its logits are not its output layer applied to its last hidden
     state (a bias, a scale or a soft cap after it), which the chunked loss would leave out."""
     model = packing.unwrapped(model)
     megabytes = getattr(model, "_posttrain_logits_mb", DEFAULT_LOGITS_MB)
-    vocab = model.config.vocab_size
-    rows = max(1, int(megabytes * 2**20) // (4 * vocab))
+    rows = max(1, int(megabytes * 2**20) // (4 * model.config.vocab_size))
+    n_labelled = int((batch["labels"][:, 1:] != IGNORE).sum())
     if not megabytes or n_labelled <= rows or not logits_from_last_hidden(model):
         return 0
     return rows
@@ -145,7 +152,7 @@ def logits_from_last_hidden(model) -> bool:
     if not hasattr(model, "_posttrain_plain_head"):
         head = model.get_output_embeddings()
         model._posttrain_plain_head = (isinstance(head, torch.nn.Linear) and head.bias is None
-                                       and head_gap(model, head) <= (1e-4 if head.weight.dtype == torch.float32 else 2e-2))
+                                       and head_gap(model, head) <= packing.rounding_tolerance(head.weight.dtype))
     return model._posttrain_plain_head
 
 

@@ -31,11 +31,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from posttrain import packing
 from posttrain.errors import UserError
 from posttrain.io import JsonlWriter
 from posttrain.losses.grpo import AGGREGATIONS, grpo_loss
-from posttrain.losses.sft import budget_logits
 from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
 from posttrain.models import load_model
 from posttrain.report.plots import training_curve
@@ -45,7 +43,7 @@ from posttrain.rl.frontier import HeldOut
 from posttrain.rl.rollouts import (completion_stats, forward_logprobs, policy_path, reward_function, step_rollouts,
                                    training_problems)
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
-                                make_accelerator, make_optimizer, mean_over_processes)
+                                make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses)
 
 
 @dataclasses.dataclass
@@ -110,11 +108,7 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     updates = cfg.steps * cfg.epochs * -(-rows // cfg.batch_size)
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
-    if cfg.packing:  # updates and reference passes on the rollouts' real tokens only; checked before autocast
-        packing.enable(model)
-        if reference is not None:
-            packing.enable(reference)
-    budget_logits(model, cfg.loss_logits_mb)
+    prepare_for_losses(model, cfg, reference)  # packed updates and reference passes
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
     compiled = compiled_forward(policy, cfg.compile)

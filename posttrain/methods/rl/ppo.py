@@ -31,12 +31,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from posttrain import packing
 from posttrain.errors import UserError
 from posttrain.generation import labelled_token_logprobs, target_logprobs
 from posttrain.io import JsonlWriter
 from posttrain.losses.ppo import clipped_surrogate, clipped_value_loss, entropy_bonus, token_entropy
-from posttrain.losses.sft import budget_logits, labelled_forward
+from posttrain.losses.sft import labelled_forward
 from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
 from posttrain.models import load_model
 from posttrain.report.plots import training_curve
@@ -47,7 +46,7 @@ from posttrain.rl.kl import kl_k1
 from posttrain.rl.rollouts import (completion_stats, forward_logprobs, on_completion_grid, policy_path, reward_function,
                                    step_rollouts, training_problems)
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
-                                make_accelerator, make_optimizer, mean_over_processes)
+                                make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses)
 
 
 @dataclasses.dataclass
@@ -146,10 +145,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     groups = [{"params": list(model.parameters())}, {"params": list(head.parameters()), "lr": cfg.value_lr}]
     optimizer = make_optimizer(groups, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
-    if cfg.packing:  # updates and reference passes on the rollouts' real tokens only; checked before autocast
-        packing.enable(model)
-        packing.enable(reference)
-    budget_logits(model, cfg.loss_logits_mb)
+    prepare_for_losses(model, cfg, reference)  # packed updates and reference passes
     model, head, optimizer = accelerator.prepare(model, head, optimizer)
     policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
     compiled = compiled_forward(policy, cfg.compile)
