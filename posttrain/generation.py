@@ -74,7 +74,8 @@ def inverse_cdf_sample(probs: torch.Tensor, generator) -> torch.Tensor:
     cdf = probs.cumsum(-1)
     cdf = cdf / cdf[:, -1:]  # exactly 1 at the end, so u < 1 always finds an index
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)  # (B, 1)
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    # a row of NaN weights finds none: keep the index a valid token (`generate` reports such rows)
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 DECODES = ("dynamic", "static", "compiled")
@@ -164,14 +165,20 @@ def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_
 def _decode(step, logits, next_pos, max_new_tokens, temperature, top_p, generator, stop_set, pad, check_every):
     """Sample a token per row, feed it back through `step(token, position) -> logits`, repeat; (R, steps)."""
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    diverged = torch.zeros_like(done)  # rows whose logits were ever NaN or infinite, read once at the end
     new_tokens = []
     for i in range(max_new_tokens):
+        diverged |= ~torch.isfinite(logits).all(-1)
         token = sample_next(logits, temperature, top_p, generator).masked_fill(done, pad)  # finished rows: padding
         new_tokens.append(token)
         done |= torch.isin(token, stop_set)
         if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and done.all()):
             break
         logits = step(token[:, None], next_pos + i)
+    if diverged.any():
+        raise UserError(f"the model's next-token logits were NaN or infinite in {int(diverged.sum())} of "
+                        f"{len(diverged)} rows while sampling: its weights have diverged (lower the learning "
+                        "rate) or the model folder holds broken weights")
     return torch.stack(new_tokens, dim=1)
 
 

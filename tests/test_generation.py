@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from posttrain.data import encode_pair, pad_batch
+from posttrain.errors import UserError
 from posttrain.generation import generate, inverse_cdf_sample, sample_next, sequence_logprobs, token_logprobs
 from posttrain.losses.sft import IGNORE
 from tests.conftest import random_model
@@ -84,6 +85,15 @@ def test_inverse_cdf_sampling_draws_each_token_with_its_probability():
         frequency = torch.bincount(drawn, minlength=5).float() / drawn.numel()
         assert torch.allclose(frequency, row / row.sum(), atol=0.006)
         assert (frequency[row == 0] == 0).all()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_non_finite_logits_stop_sampling_with_a_clear_error(tokenizer, temperature):
+    model = random_model(tokenizer, seed=5)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))  # every logit NaN, as after a diverged update
+    with pytest.raises(UserError, match="NaN or infinite in 2 of 2 rows"):
+        generate(model, tokenizer, ["Q: 1+2\n", "Q: 3+4\n"], temperature=temperature, max_new_tokens=4)
 
 
 def test_static_cache_decoding_equals_uncached_reference(tokenizer):
