@@ -165,10 +165,12 @@ def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_
 def _decode(step, logits, next_pos, max_new_tokens, temperature, top_p, generator, stop_set, pad, check_every):
     """Sample a token per row, feed it back through `step(token, position) -> logits`, repeat; (R, steps)."""
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    diverged = torch.zeros_like(done)  # rows whose logits were ever NaN or infinite, read once at the end
+    diverged = torch.zeros_like(done)  # rows with no valid next-token distribution, read once at the end
     new_tokens = []
     for i in range(max_new_tokens):
-        diverged |= ~torch.isfinite(logits).all(-1)
+        # a row's largest logit is NaN if any logit is, +inf if one is, -inf if all are (one reduction a step;
+        # a -inf among finite logits is a token of probability 0, which samples fine)
+        diverged |= ~torch.isfinite(logits.amax(-1))
         token = sample_next(logits, temperature, top_p, generator).masked_fill(done, pad)  # finished rows: padding
         new_tokens.append(token)
         done |= torch.isin(token, stop_set)

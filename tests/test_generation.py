@@ -4,7 +4,7 @@ import torch
 
 from posttrain.data import encode_pair, pad_batch
 from posttrain.errors import UserError
-from posttrain.generation import generate, inverse_cdf_sample, sample_next, sequence_logprobs, token_logprobs
+from posttrain.generation import _decode, generate, inverse_cdf_sample, sample_next, sequence_logprobs, token_logprobs
 from posttrain.losses.sft import IGNORE
 from tests.conftest import random_model
 
@@ -94,6 +94,13 @@ def test_non_finite_logits_stop_sampling_with_a_clear_error(tokenizer, temperatu
         model.model.norm.weight.fill_(float("nan"))  # every logit NaN, as after a diverged update
     with pytest.raises(UserError, match="NaN or infinite in 2 of 2 rows"):
         generate(model, tokenizer, ["Q: 1+2\n", "Q: 3+4\n"], temperature=temperature, max_new_tokens=4)
+
+
+def test_a_minus_infinite_logit_is_a_token_never_drawn_not_an_error():
+    logits = torch.tensor([[0.0, float("-inf"), 0.0]]).repeat(4, 1)  # a model that rules token 1 out
+    tokens = _decode(lambda token, position: logits, logits, torch.zeros(4, 1, dtype=torch.long), 20, 1.0, 1.0,
+                     torch.Generator().manual_seed(0), torch.tensor([99]), 0, 1)
+    assert tokens.shape == (4, 20) and not (tokens == 1).any() and set(tokens.unique().tolist()) == {0, 2}
 
 
 def test_static_cache_decoding_equals_uncached_reference(tokenizer):

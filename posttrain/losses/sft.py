@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain import packing
+from posttrain.losses.ppo import token_entropy
 
 IGNORE = -100
 
@@ -213,10 +214,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 @torch.no_grad()
 def chunked_entropy(hidden: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor:
     """Entropy of softmax(h_i W^T) for each of N rows, (N,), `rows` rows of logits at a time (no gradient)."""
-    parts = []
-    for start in range(0, len(hidden), rows):
-        logp = (hidden[start : start + rows] @ weight.T).float().log_softmax(-1)  # (rows, V)
-        parts.append(-(logp.exp() * logp).sum(-1))
+    parts = [token_entropy(hidden[start : start + rows] @ weight.T) for start in range(0, len(hidden), rows)]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
