@@ -6,7 +6,8 @@ Sampling, per batch of prompts:
     3. for N samples per prompt, repeat the prompt's cache N times instead of re-running the prefill
     4. decode: sample a token per row (temperature, top-p), feed it back with the cache, until
        every row has produced EOS (or one of `stop_ids`, e.g. a newline to generate one reasoning
-       step at a time) or `max_new_tokens` tokens
+       step at a time) or `max_new_tokens` tokens; once at most 3/4 of the rows are unfinished, the
+       finished ones leave the batch and its cache (dynamic cache only: a static one keeps its shape)
 
 By default the decoding cache grows by one column a step, written in place into room reserved after
 the prefill (`GrowingLayer`; transformers' DynamicCache copies the whole cache with torch.cat at
@@ -48,8 +49,9 @@ class Samples:
         return sum(len(ids) for ids in self.token_ids)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """One token per row from logits (B, V): greedy at temperature 0, else nucleus sampling."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor | None) -> torch.Tensor:
+    """One token per row from logits (B, V): greedy at temperature 0, else nucleus sampling with the
+    row's uniform random number in [0, 1) (B, 1)."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = F.softmax(logits.float() / temperature, dim=-1)
@@ -59,27 +61,28 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return inverse_cdf_sample(probs, generator)
+    return inverse_cdf_sample(probs, uniform)
 
 
-def inverse_cdf_sample(probs: torch.Tensor, generator) -> torch.Tensor:
-    """One index per row of non-negative weights (B, V), index i with probability p_i / sum(p).
+def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One index per row of non-negative weights (B, V), index i with probability p_i / sum(p), given
+    one uniform random number u in [0, 1) per row (B, 1).
 
-    Inverse transform sampling: with the row's cumulative distribution F (F_{V-1} = 1), a uniform
-    u in [0, 1) picks the first i with F_i > u, which happens with probability F_i - F_{i-1} = p_i.
-    A token of weight 0 has F_i = F_{i-1} and so is never the first to exceed u. One random number
-    per row, where torch.multinomial draws one per vocabulary entry: on the CPU at 64 x 384 it took
-    1,062 us a step against 68 us (docs/PERFORMANCE.md).
+    Inverse transform sampling: with the row's cumulative distribution F (F_{V-1} = 1), u picks the
+    first i with F_i > u, which happens with probability F_i - F_{i-1} = p_i. A token of weight 0 has
+    F_i = F_{i-1} and so is never the first to exceed u. One random number per row, where
+    torch.multinomial draws one per vocabulary entry: on the CPU at 64 x 384 it took 1,062 us a step
+    against 68 us (docs/PERFORMANCE.md).
     """
     cdf = probs.cumsum(-1)
     cdf = cdf / cdf[:, -1:]  # exactly 1 at the end, so u < 1 always finds an index
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)  # (B, 1)
     # a row of NaN weights finds none: keep the index a valid token (`generate` reports such rows)
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    return torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 DECODES = ("dynamic", "static", "compiled")
 WIDTH_MULTIPLE = 64  # static caches round the prompt width up to this
+SHRINK_AT = 0.75  # the dynamic cache drops finished rows once at most this share of its batch is unfinished
 
 
 @torch.no_grad()
@@ -163,25 +166,43 @@ def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_
 
 
 def _decode(step, logits, next_pos, max_new_tokens, temperature, top_p, generator, stop_set, pad, check_every):
-    """Sample a token per row, feed it back through `step(token, position) -> logits`, repeat; (R, steps)."""
-    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    """Sample a token per row, feed it back through `step(token, position) -> logits`, repeat; (R, steps).
+
+    A decoder that can drop rows (`keep_rows(index)`, the dynamic cache's) is given only the unfinished
+    ones once at most SHRINK_AT of its batch is unfinished: the steps left then cost what those rows
+    need, not what the whole batch does (in a GRPO batch of 64 rollouts most can stop within a few
+    tokens while one runs ten times longer). Every step draws one uniform per row of the whole batch
+    and a row keeps its own, so dropping rows changes no row's tokens.
+    """
+    rows, device = logits.shape[0], logits.device
+    tokens = torch.full((rows, max_new_tokens), pad, device=device)  # finished rows: padding
+    live = torch.arange(rows, device=device)  # the output row of each row still decoding
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
     diverged = torch.zeros_like(done)  # rows with no valid next-token distribution, read once at the end
-    new_tokens = []
+    keep_rows = getattr(step, "keep_rows", None)
     for i in range(max_new_tokens):
         # a row's largest logit is NaN if any logit is, +inf if one is, -inf if all are (one reduction a step;
         # a -inf among finite logits is a token of probability 0, which samples fine)
-        diverged |= ~torch.isfinite(logits.amax(-1))
-        token = sample_next(logits, temperature, top_p, generator).masked_fill(done, pad)  # finished rows: padding
-        new_tokens.append(token)
+        diverged[live] |= ~torch.isfinite(logits.amax(-1))
+        uniform = torch.rand(rows, 1, generator=generator, device=device)[live] if temperature > 0 else None
+        token = sample_next(logits, temperature, top_p, uniform).masked_fill(done, pad)
+        tokens[live, i] = token
         done |= torch.isin(token, stop_set)
-        if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and done.all()):
+        if i + 1 == max_new_tokens:
             break
+        if (i + 1) % check_every == 0:  # reading `done` on the host waits for the device
+            unfinished = (~done).nonzero().squeeze(-1)
+            if len(unfinished) == 0:
+                break
+            if keep_rows and len(unfinished) <= SHRINK_AT * len(done):
+                keep_rows(unfinished)
+                live, done, token, next_pos = live[unfinished], done[unfinished], token[unfinished], next_pos[unfinished]
         logits = step(token[:, None], next_pos + i)
     if diverged.any():
         raise UserError(f"the model's next-token logits were NaN or infinite in {int(diverged.sum())} of "
                         f"{len(diverged)} rows while sampling: its weights have diverged (lower the learning "
                         "rate) or the model folder holds broken weights")
-    return torch.stack(new_tokens, dim=1)
+    return tokens[:, : i + 1]
 
 
 class GrowingLayer(DynamicLayer):
@@ -207,6 +228,12 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self._write(key_states, value_states, self.keys.shape[2])
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows `indices` (a copy of those rows' reserved columns)."""
+        columns = self.keys.shape[2]
+        self.room = {name: room[indices] for name, room in self.room.items()}
+        self.keys, self.values = self.room["keys"][:, :, :columns], self.room["values"][:, :, :columns]
 
 
 def repeated(layer, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,6 +265,11 @@ class DynamicDecoder:
         """(R, 1) tokens at (R, 1) positions -> next-token logits (R, V)."""
         mask = self.mask[:, : self.cache.get_seq_length() + 1]  # the cached columns and this token's
         return self.model(input_ids=token, attention_mask=mask, position_ids=position, **self.kwargs).logits[:, -1]
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Decode only the rows `index` from now on (finished rows leave the batch)."""
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
 
 
 class StaticDecoder:

@@ -67,10 +67,9 @@ def test_shared_prefill_samples_are_reproducible_and_diverse(tokenizer):
 
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    picks = {int(sample_next(logits, 1.0, 0.8, g)) for _ in range(200)}
+    picks = {int(sample_next(logits, 1.0, 0.8, torch.tensor([[u / 200]]))) for u in range(200)}
     assert picks == {0, 1}  # 0.6 < 0.8 so the second token joins; the tail never does
-    assert int(sample_next(logits, 0.0, 1.0, g)) == 0
+    assert int(sample_next(logits, 0.0, 1.0, None)) == 0
 
 
 def test_inverse_cdf_sampling_draws_each_token_with_its_probability():
@@ -80,7 +79,8 @@ def test_inverse_cdf_sampling_draws_each_token_with_its_probability():
                             [0.0, 0.1, 0.0, 0.0, 0.9],
                             [0.0, 0.0, 0.0, 0.0, 2.0]])  # unnormalised: sampling divides by the sum
     rows = weights.repeat_interleave(100_000, dim=0)
-    picks = inverse_cdf_sample(rows, torch.Generator().manual_seed(0)).view(3, -1)
+    uniform = torch.rand(len(rows), 1, generator=torch.Generator().manual_seed(0))
+    picks = inverse_cdf_sample(rows, uniform).view(3, -1)
     for row, drawn in zip(weights, picks):
         frequency = torch.bincount(drawn, minlength=5).float() / drawn.numel()
         assert torch.allclose(frequency, row / row.sum(), atol=0.006)
@@ -101,6 +101,62 @@ def test_a_minus_infinite_logit_is_a_token_never_drawn_not_an_error():
     tokens = _decode(lambda token, position: logits, logits, torch.zeros(4, 1, dtype=torch.long), 20, 1.0, 1.0,
                      torch.Generator().manual_seed(0), torch.tensor([99]), 0, 1)
     assert tokens.shape == (4, 20) and not (tokens == 1).any() and set(tokens.unique().tolist()) == {0, 2}
+
+
+class ScriptedDecoder:
+    """Stands in for a model: row r may emit tokens 0-2 (uniformly) for its first 2r steps, then only
+    the stop token 3. Records how many rows each step was given."""
+
+    def __init__(self, rows: int):
+        self.rows, self.step, self.batch_sizes = torch.arange(rows), 0, []
+
+    def logits(self) -> torch.Tensor:
+        stopping = (self.step >= 2 * self.rows)[:, None]
+        return torch.where(stopping, torch.tensor([-1e9, -1e9, -1e9, 0.0]), torch.tensor([0.0, 0.0, 0.0, -1e9]))
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        assert len(token) == len(self.rows) == len(position)
+        self.step += 1
+        self.batch_sizes.append(len(token))
+        return self.logits()
+
+
+class ShrinkingDecoder(ScriptedDecoder):
+    def keep_rows(self, index: torch.Tensor) -> None:
+        self.rows = self.rows[index]
+
+
+def test_finished_rows_leave_the_batch_and_every_row_keeps_its_tokens():
+    """Rows that stop at steps 0, 2, ..., 14: a decoder that can drop rows gets fewer and fewer of them,
+    and every row's tokens equal those of a decoder that keeps the whole batch (same seed)."""
+    def decode(decoder):
+        return _decode(decoder, decoder.logits(), torch.zeros(8, 1, dtype=torch.long), 30, 1.0, 1.0,
+                       torch.Generator().manual_seed(0), torch.tensor([3]), 9, 1)
+
+    whole, shrinking = ScriptedDecoder(8), ShrinkingDecoder(8)
+    want, got = decode(whole), decode(shrinking)
+    assert torch.equal(got, want) and got.shape == (8, 15)
+    for r, row in enumerate(got.tolist()):
+        assert set(row[: 2 * r]) <= {0, 1, 2} and row[2 * r] == 3 and set(row[2 * r + 1 :]) <= {9}
+    assert whole.batch_sizes == [8] * 14
+    # row r is unfinished for 2r + 1 steps; a batch shrinks once at most 3/4 of it is unfinished
+    assert shrinking.batch_sizes == sorted(shrinking.batch_sizes, reverse=True) and shrinking.batch_sizes[-1] == 1
+    assert sum(shrinking.batch_sizes) < 0.7 * sum(whole.batch_sizes)
+
+
+def test_rows_leaving_the_dynamic_cache_change_no_samples(tokenizer, monkeypatch):
+    """Half the vocabulary stops a row, so rows finish at different steps and leave the dynamic cache;
+    the static cache keeps every row: the same samples."""
+    from posttrain.generation import DynamicDecoder
+    kept = []
+    keep_rows = DynamicDecoder.keep_rows
+    monkeypatch.setattr(DynamicDecoder, "keep_rows", lambda self, index: kept.append(len(index)) or keep_rows(self, index))
+    model = random_model(tokenizer, seed=4)
+    kwargs = dict(num_samples=8, temperature=1.0, max_new_tokens=16, seed=3, stop_ids=tuple(range(0, len(tokenizer), 2)))
+    dynamic = generate(model, tokenizer, ["Q: 12+34\n", "Q: reverse 3 1 4\n"], **kwargs)
+    static = generate(model, tokenizer, ["Q: 12+34\n", "Q: reverse 3 1 4\n"], decode="static", **kwargs)
+    assert kept and dynamic.token_ids == static.token_ids and dynamic.stopped == static.stopped
+    assert len({len(ids) for ids in dynamic.token_ids}) > 2
 
 
 def test_static_cache_decoding_equals_uncached_reference(tokenizer):
