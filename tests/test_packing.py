@@ -4,7 +4,7 @@ import torch
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from posttrain import packing
-from posttrain.data import EncodedDataset, encode_pair
+from posttrain.data import EncodedDataset, encode_pair, pad_batch
 from posttrain.generation import sequence_logprobs
 from posttrain.losses.sft import IGNORE, budget_logits, causal_lm_loss
 from tests.conftest import random_model
@@ -13,16 +13,27 @@ from tests.conftest import random_model
 def test_pack_by_hand():
     """Rows of 3, 1 and 2 real tokens in a 3 x 3 grid: their tokens end to end, positions from 0 in each."""
     batch = {"input_ids": torch.tensor([[5, 6, 7], [8, 0, 0], [9, 4, 0]]),
-             "attention_mask": torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]]),
-             "labels": torch.tensor([[IGNORE, 6, 7], [IGNORE, IGNORE, IGNORE], [IGNORE, 4, IGNORE]])}
+             "attention_mask": torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])}
     packed = packing.pack(batch)
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 4]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
-    assert packed.labels.tolist() == [IGNORE, 6, 7, IGNORE, IGNORE, 4]
-    assert packed.layout.slots.tolist() == [0, 1, 2, 3, 6, 7] and packed.layout.rows.tolist() == [0, 0, 0, 1, 2, 2]
-    assert packed.sequence_starts().tolist() == [True, False, False, True, True, False]
+    assert packed.layout.slots.tolist() == [0, 1, 2, 3, 6, 7]
+    assert packed.layout.sources.tolist() == [0, 1, 2, 3, 6, 6, 4, 5, 6]  # 6 = N: padding
     grid = packing.to_grid(torch.arange(6.0).view(1, 1, 6, 1), packed.layout)  # (B, H, W, D) = (3, 1, 3, 1)
     assert grid.flatten().tolist() == [0, 1, 2, 3, 0, 0, 4, 5, 0]
+
+
+def test_rows_that_start_like_the_row_above_share_those_tokens():
+    """[5 6 7 8], [5 6 9], [5 6 9 4], [3 5]: the second row shares 5 6 with the first, the third 5 6 9 with
+    the second (its 5 6 being the first row's); only the tokens after a shared prefix are packed."""
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8], [5, 6, 9, 0], [5, 6, 9, 4], [3, 5, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])}
+    assert packing.shared_prefix_lengths(batch["input_ids"], batch["attention_mask"].bool()).tolist() == [0, 2, 3, 0]
+    packed = packing.pack(batch)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 4, 3, 5]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 0, 1]]
+    assert packed.layout.sources.view(4, 4).tolist() == [[0, 1, 2, 3], [0, 1, 4, 8], [0, 1, 4, 5], [6, 7, 8, 8]]
+    assert packed.position_of(torch.tensor([2, 2, 3]), torch.tensor([1, 3, 0])).tolist() == [1, 5, 6]
 
 
 def test_right_padding_is_recognised():
@@ -70,6 +81,27 @@ def test_packed_training_step_equals_the_padded_one(tokenizer, build, monkeypatc
     assert loss.item() == pytest.approx(padded.item(), abs=1e-6) and packed_metrics["tokens"] == metrics["tokens"]
     assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(grads, padded_grads))
     assert model.config._attn_implementation != packing.NAME  # restored after each packed call
+
+
+@pytest.mark.parametrize("build", [random_model, gpt2_model], ids=["llama", "gpt2"])
+def test_shared_prefixes_give_the_padded_log_probs_and_gradients(tokenizer, build):
+    """DPO-like rows: two completions of one prompt that agree up to a digit, a third that is the prompt
+    and a prefix of theirs, and another prompt. Computing the shared prefixes once gives each row's
+    summed log-probs and every gradient of the padded batch."""
+    rows = [encode_pair(tokenizer, "Q: 12+34\n", "1+3=4\n2+4=6\nA: 46"),
+            encode_pair(tokenizer, "Q: 12+34\n", "1+3=4\n2+4=7\nA: 47"),
+            encode_pair(tokenizer, "Q: 12+34\n", "1+3=4"),
+            encode_pair(tokenizer, "Q: 9-4\n", "A: 5")]
+    batch = pad_batch(rows, tokenizer.pad_token_id)
+    assert len(packing.pack(batch).input_ids[0]) < 0.7 * batch["attention_mask"].sum()
+    model = build(tokenizer).train()
+    padded = sequence_logprobs(model, batch)
+    padded_grads = torch.autograd.grad(padded @ torch.tensor([1.0, -1.0, 0.5, 2.0]), list(model.parameters()))
+    assert packing.enable(model)
+    shared = sequence_logprobs(model, batch)
+    grads = torch.autograd.grad(shared @ torch.tensor([1.0, -1.0, 0.5, 2.0]), list(model.parameters()))
+    assert torch.allclose(shared, padded, atol=1e-5)
+    assert all(torch.allclose(g, h, atol=1e-5) for g, h in zip(grads, padded_grads))
 
 
 def test_packed_sequence_logprobs_equal_the_padded_ones(tokenizer):

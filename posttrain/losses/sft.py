@@ -83,17 +83,18 @@ def labelled_forward(model, batch: dict, hidden: bool = False, logits: bool = Tr
 
 
 def packed_labelled_forward(model, batch: dict, hidden: bool = False, logits: bool = True) -> Labelled:
-    """`labelled_forward` of a right-padded batch run packed: one row of its real tokens (`packing.pack`)."""
+    """`labelled_forward` of a right-padded batch run packed: one row of its real tokens, shared prefixes once
+    (`packing.pack`)."""
     packed = packing.pack(batch)
-    # position t scores labels[t + 1], unless t + 1 starts the next sequence
-    scores = (packed.labels[1:] != IGNORE) & ~packed.sequence_starts()[1:]  # (N-1,)
-    keep = scores.nonzero().squeeze(1)
+    labels, mask = batch["labels"], batch["attention_mask"].bool()
+    rows, columns = ((labels[:, 1:] != IGNORE) & mask[:, 1:]).nonzero().unbind(1)  # each position before a label
+    keep = packed.position_of(rows, columns)  # (N,), in row-major order; a shared position can appear twice
     with packing.packed_attention(model):
         out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, packed=packed.layout,
                     logits_to_keep=keep if logits else keep[:0], output_hidden_states=hidden)
     states = out.hidden_states[-1][0, keep] if hidden else None
-    selected = out.logits[0] if logits else None  # (N_labelled, V)
-    return Labelled(selected, packed.labels[keep + 1], packed.layout.rows[keep], states)
+    selected = out.logits[0] if logits else None  # (N, V)
+    return Labelled(selected, labels[rows, columns + 1], rows, states)
 
 
 def no_positions(like: torch.Tensor) -> torch.Tensor:

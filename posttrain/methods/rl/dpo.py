@@ -8,7 +8,8 @@ reward model: the implicit reward of a completion is beta * log(pi(y|x) / ref(y|
              (or user pairs: `--data pairs.jsonl` with prompt/chosen/rejected records)
     ref:     log ref(y|x) of every completion, computed once before training (precompute_ref_logps),
              so only the policy is in memory while it trains
-    step:    chosen and rejected rows in one forward, summed completion log-probs,
+    step:    chosen and rejected rows in one forward (packed: the prefix they share is computed once,
+             packing.py), summed completion log-probs,
              loss = DPO_LOSSES[loss](...)  (losses/dpo.py: sigmoid | cdpo | ipo | simpo)
 
 Unlike the paper, which uses human preference data and a separately trained SFT model, the pairs here
