@@ -22,9 +22,10 @@ rejected completions of a prompt share the prompt and the reasoning up to the fi
 differ; GRPO's completions of one prompt sit next to each other and share the prompt. A row's first
 k tokens equal to the row above's are not packed again: their cells in the grid name the row above's
 tokens, so attention reads them in both rows, and the gradients of both rows add up in the one copy
-(the backward of a gather is a sum). A labelled token whose position is shared is scored from the
-shared position (`Packed.position_of`). With 4-digit CoT addition pairs, a misread digit in the
-rejected one, 21% of a DPO batch's tokens are such shared prefixes.
+(the backward of a gather is a sum; with dropout, both rows see the one copy's mask). A labelled
+token whose position is shared is scored from the shared position (`Packed.position_of`). With
+4-digit CoT addition pairs, a misread digit in the rejected one, 21% of a DPO batch's tokens are
+such shared prefixes.
 
 The model runs packed while `packed_attention(model)` is active: its config names this attention
 (registered with transformers' `AttentionInterface`), and `position_ids` restart at every sequence,
