@@ -68,14 +68,18 @@ class EncodedDataset:
         return len(self.rows)
 
     def batch(self, step: int) -> dict:
-        """Rows of an epoch-wise shuffle: every example once per epoch, epoch order seeded."""
+        """The padded rows `picks(step)`."""
+        return pad_batch([self.rows[i] for i in self.picks(step)], self.pad_id)
+
+    def picks(self, step: int) -> list[int]:
+        """Indices of step's rows in an epoch-wise shuffle: every example once per epoch, epoch order seeded."""
         per_epoch = max(1, len(self.rows) // self.batch_size)
         epoch, index = divmod(step, per_epoch)
         order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
         picks = order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
         if len(picks) < self.batch_size:  # fewer rows than one batch: wrap around
             picks = (order.tolist() * (self.batch_size // len(self.rows) + 1))[: self.batch_size]
-        return pad_batch([self.rows[i] for i in picks], self.pad_id)
+        return picks
 
     def tokens(self) -> int:
         return sum(len(ids) for ids, _ in self.rows)

@@ -37,7 +37,7 @@ from posttrain.training import TrainingInterrupted
 # measured times scaled to their new defaults (100 -> 150 steps, 100 -> 200 problems, 4 variants of 100
 # steps -> 5 of 200), not measured as stages. Only the estimates of what is left and the weights of the
 # side-by-side progress bar use them.
-EXPECTED_SECONDS = {"sft": 300, "lora": 170, "cot-ft": 75, "instruction": 80, "distill": 230, "reward": 180,
+EXPECTED_SECONDS = {"sft": 300, "lora": 170, "cot-ft": 75, "instruction": 80, "distill": 330, "reward": 180,
                     "dpo": 75, "ppo": 140, "grpo": 165, "best-of-n": 45, "self-consistency": 20, "cot-prompt": 110,
                     "tree-search": 35}
 QUICK_FACTOR = 0.25

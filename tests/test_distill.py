@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from posttrain.config import load_config
-from posttrain.data import EncodedDataset, encode_pair
+from posttrain.data import EncodedDataset, encode_pair, encode_prompt
 from posttrain.errors import UserError
 from posttrain.losses.distill import forward_kl, reverse_kl
 from posttrain.methods.finetuning import distill
@@ -66,12 +66,32 @@ def test_soft_kd_loss_reads_only_the_logits_that_score_a_label(tokenizer):
     batch = EncodedDataset(rows, tokenizer.pad_token_id, 2, seed=0).batch(0)
     teacher, student = random_model(tokenizer, seed=0, hidden=64), random_model(tokenizer, seed=1)
     cfg = load_config(distill.DistillConfig, None, ["temperature=2"])
-    loss, metrics = distill.soft_kd_loss(teacher, cfg)(student, batch)
+    loss, metrics = distill.soft_kd_loss(teacher, cfg, "forward_kl")(student, batch)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     labelled = batch["labels"][:, 1:] != -100  # (B, T-1): position t scores labels[:, t + 1]
     full, _ = forward_kl(student(**inputs).logits[:, :-1][labelled], teacher(**inputs).logits[:, :-1][labelled], 2.0)
     assert loss.item() == pytest.approx(full.item(), abs=1e-6)
     assert metrics["tokens"] == int((batch["labels"] != -100).sum())
+
+
+def test_on_policy_batches_put_the_students_own_samples_first_and_keep_the_rest(tokenizer):
+    """Half of a step's rows are the student's completions of their prompts, sampled with the step's seed
+    (the same batch when the step is replayed) and labelled on the completion only; the rest are the data's rows."""
+    pairs = [(f"Q: {a}+{a}\n", f"A: {2 * a}") for a in range(10, 18)]
+    data = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, 4, seed=3)
+    student = random_model(tokenizer, seed=2)
+    batch_fn = distill.on_policy_batches(student, tokenizer, [p for p, _ in pairs], data, 0.5, max_new_tokens=6, seed=5)
+    batch, picks = batch_fn(1), data.picks(1)
+    for i in (0, 1):  # sampled: prompt unlabelled, then the sampled tokens labelled
+        prompt = encode_prompt(tokenizer, pairs[picks[i]][0])
+        ids, labels = batch["input_ids"][i], batch["labels"][i]
+        n = int(batch["attention_mask"][i].sum())
+        assert ids[: len(prompt)].tolist() == prompt and (labels[: len(prompt)] == -100).all()
+        assert labels[len(prompt) : n].tolist() == ids[len(prompt) : n].tolist() and 1 <= n - len(prompt) <= 6
+    for i in (2, 3):  # kept: the data's own rows
+        ids, labels = data.rows[picks[i]]
+        assert batch["input_ids"][i, : len(ids)].tolist() == ids and batch["labels"][i, : len(ids)].tolist() == labels
+    assert all(torch.equal(batch[k], batch_fn(1)[k]) for k in batch)
 
 
 def test_a_student_with_another_vocabulary_is_refused(quick_model, tiny_model_dir):
@@ -85,15 +105,16 @@ def quick_run(tmp_path_factory):
     return out, distill.run(load_config(distill.DistillConfig, None, QUICK + [f"output_dir={out}"]))
 
 
-def test_quick_distill_reports_teacher_and_three_students_that_learned(quick_run):
+def test_quick_distill_reports_teacher_and_four_students_that_learned(quick_run):
     out, summary = quick_run
     metrics = summary["metrics"]
-    assert set(metrics["students"]) == {"sft", "seq_kd", "soft_kd"}
+    assert set(metrics["students"]) == {"sft", "seq_kd", "soft_kd", "on_policy"}
     assert metrics["student_to_teacher_params"] <= 0.25
     assert metrics["teacher"]["accuracy"] >= 0.8
     for kind, student in metrics["students"].items():
         assert student["accuracy"] >= summary["baseline"]["accuracy"] + 0.1, kind
-    assert metrics["accuracy"] == metrics["students"]["soft_kd"]["accuracy"]
+    assert metrics["accuracy"] == metrics["students"]["on_policy"]["accuracy"]
+    assert metrics["gap_closed"] == metrics["gap_closed_by_student"]["on_policy"]
     kl = [json.loads(line)["loss"] for line in (out / "soft_kd" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert kl[-1] < 0.5 * kl[0]
     assert (out / "students.png").stat().st_size > 0 and (out / "summary.json").exists()
@@ -101,8 +122,9 @@ def test_quick_distill_reports_teacher_and_three_students_that_learned(quick_run
 
 @pytest.mark.slow
 def test_default_distillation(tmp_path):
-    """Issue 3's bar: a student of <= 1/4 of the teacher's parameters, all three students reported,
-    and soft targets closing >= 30% of the SFT student's gap to the teacher (measured 49%)."""
+    """Issue 3's bar: a student of <= 1/4 of the teacher's parameters, every student reported, and the
+    distilled (on-policy) student closing >= 30% of the SFT student's gap to the teacher (measured 50-73%
+    over seeds 0-2; soft targets alone 13-49%)."""
     summary = distill.run(load_config(distill.DistillConfig, None, [f"output_dir={tmp_path}"]))
     metrics = summary["metrics"]
     assert metrics["student_to_teacher_params"] <= 0.25

@@ -65,11 +65,15 @@ def distill(s: dict) -> str | None:
     students = m.get("students")
     if not students:
         return None
-    gap = m.get("gap_closed")
-    closed = f"; soft targets closed {100 * gap:.0f}% of the SFT student's gap to the teacher" if gap is not None else ""
+    gaps = m.get("gap_closed_by_student") or {"soft_kd": m.get("gap_closed")}  # runs before on-policy KD had one
+    closed = "".join(f"; {name} closed {100 * gaps[kind]:.0f}% of the SFT student's gap to the teacher"
+                     for kind, name in (("on_policy", "on-policy KD"), ("soft_kd", "soft targets"))
+                     if gaps.get(kind) is not None)
+    on_policy = f", on-policy KD {_f(students['on_policy']['accuracy'])}" if "on_policy" in students else ""
     return (f"Distillation into a student with {100 * m['student_to_teacher_params']:.0f}% of the teacher's parameters: "
             f"SFT {_f(students['sft']['accuracy'])}, sequence-level KD {_f(students['seq_kd']['accuracy'])}, "
-            f"soft-target KD {_f(students['soft_kd']['accuracy'])}, teacher {_f(m['teacher']['accuracy'])}{closed}.")
+            f"soft-target KD {_f(students['soft_kd']['accuracy'])}{on_policy}, teacher {_f(m['teacher']['accuracy'])}"
+            f"{closed}.")
 
 
 def reward(s: dict) -> str | None:

@@ -1,57 +1,69 @@
 """Knowledge distillation: teach a small student what a larger teacher knows.
 
-Three students of the same size start from the same base model and see the same training prompts
+Four students of the same size start from the same base model and see the same training prompts
 for the same number of steps; only what they learn from differs:
 
-    sft       the reference solutions (plain SFT; no teacher)
-    seq_kd    the teacher's own completions (sequence-level KD, Kim & Rush 2016): SFT on teacher outputs
-    soft_kd   the teacher's next-token distributions on the reference solutions (word-level KD,
-              Hinton et al. 2015): loss = tau^2 KL(p_teacher^tau || q_student^tau) per token
+    sft        the reference solutions (plain SFT; no teacher)
+    seq_kd     the teacher's own completions (sequence-level KD, Kim & Rush 2016): SFT on teacher outputs
+    soft_kd    the teacher's next-token distributions on the reference solutions (word-level KD,
+               Hinton et al. 2015): loss = tau^2 KL(p_teacher^tau || q_student^tau) per token
+    on_policy  the teacher's next-token distributions on sequences the student writes itself (GKD,
+               Agarwal et al. 2024): each step, half the batch's rows are the student's own completions
+               of their prompts, sampled now at temperature 1, the rest the references; loss
+               tau^2 KL(q_student^tau || p_teacher^tau) per token (reverse KL, mode-seeking)
 
     loss_soft_kd = tau^2 / N sum_t sum_v p_T(v | x, y_<t; tau) log(p_T(v | .; tau) / q_S(v | .; tau))
 
-(The divergences live in `posttrain/losses/distill.py`; `divergence=reverse_kl` swaps in
-KL(q || p).) The teacher is chain-of-thought SFT of the embedded tiny model on 3-digit addition (a
-`posttrain sft` run with the recipe in TEACHERS below, built once and cached: 0.90M parameters,
-held-out accuracy 1.00); the student is the embedded `tiny-student` (0.21M parameters, 24% of the
-teacher's), pretrained on the same corpus with the same tokenizer, which logit distillation needs
-(one vocabulary, one tokenization). The summary reports the teacher, the student before training,
-the three students, and the share of the SFT student's gap to the teacher that soft-target
-distillation closes (`gap_closed`).
+(The divergences live in `posttrain/losses/distill.py`; `divergence` and `on_policy_divergence` pick
+forward_kl or reverse_kl.) The teacher is chain-of-thought SFT of the embedded tiny model on 3-digit
+addition (a `posttrain sft` run with the recipe in TEACHERS below, built once and cached: 0.90M
+parameters, held-out accuracy 1.00); the student is the embedded `tiny-student` (0.21M parameters,
+24% of the teacher's), pretrained on the same corpus with the same tokenizer, which logit
+distillation needs (one vocabulary, one tokenization). The summary reports the teacher, the student
+before training, the four students, and the share of the SFT student's gap to the teacher that each
+distilled student closes (`gap_closed`: the on-policy student's, the headline; `gap_closed_by_student`).
 
 What to expect here, and why. The teacher is all but certain of every token (mean top probability
 0.9999 at tau = 1, 0.94 at tau = 2, measured on training sequences), so its soft targets say little
 beyond the reference at tau = 1 and are near-uniform noise at tau = 4; tau = 2 worked best. Its
 greedy completions equal the reference solutions on every training prompt (`seq_kd_data`), so
 sequence-level KD trains on the very same sequences as SFT and ends where SFT ends: on a task with
-one correct derivation, a perfect teacher's samples add nothing. Soft targets help most when prompts
-are few, where they regularise. On the current base model (whose pretraining includes prose) the
-student learns 3-digit addition from 100 prompts almost alone, so the default is 50 prompts; means
-over seeds 0, 1, 2 (150 steps): 50 prompts SFT 0.60, soft-KD 0.71 (higher on every seed: 0.53 / 0.65
-/ 0.61 vs 0.76 / 0.69 / 0.69), 29% of the gap to the teacher (1.00) closed; 100 prompts 0.94 vs
-0.95; 200 prompts (seed 0) 0.98 vs 0.99. The default run (seed 0) measured student 0.00 before, SFT
-0.53, seq-KD 0.53, soft-KD 0.76, teacher 1.00: 49% of the gap. How far a student gets in 150 steps
-depends on when it finds the carry rule, which varies with the seed (the batch order): `seeds=0,1,2`
-trains every student once per seed and reports the means.
+one correct derivation, a perfect teacher's samples add nothing. Soft targets on the references help
+a little when prompts are few (the default is 50: from 100 the student learns 3-digit addition almost
+alone). A student trained only on the references never sees its own mistakes, and at test time it
+continues its own prefixes, wrong carries included; on its own samples the teacher says, at every
+position the student reaches, what comes next. Measured on a 2-core AMD EPYC (2026-12-02), seeds 0, 1,
+2, 150 steps, held-out accuracy: SFT 0.62 / 0.59 / 0.60; soft targets 0.67 / 0.74 / 0.64 (reverse KL
+on the references: 0.68 / 0.70 / 0.76, so the divergence alone is not what helps); on-policy with
+reverse KL 0.90 / 0.88 / 0.80 (64% of the gap to the teacher closed on average), with forward KL 0.78
+/ 0.82 / 0.72, on its own samples only (no reference rows) 0.86 / 0.75 / 0.92. It costs one sampling
+pass per step: 76-80 s of training against 22-27 s for soft targets. On the smoke-sized quick student,
+which reads digits poorly, reverse KL collapsed to one prompt-independent solution ("9+9+0=11, ..."
+for every prompt; accuracy 0.01): mode-seeking picks a single mode where the student cannot represent
+the teacher's prompt-dependent one. Forward KL there reached 0.79 (SFT 0.71), so QUICK uses it. How
+far a student gets in 150 steps depends on the seed (the batch order): `seeds=0,1,2` trains every
+student once per seed and reports the means.
 
     posttrain distill --output-dir runs/distill
-    posttrain distill seeds=0,1,2 temperature=2 divergence=reverse_kl
+    posttrain distill seeds=0,1,2 temperature=2 on_policy_divergence=forward_kl on_policy_fraction=1
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
-from posttrain.data import EncodedDataset, encode_pair
+from posttrain.data import EncodedDataset, encode_pair, pad_batch
 from posttrain.errors import UserError
 from posttrain.generation import generate
 from posttrain.losses.distill import DIVERGENCES
 from posttrain.losses.sft import causal_lm_loss, labelled_logits
 from posttrain.methods.common import eval_skill, headline, prepare_output, resumable, world_examples, write_summary
 from posttrain.models import count_params, load_model
+from posttrain.rl.rollouts import sample_rollouts
 from posttrain.report.distill_plots import student_bars
 from posttrain.report.plots import training_curve
 from posttrain.training import CHECKPOINT, TrainingConfig, TrainResult, train
@@ -81,6 +93,8 @@ class DistillConfig(TrainingConfig):
     eval_problems: int = 300  # held-out test problems
     temperature: float = 2.0  # tau of soft-target distillation
     divergence: str = "forward_kl"  # forward_kl | reverse_kl
+    on_policy_divergence: str = "reverse_kl"  # of the on-policy student: forward_kl | reverse_kl
+    on_policy_fraction: float = 0.5  # share of the on-policy student's rows that it samples itself
     sample_temperature: float = 0.0  # teacher sampling for sequence-level KD (0: greedy)
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])  # one training of every student per seed
     steps: int = 150
@@ -94,20 +108,35 @@ class DistillConfig(TrainingConfig):
             raise UserError(f"skill must be one of {', '.join(SKILLS)}, got '{self.skill}'")
         if self.format not in FORMATS:
             raise UserError(f"format must be one of {', '.join(FORMATS)}, got '{self.format}'")
-        if self.divergence not in DIVERGENCES:
-            raise UserError(f"divergence must be one of {', '.join(DIVERGENCES)}, got '{self.divergence}'")
+        for name in ("divergence", "on_policy_divergence"):
+            if getattr(self, name) not in DIVERGENCES:
+                raise UserError(f"{name} must be one of {', '.join(DIVERGENCES)}, got '{getattr(self, name)}'")
         if self.temperature <= 0 or self.sample_temperature < 0:
             raise UserError("temperature must be > 0 and sample_temperature >= 0")
         if not self.seeds or self.prompts < 1:
             raise UserError("seeds must list at least one seed and prompts must be >= 1")
+        if not 0 < self.on_policy_fraction <= 1:
+            raise UserError(f"on_policy_fraction must be in (0, 1], got {self.on_policy_fraction}")
 
 
 CONFIG = DistillConfig
 # --quick: a smoke-sized run for tests and the quick demonstration: 2-digit addition, quick teacher and
-# quick student, 200 prompts (measured: students SFT 0.77 / sequence-level 0.77 / soft 0.73 from 0.01,
-# teacher 1.00, 31 s; 100 steps left them at 0.22 / 0.35 / 0.11, and 50 prompts at 0.04 / 0.04 / 0.27).
+# quick student, 200 prompts (measured on a 2-core AMD EPYC: students SFT 0.71 / sequence-level 0.71 / soft
+# 0.44 / on-policy 0.79 from 0.01, teacher 1.00, 111 s, 59 of them the on-policy student's; on an earlier
+# box before on-policy KD, 100 steps left the first three at 0.22 / 0.35 / 0.11, and 50 prompts at 0.04 /
+# 0.04 / 0.27). The on-policy student uses forward KL here: with reverse KL this student collapsed (0.01).
 QUICK = {"teacher": "sft-teacher-quick", "model": "posttrain:tiny-student-quick", "difficulties": "2", "steps": 150,
-         "prompts": 200, "lr": 5e-3, "eval_problems": 100}
+         "prompts": 200, "lr": 5e-3, "eval_problems": 100, "on_policy_divergence": "forward_kl"}
+
+
+class Recipe(NamedTuple):
+    """What one student learns from: its training rows (a batch of them per step) and its loss; for the
+    on-policy student also the rows' prompts, in row order, which it completes itself (`on_policy_batches`)."""
+
+    data: EncodedDataset
+    loss_fn: Callable
+    on_policy_prompts: list[str] | None = None
+    max_new_tokens: int = 0  # of the on-policy completions
 
 
 def teacher_path(name: str) -> str:
@@ -129,9 +158,9 @@ def load_pair(teacher_name: str, student_name: str):
     return teacher.eval().requires_grad_(False), student, tokenizer
 
 
-def soft_kd_loss(teacher, cfg: DistillConfig):
-    """loss_fn(student, batch): the chosen divergence between teacher and student on the batch's tokens."""
-    divergence = DIVERGENCES[cfg.divergence]
+def soft_kd_loss(teacher, cfg: DistillConfig, divergence: str):
+    """loss_fn(student, batch): `divergence` between teacher and student on the batch's labelled tokens."""
+    divergence = DIVERGENCES[divergence]
 
     def loss_fn(student, batch: dict):
         with torch.no_grad():  # both models' logits only where a label follows, the same N positions: (N, V)
@@ -142,25 +171,48 @@ def soft_kd_loss(teacher, cfg: DistillConfig):
     return loss_fn
 
 
+def completion_budget(tokenizer, pairs: list[tuple[str, str]]) -> int:
+    """New tokens to allow a model completing these prompts: the longest reference and 8 more."""
+    return max(len(tokenizer(c)["input_ids"]) for _, c in pairs) + 8
+
+
 def teacher_completions(teacher, tokenizer, pairs: list[tuple[str, str]], cfg: DistillConfig) -> tuple[list, dict]:
     """The teacher's completions of the training prompts, and how they compare with the references."""
     prompts = [p for p, _ in pairs]
-    budget = max(len(tokenizer(c)["input_ids"]) for _, c in pairs) + 8
-    texts = generate(teacher, tokenizer, prompts, max_new_tokens=budget, temperature=cfg.sample_temperature,
-                     seed=cfg.seed).texts
+    texts = generate(teacher, tokenizer, prompts, max_new_tokens=completion_budget(tokenizer, pairs),
+                     temperature=cfg.sample_temperature, seed=cfg.seed).texts
     right = [verify(p, t, extract_answer(c)) for t, (p, c) in zip(texts, pairs)]
     stats = {"teacher_sample_accuracy": sum(right) / len(texts),
              "identical_to_reference": sum(t.strip() == c.strip() for t, (_, c) in zip(texts, pairs)) / len(texts)}
     return list(zip(prompts, texts)), stats
 
 
-def train_student(kind: str, cfg: DistillConfig, data: EncodedDataset, loss_fn, seed: int, out: Path,
-                  resume: bool) -> dict:
+def on_policy_batches(student, tokenizer, prompts: list[str], data: EncodedDataset, fraction: float,
+                      max_new_tokens: int, seed: int):
+    """batch_fn(step): `data`'s step-th batch in which the first `fraction` of the rows are replaced by the
+    student's own completion of their prompt, sampled at that step (temperature 1): GKD's mixture of
+    on-policy sequences (where the student needs correcting) and fixed ones (which hold it on course)."""
+    def batch_fn(step: int) -> dict:
+        picks = data.picks(step)
+        own = round(fraction * len(picks))
+        samples = sample_rollouts(student, tokenizer, [prompts[i] for i in picks[:own]], num_samples=1,
+                                  max_new_tokens=max_new_tokens, temperature=1.0, seed=seed * 1_000_003 + step)
+        rows = [samples.row(j) for j in range(own)] + [data.rows[i] for i in picks[own:]]
+        return pad_batch(rows, data.pad_id)
+
+    return batch_fn
+
+
+def train_student(kind: str, cfg: DistillConfig, recipe: Recipe, seed: int, out: Path, resume: bool) -> dict:
     """Train one student from the base model with `seed`; its held-out accuracy and training time."""
     student, tokenizer = load_model(cfg.model)
-    data = EncodedDataset(data.rows, data.pad_id, data.batch_size, seed)  # the seed orders the batches too
+    data = EncodedDataset(recipe.data.rows, recipe.data.pad_id, cfg.batch_size, seed)  # the seed orders the batches
+    batch_fn = data.batch
+    if recipe.on_policy_prompts is not None:
+        batch_fn = on_policy_batches(student, tokenizer, recipe.on_policy_prompts, data, cfg.on_policy_fraction,
+                                     recipe.max_new_tokens, seed)
     resume = resume and (out / CHECKPOINT / "state.json").exists()
-    result = train(student, data.batch, loss_fn, dataclasses.replace(cfg, seed=seed), out, resume=resume,
+    result = train(student, batch_fn, recipe.loss_fn, dataclasses.replace(cfg, seed=seed), out, resume=resume,
                    desc=f"{kind} seed {seed}")
     training_curve(result.history, out / "training_curve.png", f"{kind} student, seed {seed}")
     evaluation = evaluate(student, tokenizer, cfg)
@@ -183,15 +235,18 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
     teacher_pairs, sample_stats = teacher_completions(teacher, tokenizer, problems_pairs, cfg)
     encode = lambda pairs: EncodedDataset(  # noqa: E731
         [encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
-    recipes = {  # kind -> (training sequences, loss)
-        "sft": (encode(problems_pairs), causal_lm_loss),
-        "seq_kd": (encode(teacher_pairs), causal_lm_loss),
-        "soft_kd": (encode(problems_pairs), soft_kd_loss(teacher, cfg)),
+    prompts = [p for p, _ in problems_pairs]
+    recipes = {
+        "sft": Recipe(encode(problems_pairs), causal_lm_loss),
+        "seq_kd": Recipe(encode(teacher_pairs), causal_lm_loss),
+        "soft_kd": Recipe(encode(problems_pairs), soft_kd_loss(teacher, cfg, cfg.divergence)),
+        "on_policy": Recipe(encode(problems_pairs), soft_kd_loss(teacher, cfg, cfg.on_policy_divergence), prompts,
+                            completion_budget(tokenizer, problems_pairs)),
     }
     students = {}
-    for kind, (data, loss_fn) in recipes.items():
+    for kind, recipe in recipes.items():
         runs = [resumable(out / kind / f"seed{seed}" / "result.json", resume,  # --resume skips finished students
-                          lambda: train_student(kind, cfg, data, loss_fn, seed, out / kind / f"seed{seed}", resume))
+                          lambda: train_student(kind, cfg, recipe, seed, out / kind / f"seed{seed}", resume))
                 for seed in cfg.seeds]
         accuracies = [r["accuracy"] for r in runs]
         students[kind] = {"accuracy": sum(accuracies) / len(accuracies), "per_seed": accuracies,
@@ -200,18 +255,21 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
 
     teacher_params, student_params = count_params(teacher)["total"], count_params(student_base)["total"]
     gap = teacher_eval["accuracy"] - students["sft"]["accuracy"]
+    gap_closed = {kind: (students[kind]["accuracy"] - students["sft"]["accuracy"]) / gap if gap > 0 else None
+                  for kind in ("seq_kd", "soft_kd", "on_policy")}
     metrics = {
-        "accuracy": students["soft_kd"]["accuracy"],  # the distilled student
+        "accuracy": students["on_policy"]["accuracy"],  # the distilled student
         "students": students,
         "teacher": {"accuracy": teacher_eval["accuracy"], "params": teacher_params, "model": teacher_source},
         "student_params": student_params,
         "student_to_teacher_params": student_params / teacher_params,
-        "gap_closed": (students["soft_kd"]["accuracy"] - students["sft"]["accuracy"]) / gap if gap > 0 else None,
+        "gap_closed": gap_closed["on_policy"],
+        "gap_closed_by_student": gap_closed,
         "seq_kd_data": sample_stats,
         "run_time_s": time.perf_counter() - started,  # the whole run, evaluations and all students included
     }
     student_bars({"student base": baseline["accuracy"], **{k: v["accuracy"] for k, v in students.items()},
                   "teacher": teacher_eval["accuracy"]}, out / "students.png",
                  f"Held-out accuracy, {len(cfg.seeds)} seed(s) per student")
-    distilled = TrainResult([], {}, students["soft_kd"]["time_s"], students["soft_kd"]["tokens_per_s"])
+    distilled = TrainResult([], {}, students["on_policy"]["time_s"], students["on_policy"]["tokens_per_s"])
     return write_summary(out, "distill", cfg, metrics, baseline, student_base, distilled)
