@@ -24,3 +24,17 @@ def test_a_run_without_the_measurement_gets_the_generic_sentence_or_none():
     plain_sft = {"metrics": {"accuracy": 0.9}, "baseline": {"accuracy": 0.1}}
     assert insights({"sft": plain_sft}) == ["sft: held-out accuracy 0.10 -> 0.90 (+80 points)."]
     assert insights({"lora": {"metrics": {}, "baseline": {}}}) == []
+
+
+def test_distillation_quotes_every_student_and_the_gaps_each_closed():
+    students = {kind: {"accuracy": acc} for kind, acc in
+                (("sft", 0.6), ("seq_kd", 0.61), ("soft_kd", 0.7), ("on_policy", 0.9))}
+    summary = {"metrics": {"students": students, "teacher": {"accuracy": 1.0}, "student_to_teacher_params": 0.24,
+                           "gap_closed": 0.75, "gap_closed_by_student": {"seq_kd": 0.025, "soft_kd": 0.25,
+                                                                         "on_policy": 0.75}}, "baseline": {}}
+    text, = insights({"distill": summary})
+    assert "24% of the teacher's parameters" in text and "on-policy KD 0.90" in text and "soft-target KD 0.70" in text
+    assert text.endswith("on-policy KD 75% and soft targets 25% closed.")
+    del summary["metrics"]["gap_closed_by_student"], students["on_policy"]  # a run from before on-policy KD
+    summary["metrics"]["gap_closed"] = 0.25
+    assert insights({"distill": summary})[0].endswith("soft targets 25% closed.")

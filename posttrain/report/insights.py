@@ -66,9 +66,10 @@ def distill(s: dict) -> str | None:
     if not students:
         return None
     gaps = m.get("gap_closed_by_student") or {"soft_kd": m.get("gap_closed")}  # runs before on-policy KD had one
-    closed = "".join(f"; {name} closed {100 * gaps[kind]:.0f}% of the SFT student's gap to the teacher"
-                     for kind, name in (("on_policy", "on-policy KD"), ("soft_kd", "soft targets"))
-                     if gaps.get(kind) is not None)
+    closed = " and ".join(f"{name} {100 * gaps[kind]:.0f}%" for kind, name in (("on_policy", "on-policy KD"),
+                                                                            ("soft_kd", "soft targets"))
+                          if gaps.get(kind) is not None)
+    closed = f"; of the SFT student's gap to the teacher, {closed} closed" if closed else ""
     on_policy = f", on-policy KD {_f(students['on_policy']['accuracy'])}" if "on_policy" in students else ""
     return (f"Distillation into a student with {100 * m['student_to_teacher_params']:.0f}% of the teacher's parameters: "
             f"SFT {_f(students['sft']['accuracy'])}, sequence-level KD {_f(students['seq_kd']['accuracy'])}, "
