@@ -235,13 +235,13 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
     teacher_pairs, sample_stats = teacher_completions(teacher, tokenizer, problems_pairs, cfg)
     encode = lambda pairs: EncodedDataset(  # noqa: E731
         [encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
-    prompts = [p for p, _ in problems_pairs]
+    references = encode(problems_pairs)
     recipes = {
-        "sft": Recipe(encode(problems_pairs), causal_lm_loss),
+        "sft": Recipe(references, causal_lm_loss),
         "seq_kd": Recipe(encode(teacher_pairs), causal_lm_loss),
-        "soft_kd": Recipe(encode(problems_pairs), soft_kd_loss(teacher, cfg, cfg.divergence)),
-        "on_policy": Recipe(encode(problems_pairs), soft_kd_loss(teacher, cfg, cfg.on_policy_divergence), prompts,
-                            completion_budget(tokenizer, problems_pairs)),
+        "soft_kd": Recipe(references, soft_kd_loss(teacher, cfg, cfg.divergence)),
+        "on_policy": Recipe(references, soft_kd_loss(teacher, cfg, cfg.on_policy_divergence),
+                            [p for p, _ in problems_pairs], completion_budget(tokenizer, problems_pairs)),
     }
     students = {}
     for kind, recipe in recipes.items():
