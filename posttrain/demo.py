@@ -35,10 +35,10 @@ from posttrain.training import TrainingInterrupted
 # Seconds per stage measured on 2 CPU cores, one stage at a time (the full run before stages ran side by
 # side; the first run also pretrains the base model, 4-8 minutes), except lora, cot-prompt and sft: their
 # measured times scaled to their new defaults (100 -> 150 steps, 100 -> 200 problems, 4 variants of 100
-# steps -> 5 of 200), not measured as stages, and distill: 230 measured before its on-policy student, plus
-# about 100 s estimated for that student (71 s of training on two cores). Only the estimates of what is
-# left and the weights of the side-by-side progress bar use them.
-EXPECTED_SECONDS = {"sft": 300, "lora": 170, "cot-ft": 75, "instruction": 80, "distill": 330, "reward": 180,
+# steps -> 5 of 200), not measured as stages, and distill: 99 s measured with its teacher cached, plus
+# about 60 s for building the teacher. Only the estimates of what is left and the weights of the
+# side-by-side progress bar use them.
+EXPECTED_SECONDS = {"sft": 300, "lora": 170, "cot-ft": 75, "instruction": 80, "distill": 160, "reward": 180,
                     "dpo": 75, "ppo": 140, "grpo": 165, "best-of-n": 45, "self-consistency": 20, "cot-prompt": 110,
                     "tree-search": 35}
 QUICK_FACTOR = 0.25

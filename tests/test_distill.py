@@ -94,6 +94,26 @@ def test_on_policy_batches_put_the_students_own_samples_first_and_keep_the_rest(
     assert all(torch.equal(batch[k], batch_fn(1)[k]) for k in batch)
 
 
+def test_on_policy_batches_sample_several_steps_rows_in_one_pass(tokenizer, monkeypatch):
+    """With sample_every=3 the student samples the own rows of steps 0-2 in one pass, at step 0, and those
+    of steps 3-5 in the next, at step 3; each step gets the completions of its own picks' prompts."""
+    pairs = [(f"Q: {a}+{a}\n", f"A: {2 * a}") for a in range(10, 22)]
+    data = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, 4, seed=3)
+    passes = []
+    sample = distill.sample_rollouts
+    monkeypatch.setattr(distill, "sample_rollouts", lambda model, tok, prompts, **kw: passes.append(prompts) or
+                        sample(model, tok, prompts, **kw))
+    batch_fn = distill.on_policy_batches(random_model(tokenizer, seed=2), tokenizer, [p for p, _ in pairs], data,
+                                         0.5, max_new_tokens=6, seed=5, sample_every=3)
+    batches = [batch_fn(step) for step in range(4)]
+    own_prompts = [[pairs[i][0] for i in data.picks(step)[:2]] for step in range(6)]
+    assert passes == [sum(own_prompts[:3], []), sum(own_prompts[3:], [])]
+    for step, batch in enumerate(batches):
+        for i in (0, 1):
+            prompt = encode_prompt(tokenizer, own_prompts[step][i])
+            assert batch["input_ids"][i, : len(prompt)].tolist() == prompt
+
+
 def test_a_student_with_another_vocabulary_is_refused(quick_model, tiny_model_dir):
     with pytest.raises(UserError, match="different vocabularies"):
         distill.load_pair(quick_model, str(tiny_model_dir))
