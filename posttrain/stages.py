@@ -40,17 +40,23 @@ def stage_key(method: str, cfg) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def stage_dir(method: str, overrides: list[str] = ()) -> Path:
+    """Where the cache keeps `method` run with `overrides` (done when its summary.json, written last, exists)."""
+    cfg = load_config(METHODS[method].load().CONFIG, None, list(overrides))
+    return cache_dir() / "stages" / f"{method}-{stage_key(method, cfg)}"
+
+
 def cached_run(method: str, overrides: list[str] = ()) -> Path:
     """The output folder of `method` run with `overrides`; runs it first if not cached yet."""
     from filelock import FileLock
 
-    module = METHODS[method].load()
-    cfg = load_config(module.CONFIG, None, list(overrides))
-    out = cache_dir() / "stages" / f"{method}-{stage_key(method, cfg)}"
+    out = stage_dir(method, overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
-        if not (out / "summary.json").exists():  # summary.json is written last: its presence means done
+        if not (out / "summary.json").exists():
             print(f"posttrain: running stage '{method}' (cached afterwards in {out})")
+            module = METHODS[method].load()
+            cfg = load_config(module.CONFIG, None, list(overrides))
             cfg.output_dir = str(out)
             module.run(cfg, resume=(out / "checkpoint").exists())
     return out

@@ -48,3 +48,21 @@ def test_machine_description_names_the_cpu_kernels_that_set_the_rounding(monkeyp
     monkeypatch.setattr(demo.torch, "get_num_threads", lambda: 3)
     monkeypatch.setattr(demo, "cpu_name", lambda: "Example CPU 9000")
     assert ", Example CPU 9000, AVX2 kernels, 3 threads, torch " in demo.machine_description()
+
+
+def test_a_running_stage_counts_its_time_at_the_workers_speed_up_to_most_of_its_weight():
+    """A 100-second stage in a one-thread worker: after 48 s, 48 / 1.6 = 30 expected seconds are done;
+    after an hour it still counts only 90 of its 100 until it finishes."""
+    assert demo.stage_progress(100, 48, demo.ONE_THREAD_SPEED) == pytest.approx(30)
+    assert demo.stage_progress(100, 3600, demo.ONE_THREAD_SPEED) == pytest.approx(90)
+
+
+def test_a_cached_stage_is_expected_to_take_a_second_and_others_their_measured_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    assert demo.expected_seconds("sft", quick=False) == demo.EXPECTED_SECONDS["sft"]
+    assert demo.expected_seconds("sft", quick=True) == demo.EXPECTED_SECONDS["sft"] * demo.QUICK_FACTOR
+    done = demo.stage_dir("sft", demo.stage_overrides("sft", False))
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text("{}")
+    assert demo.expected_seconds("sft", quick=False) == 1.0
+    assert demo.expected_seconds("sft", quick=True) == demo.EXPECTED_SECONDS["sft"] * demo.QUICK_FACTOR

@@ -41,7 +41,9 @@ every step, with reverse KL 0.90 / 0.88 / 0.80 (64% of the gap to the teacher cl
 step it took 76-80 s of training against 22-27 s for soft targets, most of it the sampling passes, whose
 time goes per generated token, not per row. Sampling five steps' rows in one pass every five steps
 (`sample_every=5`, the default; rows up to 4 steps old) gave 0.86 / 0.86 / 0.87 in 31-39 s (every 3
-steps 0.91 / 0.80 / 0.80, every 10 steps 0.90 / 0.89 / 0.82 in 31-36 s). On the smoke-sized quick student,
+steps 0.91 / 0.80 / 0.80, every 10 steps 0.90 / 0.89 / 0.82 in 31-36 s); on one thread, as in the
+demonstration's workers, every step 0.84 / 0.93 / 0.78 in 61-72 s and every five 0.77 / 0.84 / 0.86 in
+42-51 s: over the six runs 0.85 against 0.84, inside the spread between seeds. On the smoke-sized quick student,
 which reads digits poorly, reverse KL collapsed to one prompt-independent solution ("9+9+0=11, ..."
 for every prompt; accuracy 0.01): mode-seeking picks a single mode where the student cannot represent
 the teacher's prompt-dependent one. Forward KL there reached 0.79 (SFT 0.71), so QUICK uses it. How
