@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for method in METHODS.values():
-        sub = commands.add_parser(method.name, help=method.title)
+        sub = commands.add_parser(method.name, help=method.title, description=method.title, add_help=False)
+        sub.add_argument("-h", "--help", action=MethodHelp, method=method)
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         sub.add_argument("--config", help="YAML file of config values (overrides on the command line win)")
         sub.add_argument("--output-dir", help="where the run writes its files")
@@ -48,6 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="rebuild report.html and the comparison table of a demo run folder")
     report.add_argument("run_dir", help="the --output-dir of a demonstration run")
     return parser
+
+
+class MethodHelp(argparse.Action):
+    """A method's -h/--help: the usual help, then its config keys with their defaults and meaning (the
+    method's module is imported only here, so `posttrain --help` stays quick)."""
+
+    def __init__(self, option_strings, dest, method, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show this help and the method's config keys, then exit")
+        self.method = method
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from posttrain.config import describe_config
+
+        parser.print_help()
+        keys = describe_config(self.method.load().CONFIG).replace("\n", "\n  ")
+        print(f"\nconfig keys (set with key=value; --quick and --config change the defaults shown):\n  {keys}")
+        parser.exit()
 
 
 def _positive_int(text: str) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -66,10 +68,12 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def describe_config(cls: type) -> str:
     """Return one line per field, `name: type = default  # help`, for `--help`-style listings.
 
-    Comments in the source are not available at runtime, so the help text
-    comes from `dataclasses.field(metadata={"help": ...})` when a field has it.
+    The help is the field's `dataclasses.field(metadata={"help": ...})`, else the comment that ends
+    the field's line in the class's source (`steps: int = 200  # optimizer steps`) or stands on the
+    lines just above it.
     """
     hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
     lines = []
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
@@ -79,10 +83,35 @@ def describe_config(cls: type) -> str:
         else:
             default = "(required)"
         line = f"{f.name}: {_type_name(hints[f.name])} = {default}"
-        if "help" in f.metadata:
-            line += f"  # {f.metadata['help']}"
+        help_text = f.metadata.get("help") or comments.get(f.name)
+        if help_text:
+            line += f"  # {help_text}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field: the comment ending its line, else the comment lines just above it} over the dataclass
+    and its dataclass bases (a subclass's line wins); none where the source cannot be read."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        above = []  # the comment lines just above the current line
+        for line in source.splitlines():
+            if re.match(r"\s+#", line):
+                above.append(line.strip().lstrip("#").strip())
+                continue
+            match = re.match(r"\s+(\w+)\s*:[^#]*(?:#\s*(.+))?$", line)
+            if match and match.group(1) in fields and (match.group(2) or above):
+                comments[match.group(1)] = (match.group(2) or " ".join(above)).strip()
+            above = []
+    return comments
 
 
 def _read_yaml(path: str) -> dict[Any, Any]:

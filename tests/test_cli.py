@@ -107,3 +107,12 @@ def test_console_script_exit_code_is_2_on_bad_input(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "posttrain", "sft", "nonsense_key=1"], capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "nonsense_key" in proc.stderr
+
+
+def test_a_methods_help_lists_its_config_keys_with_defaults_and_meaning(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage: posttrain distill")
+    assert "\n  sample_every: int = 5  # the on-policy student samples its rows" in out
+    assert "\n  steps: int = 150  # optimizer steps" in out  # a default of the method, the meaning from the base config

@@ -27,6 +27,21 @@ class Cfg:
 
 
 @dataclasses.dataclass
+class Commented:
+    steps: int = 10  # optimizer steps
+    # the seed of
+    # everything
+    seed: int = 0
+    plain: int = 1
+
+
+@dataclasses.dataclass
+class CommentedChild(Commented):
+    steps: int = 20
+    extra: str = "x"  # a new key
+
+
+@dataclasses.dataclass
 class Checked:
     lr: float = 1e-4
 
@@ -170,3 +185,9 @@ def test_describe_config():
     assert "model: str | None = None" in lines
     assert "ranks: list[int] = [1, 2]" in lines
     assert lines[-1] == "beta: float = 0.1  # KL strength"
+
+
+def test_describe_config_reads_each_fields_comment_from_the_source_and_keeps_a_base_classs():
+    assert describe_config(CommentedChild).splitlines() == [
+        "steps: int = 20  # optimizer steps", "seed: int = 0  # the seed of everything", "plain: int = 1",
+        "extra: str = 'x'  # a new key"]

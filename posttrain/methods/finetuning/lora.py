@@ -86,6 +86,7 @@ class LoRAConfig(TrainingConfig):
     r: int = 8  # LoRA rank of the main run
     alpha: float = 16.0  # LoRA alpha; the update is scaled by alpha / r
     dropout: float = 0.0  # dropout on the input of the low-rank path (no use here: under one epoch of data)
+    # names of the linear layers that get adapters (all four attention projections; see the docstring)
     target_modules: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     ranks: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8, 16])  # rank sweep ([] skips it)
     full_ft: bool = True  # also fine-tune all weights on the same data and steps, for comparison

@@ -50,7 +50,7 @@ class BestOfNConfig:
     headline_n: int = 16  # the N of metrics.accuracy (with the better reward model there)
     temperature: float = 1.0  # sampling temperature
     subsets: int = 200  # random N-subsets per problem for majority voting's expectation
-    seed: int = 0
+    seed: int = 0  # seeds the test problems and the sampling
 
     def validate(self) -> None:
         if self.max_n < 2 or self.max_n & (self.max_n - 1) or not 1 <= self.headline_n <= self.max_n:

@@ -55,7 +55,7 @@ class CoTPromptConfig:
     # (measured at 3 digits, few-shot CoT: 0.15, 0.14, 0.09, 0.00 with 1, 2, 3, 4 shots)
     shots: int = 2
     samples: int = 5  # temperature-1 samples per problem for the agreement confidence
-    seed: int = 0
+    seed: int = 0  # seeds the test problems and the sampling
 
     def validate(self) -> None:
         if self.problems < 1 or self.shots < 1 or self.samples < 2:

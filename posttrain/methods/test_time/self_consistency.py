@@ -36,7 +36,7 @@ class SelfConsistencyConfig:
     k: int = 16  # samples per problem (maj@k is the headline)
     temperature: float = 1.0  # sampling temperature
     subsets: int = 200  # random n-subsets per problem for maj@n with n < k
-    seed: int = 0
+    seed: int = 0  # seeds the test problems and the sampling
 
     def validate(self) -> None:
         if self.k < 2 or self.problems < 2 or self.temperature <= 0:

@@ -49,7 +49,7 @@ class TreeSearchConfig:
     max_depth: int = 8  # steps (lines) at most, the answer line included
     temperature: float = 1.0  # sampling temperature of the proposed steps
     pool: int = 32  # samples per problem for the equal-budget best-of-N comparison
-    seed: int = 0
+    seed: int = 0  # seeds the test problems and the sampling
 
     def validate(self) -> None:
         if min(self.beam_width, self.expansions, self.max_depth, self.problems) < 1 or self.pool < 2:
