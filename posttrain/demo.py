@@ -216,8 +216,7 @@ def build_stage(name: str, quick: bool, log: str) -> tuple[str, float]:
 
 def _announce(i: int, methods: list, started: float, quick: bool) -> None:
     """One line per stage: which, how far along, elapsed and an estimate of what is left."""
-    factor = QUICK_FACTOR if quick else 1.0
-    left = sum(EXPECTED_SECONDS.get(m.name, 120) * factor for m in methods[i:])
+    left = sum(expected_seconds(m.name, quick) for m in methods[i:])
     elapsed = time.perf_counter() - started
     method = methods[i]
     print(f"\n=== stage {i + 1}/{len(methods)}: [{method.category}] {method.name} ({method.title}) | "
