@@ -24,31 +24,31 @@ distillation needs (one vocabulary, one tokenization). The summary reports the t
 before training, the four students, and the share of the SFT student's gap to the teacher that each
 distilled student closes (`gap_closed`: the on-policy student's, the headline; `gap_closed_by_student`).
 
-What to expect here, and why. The teacher is all but certain of every token (mean top probability
-0.9999 at tau = 1, 0.94 at tau = 2, measured on training sequences), so its soft targets say little
-beyond the reference at tau = 1 and are near-uniform noise at tau = 4; tau = 2 worked best. Its
-greedy completions equal the reference solutions on every training prompt (`seq_kd_data`), so
-sequence-level KD trains on the very same sequences as SFT and ends where SFT ends: on a task with
-one correct derivation, a perfect teacher's samples add nothing. Soft targets on the references help
-a little when prompts are few (the default is 50: from 100 the student learns 3-digit addition almost
-alone). A student trained only on the references never sees its own mistakes, and at test time it
-continues its own prefixes, wrong carries included; on its own samples the teacher says, at every
-position the student reaches, what comes next. Measured on a 2-core AMD EPYC (2026-12-02), seeds 0, 1,
-2, 150 steps, held-out accuracy: SFT 0.62 / 0.59 / 0.60; soft targets 0.67 / 0.74 / 0.64 (reverse KL
-on the references: 0.68 / 0.70 / 0.76, so the divergence alone is not what helps); on-policy, sampled
-every step, with reverse KL 0.90 / 0.88 / 0.80 (64% of the gap to the teacher closed on average), with forward KL 0.78
-/ 0.82 / 0.72, on its own samples only (no reference rows) 0.86 / 0.75 / 0.92. Sampled fresh at every
-step it took 76-80 s of training against 22-27 s for soft targets, most of it the sampling passes, whose
-time goes per generated token, not per row. Sampling five steps' rows in one pass every five steps
-(`sample_every=5`, the default; rows up to 4 steps old) gave 0.86 / 0.86 / 0.87 in 31-39 s (every 3
-steps 0.91 / 0.80 / 0.80, every 10 steps 0.90 / 0.89 / 0.82 in 31-36 s); on one thread, as in the
-demonstration's workers, every step 0.84 / 0.93 / 0.78 in 61-72 s and every five 0.77 / 0.84 / 0.86 in
-42-51 s: over the six runs 0.85 against 0.84, inside the spread between seeds. On the smoke-sized quick student,
-which reads digits poorly, reverse KL collapsed to one prompt-independent solution ("9+9+0=11, ..."
-for every prompt; accuracy 0.01): mode-seeking picks a single mode where the student cannot represent
-the teacher's prompt-dependent one. Forward KL there reached 0.79 (SFT 0.71), so QUICK uses it. How
-far a student gets in 150 steps depends on the seed (the batch order): `seeds=0,1,2` trains every
-student once per seed and reports the means.
+What to expect here, and why. The teacher is all but certain of every token (mean top probability 0.9999
+at tau = 1, 0.94 at tau = 2, measured on training sequences), so its soft targets say little beyond the
+reference at tau = 1 and are near-uniform noise at tau = 4; tau = 2 worked best. Its greedy completions
+equal the reference solutions on every training prompt (`seq_kd_data`), so sequence-level KD trains on
+the very same sequences as SFT and ends where SFT ends: on a task with one correct derivation, a perfect
+teacher's samples add nothing. Soft targets on the references help a little when prompts are few (the
+default is 50: from 100 the student learns 3-digit addition almost alone). A student trained only on the
+references never sees its own mistakes, and at test time it continues its own prefixes, wrong carries
+included; on its own samples the teacher says, at every position the student reaches, what comes next.
+Measured on a 2-core AMD EPYC (2026-12-02), seeds 0, 1, 2, 150 steps, held-out accuracy: SFT 0.62 / 0.59
+/ 0.60; soft targets 0.67 / 0.74 / 0.64 (reverse KL on the references: 0.68 / 0.70 / 0.76, so the
+divergence alone is not what helps); on-policy, sampled every step, with reverse KL 0.90 / 0.88 / 0.80
+(64% of the gap to the teacher closed on average), with forward KL 0.78 / 0.82 / 0.72, on its own
+samples only (no reference rows) 0.86 / 0.75 / 0.92. Sampled fresh at every step it took 76-80 s of
+training against 22-27 s for soft targets, most of it the sampling passes, whose time goes per generated
+token, not per row. Sampling five steps' rows in one pass every five steps (`sample_every=5`, the
+default; rows up to 4 steps old) gave 0.86 / 0.86 / 0.87 in 31-39 s (every 3 steps 0.91 / 0.80 / 0.80,
+every 10 steps 0.90 / 0.89 / 0.82 in 31-36 s); on one thread, as in the demonstration's workers, every
+step 0.84 / 0.93 / 0.78 in 61-72 s and every five 0.77 / 0.84 / 0.86 in 42-51 s: over the six runs 0.85
+against 0.84, inside the spread between seeds. On the smoke-sized quick student, which reads digits
+poorly, reverse KL collapsed to one prompt-independent solution ("9+9+0=11, ..." for every prompt;
+accuracy 0.01): mode-seeking picks a single mode where the student cannot represent the teacher's
+prompt-dependent one. Forward KL there reached 0.79 (SFT 0.71), so QUICK uses it. How far a student gets
+in 150 steps depends on the seed (the batch order): `seeds=0,1,2` trains every student once per seed and
+reports the means.
 
     posttrain distill --output-dir runs/distill
     posttrain distill seeds=0,1,2 temperature=2 on_policy_divergence=forward_kl on_policy_fraction=1
