@@ -12,9 +12,8 @@ import json
 import sys
 
 from posttrain import __version__
-from posttrain.errors import UserError
+from posttrain.errors import TrainingInterrupted, UserError
 from posttrain.methods import CATEGORIES, METHODS, methods_overview
-from posttrain.training import TrainingInterrupted
 
 EPILOG = f"""methods:
 {methods_overview()}

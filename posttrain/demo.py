@@ -24,13 +24,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from posttrain.errors import UserError
+from posttrain.errors import TrainingInterrupted, UserError
 from posttrain.io import atomic_dir, write_json
 from posttrain.methods import METHODS
 from posttrain.models import DEFAULT_MODEL, resolve_model_path
 from posttrain.report.html import build_report
 from posttrain.stages import cached_run, stage_dir
-from posttrain.training import TrainingInterrupted
 
 # Seconds per stage measured on 2 CPU cores, one stage at a time (the full run before stages ran side by
 # side; the first run also pretrains the base model, 4-8 minutes), except lora, cot-prompt and sft: their

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from posttrain import packing
-from posttrain.errors import UserError
+from posttrain.errors import TrainingInterrupted, UserError
 from posttrain.io import JsonlWriter, atomic_dir, read_json, write_json
 from posttrain.losses.sft import DEFAULT_LOGITS_MB, budget_logits
 
@@ -75,10 +75,6 @@ class TrainResult:
     final_metrics: dict  # the last step's metrics
     time_s: float  # wall time of this run's steps (a resumed run counts its own part)
     tokens_per_s: float  # labelled + context tokens processed per second
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C during training; a checkpoint was saved and `--resume` continues from it."""
 
 
 def lr_lambda(cfg: TrainingConfig) -> Callable[[int], float]:
