@@ -25,17 +25,17 @@ demonstrations about once, so there is little to regularise (`dropout=0.05` turn
 What the default run measured (150 steps; the README's second box, 2026-12-01): held-out accuracy
 0.03 -> 1.00 with LoRA r = 8 against 0.99 for full fine-tuning on the same batches; the sweep r = 1,
 2, 4, 8, 16 reached 0.63, 0.80, 1.00, 1.00, 1.00. The loss sits on a plateau and then drops once the
-model learns to fetch the second number's hundreds digit for the third column (before that it
-writes 250+333's third step as 2+2). When that happens depends on the data order and on the base
-model, which depends on the CPU: at 100 steps r = 8 reached 0.39, 1.00, 0.49 and 0.91 with seeds 0
-to 3 on that box (on the first box, seed 0: 1.00, full fine-tuning 0.94); at 150 steps 1.00 with
-each of the four, and full fine-tuning 0.99 and 1.00 with seeds 0 and 2. Hence 150 steps, at a
-price: the six trainings of the default run took 198-249 s there (160 s on a third box, an AMD EPYC),
-over the 2-minute budget; `ranks=` skips the sweep (LoRA and full fine-tuning only: 134 s). A step is
-matrix work (`aten::mm` half of it), and halving the batch to 16 rows to halve the time loses the
-result: r = 8 reached 0.20 / 0.86 / 1.00 with seeds 0 / 1 / 2 there, full fine-tuning 0.46 / 0.20 / 0.47. Peak training memory is lower
-than full fine-tuning's by more than the gradients and AdamW state saved, because a frozen layer
-need not keep its input for the backward pass.
+model learns to fetch the second number's hundreds digit for the third column (before that it writes
+250+333's third step as 2+2). When that happens depends on the data order and on the base model,
+which depends on the CPU: at 100 steps r = 8 reached 0.39, 1.00, 0.49 and 0.91 with seeds 0 to 3 on
+that box (on the first box, seed 0: 1.00, full fine-tuning 0.94); at 150 steps 1.00 with each of the
+four, and full fine-tuning 0.99 and 1.00 with seeds 0 and 2. Hence 150 steps, at a price: the six
+trainings of the default run took 198-249 s there (160 s on a third box, an AMD EPYC), over the
+2-minute budget; `ranks=` skips the sweep (LoRA and full fine-tuning only: 134 s). A step is matrix
+work (`aten::mm` half of it), and halving the batch to 16 rows to halve the time loses the result:
+r = 8 reached 0.20 / 0.86 / 1.00 with seeds 0 / 1 / 2 there, full fine-tuning 0.46 / 0.20 / 0.47.
+Peak training memory is lower than full fine-tuning's by more than the gradients and AdamW state saved,
+because a frozen layer need not keep its input for the backward pass.
 
 Outputs: `adapter/` (PEFT format: `PeftModel.from_pretrained(base, "adapter")` loads it), `model/`
 (the merged model, an ordinary HF folder), `summary.json`, `metrics.jsonl`, `rank_sweep.png`,
