@@ -4,6 +4,7 @@
     posttrain sft --config my.yaml --model ./my-model --data train.jsonl
     posttrain pretrain                 # build (or rebuild) the embedded base model
     posttrain demo --category fine-tuning --quick
+    posttrain cache --prune            # remove cached stages the current code can no longer reuse
 """
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     report = commands.add_parser("report", help="rebuild report.html and the comparison table of a demo run folder")
     report.add_argument("run_dir", help="the --output-dir of a demonstration run")
+    cache = commands.add_parser("cache", help="list the cached base models and stages; --prune removes stale ones",
+                                description="List what posttrain keeps in its cache ($POSTTRAIN_CACHE, else "
+                                "~/.cache/posttrain): the embedded base models and the shared stages, each with "
+                                "its size and whether the current code can still reuse it.")
+    removal = cache.add_mutually_exclusive_group()
+    removal.add_argument("--prune", action="store_true", help="remove the entries the current code cannot reuse")
+    removal.add_argument("--clear", action="store_true", help="remove every entry (they are rebuilt when needed)")
     return parser
 
 
@@ -126,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "report":
             return run_report(args.run_dir)
+        if args.command == "cache":
+            from posttrain.cache import run_cache
+
+            return run_cache(args.prune, args.clear)
         return run_method(args.command, args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from posttrain.cache import stale_note
 from posttrain.errors import TrainingInterrupted, UserError
 from posttrain.io import atomic_dir, write_json
 from posttrain.methods import METHODS
@@ -96,6 +97,8 @@ def run_demo(args) -> int:
     report = build_report(out)
     print("\n" + (out / "comparison.md").read_text())
     print(f"done in {total:.0f}s; report: {report}")
+    if note := stale_note():
+        print(note)
     return 0
 
 

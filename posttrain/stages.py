@@ -5,7 +5,9 @@ from reward models). `cached_run("sft", ["difficulties=4"])` runs that method in
 first time and returns its output folder every time after. The cache key covers everything the
 result depends on: the resolved config, the source code of the whole package (a change to a loss,
 the loop or the world counts as much as one to the method) and the embedded base model's
-fingerprint, so changing any of them rebuilds the stage instead of reusing a stale one.
+fingerprint, so changing any of them rebuilds the stage instead of reusing a stale one. The stage's
+folder keeps those inputs (`stage.json`), which is how `posttrain cache --prune` tells the folders
+the current code can still reuse from the stale ones.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import posttrain
 
 from posttrain.config import config_to_dict, load_config
+from posttrain.io import write_json
 from posttrain.methods import METHODS
 from posttrain.models import EMBEDDED, EMBEDDED_PREFIX, cache_dir
 
@@ -31,19 +34,25 @@ def source_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def stage_key(method: str, cfg) -> str:
+RECORD = "stage.json"  # in each stage's folder: the inputs its key hashes (what `posttrain cache` reads)
+
+
+def stage_record(method: str, cfg) -> dict:
+    """Everything a stage's result depends on; its hash is the cache key."""
     settings = {k: v for k, v in config_to_dict(cfg).items() if k != "output_dir"}
     model = settings.get("model", "")
     base = EMBEDDED[model[len(EMBEDDED_PREFIX):]].fingerprint() if model.startswith(EMBEDDED_PREFIX) else model
-    blob = json.dumps({"method": method, "settings": settings, "base": base, "source": source_fingerprint()},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return {"method": method, "settings": settings, "base": base, "source": source_fingerprint()}
+
+
+def stage_key(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def stage_dir(method: str, overrides: list[str] = ()) -> Path:
     """Where the cache keeps `method` run with `overrides` (done when its summary.json, written last, exists)."""
     cfg = load_config(METHODS[method].load().CONFIG, None, list(overrides))
-    return cache_dir() / "stages" / f"{method}-{stage_key(method, cfg)}"
+    return cache_dir() / "stages" / f"{method}-{stage_key(stage_record(method, cfg))}"
 
 
 def cached_run(method: str, overrides: list[str] = ()) -> Path:
@@ -57,6 +66,8 @@ def cached_run(method: str, overrides: list[str] = ()) -> Path:
             print(f"posttrain: running stage '{method}' (cached afterwards in {out})")
             module = METHODS[method].load()
             cfg = load_config(module.CONFIG, None, list(overrides))
+            out.mkdir(exist_ok=True)
+            write_json(out / RECORD, stage_record(method, cfg))
             cfg.output_dir = str(out)
             module.run(cfg, resume=(out / "checkpoint").exists())
     return out

@@ -1,0 +1,123 @@
+"""The cache: stages record what their key hashes; `posttrain cache` tells reusable entries from stale ones."""
+import dataclasses
+import json
+import types
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+
+from posttrain import stages
+from posttrain.cache import stale_note
+from posttrain.cli import main
+from posttrain.models import EMBEDDED
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    return tmp_path
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    output_dir: str = "runs/toy"
+    steps: int = 3
+
+    def validate(self) -> None:
+        pass
+
+
+def toy_method(runs: list):
+    """A stand-in method whose run notes what it found in its output folder."""
+
+    def run(cfg, resume):
+        record = Path(cfg.output_dir) / stages.RECORD
+        runs.append(json.loads(record.read_text()) if record.exists() else None)
+        (Path(cfg.output_dir) / "summary.json").write_text("{}")
+
+    module = types.SimpleNamespace(CONFIG=ToyConfig, run=run)
+    return {"toy": types.SimpleNamespace(load=lambda: module)}
+
+
+def test_a_stage_records_before_running_what_its_key_hashes(cache, monkeypatch):
+    runs = []
+    monkeypatch.setattr(stages, "METHODS", toy_method(runs))
+    out = stages.cached_run("toy", ["steps=5"])
+    assert len(runs) == 1 and runs[0] is not None  # written before the run, so an interrupted stage has it too
+    assert runs[0]["settings"] == {"steps": 5} and runs[0]["source"] == stages.source_fingerprint()
+    assert out.name == f"toy-{stages.stage_key(runs[0])}"
+    assert stages.cached_run("toy", ["steps=5"]) == out and len(runs) == 1  # reused, not run again
+    assert stages.cached_run("toy", ["steps=6"]) != out and len(runs) == 2
+
+
+def make(path, *files):
+    path.mkdir(parents=True)
+    for name, text in files:
+        (path / name).write_text(text)
+    path.with_name(path.name + ".lock").touch()
+    return path
+
+
+def stage(cache, name, source, done=True):
+    record = [] if source is None else [(stages.RECORD, json.dumps({"source": source}))]
+    return make(cache / "stages" / name, *record, *([("summary.json", "{}")] if done else []))
+
+
+@pytest.fixture
+def filled(cache):
+    """One entry of each state; returns {name: path}."""
+    tiny, quick = (f"{name}-{EMBEDDED[name].fingerprint()}" for name in ("tiny", "tiny-quick"))
+    models = cache / "base-models"
+    paths = {
+        "base": make(models / tiny, ("config.json", "{}")),
+        "base log": make(models / f".{tiny}.work", ("metrics.jsonl", "{}\n")),
+        "old base": make(models / "tiny-000000000000", ("config.json", "{}")),
+        "unknown base": make(models / "huge-0123456789ab", ("config.json", "{}")),
+        "pretraining": make(models / f".{quick}.work", ("metrics.jsonl", "{}\n")),
+        "stage": stage(cache, "sft-aaaaaaaaaaaa", stages.source_fingerprint()),
+        "interrupted stage": stage(cache, "grpo-bbbbbbbbbbbb", stages.source_fingerprint(), done=False),
+        "old stage": stage(cache, "sft-cccccccccccc", "0" * 64),
+        "unrecorded stage": stage(cache, "dpo-dddddddddddd", None),
+    }
+    return paths
+
+
+def test_listing_names_each_entry_state(filled, capsys):
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[2 if line.startswith("base") else 1]: line for line in out.splitlines()[:-1]}
+    assert len(lines) == 8  # a base model's log folder belongs to its entry
+    assert lines[filled["base"].name].endswith("current")
+    assert lines[filled["pretraining"].name[1:-len(".work")]].endswith("interrupted")
+    assert lines["tiny-000000000000"].endswith("stale: built from another base-model config or world")
+    assert lines["huge-0123456789ab"].endswith("stale: no embedded model of that name")
+    assert lines["sft-aaaaaaaaaaaa"].endswith("current") and lines["grpo-bbbbbbbbbbbb"].endswith("interrupted")
+    assert lines["sft-cccccccccccc"].endswith("stale: built by other source code")
+    assert lines["dpo-dddddddddddd"].endswith("stale: built by other source code")
+    assert "8 entries" in out.splitlines()[-1] and "4 stale" in out.splitlines()[-1]
+
+
+def test_prune_removes_the_stale_entries_and_their_locks_only(filled, cache, capsys):
+    assert main(["cache", "--prune"]) == 0
+    assert "removed 4 of 8 entries" in capsys.readouterr().out
+    for name in ("base", "base log", "pretraining", "stage", "interrupted stage"):
+        assert filled[name].exists(), name
+    for name in ("old base", "unknown base", "old stage", "unrecorded stage"):
+        assert not filled[name].exists() and not filled[name].with_name(filled[name].name + ".lock").exists(), name
+
+
+def test_clear_leaves_an_entry_whose_lock_a_job_holds(filled, cache, capsys):
+    running = filled["interrupted stage"]
+    with FileLock(str(running) + ".lock"):
+        assert main(["cache", "--clear"]) == 0
+    out = capsys.readouterr().out
+    assert "kept grpo-bbbbbbbbbbbb: a running job holds grpo-bbbbbbbbbbbb.lock" in out and "removed 7 of 8" in out
+    assert running.exists()
+    assert not filled["base"].exists() and not filled["base log"].exists() and not filled["stage"].exists()
+
+
+def test_stale_note_counts_the_stale_entries(filled, cache):
+    assert stale_note().startswith("the cache holds 4 entries (")
+    assert main(["cache", "--prune"]) == 0
+    assert stale_note() == ""
