@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -97,6 +98,14 @@ def read_preferences(path: PathLike) -> list[PreferenceRecord]:
 def read_prompts(path: PathLike) -> list[PromptRecord]:
     """Read prompts with reference answers: `{"prompt", "answer"}`; an integer answer is turned into text."""
     return _read_all(path, _parse_prompt, _PROMPT_EXPECTED)
+
+
+def split_records(records: list, seed: int) -> tuple[list, list]:
+    """(train, held_out) records: a seeded 10% held out, at least one record (reused for training if alone)."""
+    records = records[:]
+    random.Random(seed).shuffle(records)
+    n_held = max(1, len(records) // 10)
+    return records[n_held:] or records, records[:n_held]
 
 
 def _read_all(path: PathLike, parse: Callable[[dict[str, Any], At], R], expected: str) -> list[R]:

@@ -173,3 +173,37 @@ def test_default_grpo_meets_issue_5s_bar(tmp_path):
     summary = grpo.run(load_config(grpo.GRPOConfig, None, [f"output_dir={tmp_path}"]))
     assert summary["metrics"]["accuracy"] >= summary["baseline"]["accuracy"] + 0.15
     assert 0 < summary["metrics"]["kl"] < 5
+
+
+def prompt_records(path, shift: int = 0, n: int = 80) -> str:
+    """World 2-digit problems as a user's prompt/answer JSONL, their answers off by `shift`."""
+    prompts, answers = cot_prompts(training_problems([2], n, seed=5))
+    path.write_text("".join(json.dumps({"prompt": q, "answer": int(a) + shift}) + "\n" for q, a in zip(prompts, answers)))
+    return str(path)
+
+
+@pytest.mark.parametrize("shift", [0, 1000])
+def test_grpo_trains_and_measures_on_a_users_prompts(tmp_path, shift):
+    """--data prompts: the rollouts and the held-out tenth are the records', scored against the records'
+    answers (the quick policy's greedy answers are right on most 2-digit additions, its samples at
+    temperature 0.7 on some; with every answer 1,000 too large, never)."""
+    data = prompt_records(tmp_path / "prompts.jsonl", shift)
+    summary = grpo.run(load_config(grpo.GRPOConfig, None, TINY + [f"data={data}", f"output_dir={tmp_path / 'run'}"]))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [line["reward"] for line in lines]
+    assert summary["baseline"]["n"] == 8 and summary["metrics"]["n"] == 8  # a tenth of 80 held out
+    if shift:
+        assert rewards == [0.0, 0.0] and summary["baseline"]["accuracy"] == summary["metrics"]["accuracy"] == 0.0
+    else:
+        assert min(rewards) > 0 and summary["baseline"]["accuracy"] >= 0.5
+    held = {json.loads(line)["prompt"] for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()}
+    given = {json.loads(line)["prompt"] for line in (tmp_path / "prompts.jsonl").read_text().splitlines()}
+    assert len(held) == 8 and held <= given
+
+
+def test_bad_prompt_records_fail_before_training(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "Q: 1+1", "answer": 2}\n{"prompt": "Q: 2+2"}\n')
+    with pytest.raises(UserError, match=r"prompts.jsonl:2: missing field 'answer'"):
+        grpo.run(load_config(grpo.GRPOConfig, None, [f"data={data}", f"output_dir={tmp_path / 'run'}"]))
+    assert not (tmp_path / "run").exists()

@@ -134,3 +134,13 @@ def test_default_ppo_meets_issue_5s_bar(tmp_path):
     summary = ppo.run(load_config(ppo.PPOConfig, None, [f"output_dir={tmp_path}"]))
     assert summary["metrics"]["accuracy"] >= summary["baseline"]["accuracy"] + 0.15
     assert 0 < summary["metrics"]["kl"] < 5
+
+
+def test_ppo_trains_on_a_users_prompts(tmp_path):
+    """--data prompts: PPO's rollouts are scored against the records' answers (some samples right)."""
+    data = tmp_path / "prompts.jsonl"
+    prompts, answers = cot_prompts(training_problems([2], 80, seed=5))
+    data.write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in zip(prompts, answers)))
+    summary = ppo.run(load_config(ppo.PPOConfig, None, TINY + [f"data={data}", f"output_dir={tmp_path / 'run'}"]))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert min(line["objective/scores"] for line in lines) > 0 and summary["baseline"]["n"] == 8

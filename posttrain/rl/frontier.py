@@ -1,6 +1,7 @@
 """Points of the reward-KL frontier: held-out accuracy, and how far the policy moved from the reference.
 
-    accuracy   greedy chain-of-thought accuracy on held-out test problems (the verifier decides)
+    accuracy   greedy chain-of-thought accuracy on held-out test problems (the verifier decides), or
+               on the held-out share of a user's prompts (`--data`; rl/answers.py decides)
     kl         KL(pi || ref) of whole completions, in nats: the exact per-position KL (a sum over
                the vocabulary) added up along completions the policy samples at temperature 1.
                That is an unbiased estimate of the sequence KL with less noise than sampled
@@ -12,15 +13,18 @@ and one at the end; report/rl_plots.py draws them.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
 from posttrain.evaluation import evaluate, max_new_tokens_for
+from posttrain.generation import generate
 from posttrain.models import load_model
+from posttrain.records import split_records
+from posttrain.rl.answers import answer_rewards
 from posttrain.rl.kl import exact_kl
-from posttrain.rl.rollouts import cot_prompts, sample_rollouts
+from posttrain.rl.rollouts import cot_prompts, sample_rollouts, training_prompts
 from posttrain.world import MAIN_SKILL, sample_problems
-from posttrain.world.skills import Problem
 
 
 @torch.no_grad()
@@ -40,26 +44,64 @@ def reference_kl(model, reference, tokenizer, prompts: list[str], *, max_new_tok
 
 @dataclasses.dataclass
 class HeldOut:
-    """The held-out problems a run measures itself on, and where its reference policy is."""
+    """The held-out prompts a run measures itself on, and where its reference policy is."""
 
-    problems: list[Problem]  # greedy accuracy on these
+    greedy: Callable  # (model, tokenizer) -> greedy accuracy, completions, verdicts and prompts (evaluate's keys)
     kl_prompts: list[str]  # KL to the reference on samples for these
     max_new_tokens: int
     reference_path: str  # loaded when measuring if no reference is kept in memory
     seed: int
 
     @classmethod
-    def of(cls, tokenizer, difficulties, n: int, n_kl: int, reference_path: str, seed: int) -> "HeldOut":
+    def of(cls, tokenizer, difficulties, n: int, n_kl: int, reference_path: str, seed: int,
+           max_new_tokens: int | None = None) -> "HeldOut":
+        """World addition problems of the test split, asked for chain-of-thought solutions."""
         problems = sample_problems(MAIN_SKILL, difficulties, n, "test", seed)
         kl_prompts = cot_prompts(sample_problems(MAIN_SKILL, difficulties, n_kl, "val", seed))[0]
-        return cls(problems, kl_prompts, max_new_tokens_for(tokenizer, problems, "cot"), reference_path, seed)
+        budget = max_new_tokens or max_new_tokens_for(tokenizer, problems, "cot")
+
+        def greedy(model, tokenizer) -> dict:
+            result = evaluate(model, tokenizer, problems, fmt="cot", max_new_tokens=budget)
+            return {**result, "prompts": cot_prompts(problems)[0]}
+
+        return cls(greedy, kl_prompts, budget, reference_path, seed)
+
+    @classmethod
+    def of_records(cls, records: list, n_kl: int, reference_path: str, seed: int, max_new_tokens: int) -> "HeldOut":
+        """A user's held-out PromptRecords, their answers checked by rl/answers.py; KL on the first `n_kl`."""
+        prompts, answers = [r.prompt for r in records], [r.answer for r in records]
+
+        def greedy(model, tokenizer) -> dict:
+            samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+            correct = answer_rewards(prompts, samples.texts, answers)
+            return {"accuracy": sum(correct) / len(correct), "n": len(correct), "completions": samples.texts,
+                    "correct": correct, "prompts": prompts, "generated_tokens": samples.num_tokens}
+
+        return cls(greedy, prompts[:n_kl], max_new_tokens, reference_path, seed)
 
     def measure(self, model, tokenizer, reference=None, kl: bool = True) -> dict:
-        """evaluation.evaluate's result on the problems (with their prompts) plus `kl` to the reference."""
-        result = evaluate(model, tokenizer, self.problems, fmt="cot", max_new_tokens=self.max_new_tokens)
-        result["prompts"] = cot_prompts(self.problems)[0]
+        """Greedy accuracy on the held-out prompts (with completions and prompts), plus `kl` to the reference."""
+        result = self.greedy(model, tokenizer)
         if kl:
             reference = reference if reference is not None else load_model(self.reference_path)[0].to(model.device)
             result["kl"] = reference_kl(model, reference, tokenizer, self.kl_prompts,
                                         max_new_tokens=self.max_new_tokens, seed=self.seed)
         return result
+
+
+DATA_MAX_NEW_TOKENS = 256  # completion budget of rollouts and evaluation on a user's prompts, unless set
+
+
+def run_prompts(cfg, records: list | None, tokenizer, start_path: str) -> tuple[HeldOut, list[str], list[str]]:
+    """A PPO or GRPO run's held-out measurement and its steps x prompts_per_step training (prompts, answers):
+    world addition problems, or the user's PromptRecords with a seeded tenth held out (at most eval_problems
+    of them measured)."""
+    n = cfg.steps * cfg.prompts_per_step
+    if records is None:
+        held_out = HeldOut.of(tokenizer, cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed,
+                              cfg.max_new_tokens)
+        return (held_out, *training_prompts(cfg.difficulties, None, n, cfg.seed))
+    train, held = split_records(records, cfg.seed)
+    held_out = HeldOut.of_records(held[: cfg.eval_problems], cfg.kl_problems, start_path, cfg.seed,
+                                  cfg.max_new_tokens or DATA_MAX_NEW_TOKENS)
+    return (held_out, *training_prompts(None, train, n, cfg.seed))

@@ -7,11 +7,13 @@
 Every per-token quantity of the RL losses (log-probs, values, advantages, KL) lives on that
 (N, T-1) grid, where position t scores token t+1. The shared sampler shares one prompt prefill
 across the G samples of a prompt. Rewards follow the world's contract: a function of the prompt,
-the completion and the reference answer (posttrain.world.verify is one).
+the completion and the reference answer (posttrain.world.verify is one; rl/answers.py the one of
+prompts a user brings).
 """
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Callable
 
 import torch
@@ -20,6 +22,7 @@ from posttrain.data import pad_batch
 from posttrain.errors import UserError
 from posttrain.generation import generate, labelled_token_logprobs
 from posttrain.losses.sft import IGNORE
+from posttrain.rl.answers import answer_rewards
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 from posttrain.world.skills import Problem
 
@@ -50,6 +53,19 @@ def training_problems(difficulties, n: int, seed: int) -> list[Problem]:
     return sample_problems(MAIN_SKILL, difficulties, n, "train", seed + PROMPT_STREAM)
 
 
+def training_prompts(difficulties, records: list | None, n: int, seed: int) -> tuple[list[str], list[str]]:
+    """The `n` (prompt, reference answer) pairs an RL run trains on, in order: chain-of-thought prompts of
+    world addition problems (`training_problems`), or the user's PromptRecords, each pass over them in a
+    new seeded order."""
+    if records is None:
+        return cot_prompts(training_problems(difficulties, n, seed))
+    rng = random.Random(seed + PROMPT_STREAM)
+    order = []
+    while len(order) < n:
+        order += rng.sample(records, len(records))
+    return [r.prompt for r in order[:n]], [r.answer for r in order[:n]]
+
+
 def cot_prompts(problems: list[Problem]) -> tuple[list[str], list[str]]:
     """(chain-of-thought prompts, reference answers) of world problems."""
     return [render(p, "cot")[0] for p in problems], [p.answer for p in problems]
@@ -60,14 +76,15 @@ def verifier_rewards(prompts: list[str], completions: list[str], answers: list[s
     return [verify(q, c, a) for q, c, a in zip(prompts, completions, answers)]
 
 
-def reward_function(name: str, policy: str, reward_model: str | None = None) -> RewardFn:
-    """The reward a run optimises: the world's verifier, or the score of a learned reward model.
+def reward_function(name: str, policy: str, reward_model: str | None = None, user_prompts: bool = False) -> RewardFn:
+    """The reward a run optimises: a verifier (the world's, or with `user_prompts` the answer matcher of
+    rl/answers.py), or the score of a learned reward model.
 
     For 'orm' / 'prm' the model is `reward_model` (a folder `posttrain reward` wrote: the ORM's reward,
     or the PRM's aggregate of step probabilities); by default the one trained on the shared SFT policy.
     """
     if name == "verifier":
-        return verifier_rewards
+        return answer_rewards if user_prompts else verifier_rewards
     if name not in ("orm", "prm"):
         raise UserError(f"reward must be verifier, orm or prm, got '{name}'")
     from posttrain.reward_models import load_reward_model
@@ -125,12 +142,14 @@ def rollout_seed(seed: int, step: int, accelerator) -> int:
     return seed * 1_000_003 + step + 7919 * accelerator.process_index
 
 
-def step_rollouts(policy, tokenizer, problems: list[Problem], step: int, prompts_per_step: int, *, num_samples: int,
-                  max_new_tokens: int, temperature: float, seed: int, reward_fn: RewardFn, accelerator,
-                  decode: str = "dynamic") -> Rollouts:
-    """This rank's rollouts of training step `step` (PPO and GRPO): its share of the step's prompts, sampled."""
-    share = rank_share(problems[step * prompts_per_step : (step + 1) * prompts_per_step], accelerator)
-    return sample_rollouts(policy, tokenizer, *cot_prompts(share), num_samples=num_samples, max_new_tokens=max_new_tokens,
+def step_rollouts(policy, tokenizer, prompts: list[str], answers: list[str], step: int, prompts_per_step: int, *,
+                  num_samples: int, max_new_tokens: int, temperature: float, seed: int, reward_fn: RewardFn,
+                  accelerator, decode: str = "dynamic") -> Rollouts:
+    """This rank's rollouts of training step `step` (PPO and GRPO): its share of the step's prompts (of the
+    run's `training_prompts`), sampled and scored."""
+    window = slice(step * prompts_per_step, (step + 1) * prompts_per_step)
+    share = rank_share(prompts[window], accelerator), rank_share(answers[window], accelerator)
+    return sample_rollouts(policy, tokenizer, *share, num_samples=num_samples, max_new_tokens=max_new_tokens,
                            temperature=temperature, seed=rollout_seed(seed, step, accelerator), reward_fn=reward_fn,
                            decode=decode)
 

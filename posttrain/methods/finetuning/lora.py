@@ -64,9 +64,9 @@ from posttrain.errors import UserError
 from posttrain.losses.sft import causal_lm_loss
 from posttrain.methods.common import (eval_skill, headline, is_main_process, prepare_output, resumable, save_model,
                                       world_examples, write_samples, write_summary)
-from posttrain.methods.finetuning.sft import evaluate_records, prompt_of, split_records
+from posttrain.methods.finetuning.sft import evaluate_records, prompt_of
 from posttrain.models import DEFAULT_MODEL, count_params, load_model, resolve_model_path
-from posttrain.records import read_sft
+from posttrain.records import read_sft, split_records
 from posttrain.report.lora_plots import adaptation_curves, rank_sweep_panels
 from posttrain.rl.rollouts import policy_path
 from posttrain.training import CHECKPOINT, TrainingConfig, train

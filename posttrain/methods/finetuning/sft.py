@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import random
 from functools import partial
 
 import torch
@@ -69,7 +68,7 @@ from posttrain.losses.sft import IGNORE, causal_lm_loss, l2sp_penalty
 from posttrain.methods.common import (eval_skill, headline, prepare_output, resumable, save_model, world_examples,
                                       write_samples, write_summary)
 from posttrain.models import DEFAULT_MODEL, load_model
-from posttrain.records import read_sft
+from posttrain.records import read_sft, split_records
 from posttrain.report.finetuning_plots import frontier, grouped_bars
 from posttrain.report.plots import training_curve
 from posttrain.training import TrainingConfig, TrainResult, train
@@ -221,14 +220,6 @@ def evaluate_records(model, tokenizer, records) -> dict:
 def prompt_of(record):
     """A record's prompt: its text, or its earlier chat turns for messages-format records."""
     return record.messages if record.messages is not None else record.prompt
-
-
-def split_records(records: list, seed: int) -> tuple[list, list]:
-    """(train, held_out): a seeded 10% held out, at least one record (reused for training if alone)."""
-    records = records[:]
-    random.Random(seed).shuffle(records)
-    n_held = max(1, len(records) // 10)
-    return records[n_held:] or records, records[:n_held]
 
 
 def forgetting_entry(after: dict, baseline: dict) -> dict:

@@ -53,9 +53,8 @@ from posttrain.losses.dpo import DPO_LOSSES, PairLogps, chosen_nll, preference_m
 from posttrain.losses.sft import IGNORE
 from posttrain.methods.common import (headline, is_main_process, prepare_output, save_model, write_samples,
                                       write_summary)
-from posttrain.methods.finetuning.sft import split_records
 from posttrain.models import load_model
-from posttrain.records import read_preferences
+from posttrain.records import read_preferences, split_records
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import beta_sweep_plot, draw_frontier
 from posttrain.rl.frontier import HeldOut, reference_kl

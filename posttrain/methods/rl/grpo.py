@@ -20,8 +20,13 @@ rather than the paper's per-step advantages (Sec. 4.1.3). Every `eval_every` ste
 held-out accuracy and the KL to the SFT reference: its points on the reward-KL frontier
 (reward_kl_frontier.png, together with sibling DPO/PPO runs).
 
+With `--data`, the prompts are the user's (`{"prompt", "answer"}` records; a tenth held out for
+the accuracy and KL measurements) and the verifier reads the completion's answer by common conventions
+(`\\boxed{}`, `####`, `A:` or "the answer is", else the last number; rl/answers.py).
+
     posttrain grpo --output-dir runs/grpo
     posttrain grpo scale_rewards=false beta=0          # Dr. GRPO without a reference model
+    posttrain grpo --model Qwen/Qwen2.5-0.5B-Instruct --data math.jsonl max_new_tokens=512 precision=bf16
 """
 from __future__ import annotations
 
@@ -36,12 +41,12 @@ from posttrain.io import JsonlWriter
 from posttrain.losses.grpo import AGGREGATIONS, grpo_loss
 from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
 from posttrain.models import load_model
+from posttrain.records import read_prompts
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import group_advantages, masked_mean
-from posttrain.rl.frontier import HeldOut
-from posttrain.rl.rollouts import (completion_stats, forward_logprobs, policy_path, reward_function, step_rollouts,
-                                   training_problems)
+from posttrain.rl.frontier import run_prompts
+from posttrain.rl.rollouts import completion_stats, forward_logprobs, policy_path, reward_function, step_rollouts
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
                                 make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses)
 
@@ -49,8 +54,10 @@ from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, f
 @dataclasses.dataclass
 class GRPOConfig(TrainingConfig):
     model: str = "sft-policy"  # starting policy: sft-policy (shared CoT SFT model), a model folder or hub id
+    data: str | None = None  # JSONL of prompt/answer records (a tenth held out); default: world addition problems
     output_dir: str = "runs/grpo"  # where summary.json, metrics.jsonl, plots and the model go
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
+    max_new_tokens: int | None = None  # completion budget (default: the longest world solution + 8; 256 with data)
     reward: str = "verifier"  # verifier (1/0 outcome) | prm (process reward model: min of step scores)
     reward_model: str | None = None  # PRM folder for reward=prm (default: the cached `posttrain reward` one)
     prompts_per_step: int = 16  # training prompts per rollout batch
@@ -92,15 +99,15 @@ QUICK = {"model": "sft-policy-quick", "difficulties": "2", "steps": 8, "eval_eve
 def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     if resume:
         raise UserError("grpo does not resume; rerun it (a default run takes about three minutes)")
+    records = read_prompts(cfg.data) if cfg.data else None  # bad data fails before anything slow
     out = prepare_output(cfg.output_dir, resume)
     start_path = policy_path(cfg.model)
-    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model)
+    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None)
     model, tokenizer = load_model(start_path)
     reference = load_model(start_path)[0].requires_grad_(False) if cfg.beta else None
-    held_out = HeldOut.of(tokenizer, cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed)
+    held_out, prompts, answers = run_prompts(cfg, records, tokenizer, start_path)
     baseline = held_out.measure(model, tokenizer, kl=False)
     frontier = [{"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0}]
-    problems = training_problems(cfg.difficulties, cfg.steps * cfg.prompts_per_step, cfg.seed)
 
     accelerator = make_accelerator(cfg.precision)
     torch.manual_seed(cfg.seed)
@@ -121,10 +128,10 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="grpo", disable=not main_process, dynamic_ncols=True)
     for step in bar:
-        rollouts = step_rollouts(policy, tokenizer, problems, step, cfg.prompts_per_step, num_samples=cfg.num_generations,
-                                 max_new_tokens=held_out.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                                 reward_fn=reward_fn, accelerator=accelerator,
-                                 decode=cfg.rollout_decode)
+        rollouts = step_rollouts(policy, tokenizer, prompts, answers, step, cfg.prompts_per_step,
+                                 num_samples=cfg.num_generations, max_new_tokens=held_out.max_new_tokens,
+                                 temperature=cfg.temperature, seed=cfg.seed, reward_fn=reward_fn,
+                                 accelerator=accelerator, decode=cfg.rollout_decode)
         with forward_as(policy, compiled):  # the updates compiled if cfg.compile (sampling: its own decode step)
             metrics = optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg)
         tokens += int(rollouts.batch["attention_mask"].sum())

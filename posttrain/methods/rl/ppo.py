@@ -19,8 +19,11 @@ of a separate critic initialised from the reward model, and the default reward i
 `eval_every` steps the run measures held-out accuracy and KL to the SFT reference: its points on the
 reward-KL frontier (reward_kl_frontier.png, together with sibling DPO/GRPO runs).
 
+With `--data` the prompts are the user's (`{"prompt", "answer"}` records), as in GRPO.
+
     posttrain ppo --output-dir runs/ppo
     posttrain ppo kl_coef=0.2 epochs=2
+    posttrain ppo --model ./my-policy --data prompts.jsonl
 """
 from __future__ import annotations
 
@@ -38,13 +41,14 @@ from posttrain.losses.ppo import clipped_surrogate, clipped_value_loss, entropy_
 from posttrain.losses.sft import labelled_forward
 from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
 from posttrain.models import load_model
+from posttrain.records import read_prompts
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import gae, masked_mean, whiten
-from posttrain.rl.frontier import HeldOut
+from posttrain.rl.frontier import run_prompts
 from posttrain.rl.kl import kl_k1
 from posttrain.rl.rollouts import (completion_stats, forward_logprobs, on_completion_grid, policy_path, reward_function,
-                                   step_rollouts, training_problems)
+                                   step_rollouts)
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
                                 make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses)
 
@@ -52,8 +56,10 @@ from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, f
 @dataclasses.dataclass
 class PPOConfig(TrainingConfig):
     model: str = "sft-policy"  # starting policy: sft-policy (shared CoT SFT model), a model folder or hub id
+    data: str | None = None  # JSONL of prompt/answer records (a tenth held out); default: world addition problems
     output_dir: str = "runs/ppo"  # where summary.json, metrics.jsonl, plots and the model go
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
+    max_new_tokens: int | None = None  # completion budget (default: the longest world solution + 8; 256 with data)
     reward: str = "verifier"  # verifier (1/0 outcome) | orm (the outcome reward model)
     reward_model: str | None = None  # ORM folder for reward=orm (default: the cached `posttrain reward` one)
     prompts_per_step: int = 32  # training prompts per rollout batch
@@ -127,16 +133,16 @@ def forward_with_values(model, head, batch: dict, entropy_grad: bool = False):
 def run(cfg: PPOConfig, resume: bool = False) -> dict:
     if resume:
         raise UserError("ppo does not resume; rerun it (a default run takes about three minutes)")
+    records = read_prompts(cfg.data) if cfg.data else None  # bad data fails before anything slow
     out = prepare_output(cfg.output_dir, resume)
     start_path = policy_path(cfg.model)
-    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model)
+    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None)
     model, tokenizer = load_model(start_path)
     reference = load_model(start_path)[0].requires_grad_(False)
     head = ValueHead(model.config.hidden_size)
-    held_out = HeldOut.of(tokenizer, cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed)
+    held_out, prompts, answers = run_prompts(cfg, records, tokenizer, start_path)
     baseline = held_out.measure(model, tokenizer, kl=False)
     frontier = [{"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0}]
-    problems = training_problems(cfg.difficulties, cfg.steps * cfg.prompts_per_step, cfg.seed)
 
     accelerator = make_accelerator(cfg.precision)
     torch.manual_seed(cfg.seed)
@@ -157,10 +163,10 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="ppo", disable=not main_process, dynamic_ncols=True)
     for step in bar:
-        rollouts = step_rollouts(policy, tokenizer, problems, step, cfg.prompts_per_step, num_samples=cfg.samples_per_prompt,
-                                 max_new_tokens=held_out.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                                 reward_fn=reward_fn, accelerator=accelerator,
-                                 decode=cfg.rollout_decode)
+        rollouts = step_rollouts(policy, tokenizer, prompts, answers, step, cfg.prompts_per_step,
+                                 num_samples=cfg.samples_per_prompt, max_new_tokens=held_out.max_new_tokens,
+                                 temperature=cfg.temperature, seed=cfg.seed, reward_fn=reward_fn,
+                                 accelerator=accelerator, decode=cfg.rollout_decode)
         with forward_as(policy, compiled):  # the updates compiled if cfg.compile (sampling: its own decode step)
             metrics = optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts, cfg)
         tokens += int(rollouts.batch["attention_mask"].sum())

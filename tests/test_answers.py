@@ -1,0 +1,48 @@
+"""The verifier of user prompts: which answer a completion gives, and when it matches the reference."""
+import pytest
+
+from posttrain.rl.answers import answer_matches, answer_rewards, extract_answer
+from posttrain.world import MAIN_SKILL, render, sample_problems, verify
+
+
+@pytest.mark.parametrize("completion, answer", [
+    ("so the total is \\boxed{18}. Or \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # the last box, nested braces
+    ("She pays 3*4=12 dollars.\n#### 12", "12"),  # GSM8K
+    ("Let's think step by step.\n4+8+0=12\nA: 92", "92"),  # the world's format
+    ("... so the answer is 42 apples.\nDone", "42 apples."),
+    ("Answer: yes", "yes"),
+    ("first 3, then 5, finally 1,250 in all", "1,250"),  # no marker: the last number
+    ("no digits here", None),
+])
+def test_extract_answer_by_convention(completion, answer):
+    assert extract_answer(completion) == answer
+
+
+@pytest.mark.parametrize("completion, reference, reward", [
+    ("#### 72", "72", 1.0),
+    ("The answer is $72.00.", "72", 1.0),  # numbers compare by value
+    ("A: 1,000", "1000", 1.0),
+    ("A: 72 apples", "72", 1.0),
+    ("A: 73", "72", 0.0),
+    ("A: -5", "5", 0.0),
+    ("I get 7, so \\boxed{8}", "7", 0.0),  # the box decides, not an earlier number
+    ("A: 1 1 3 4", "1 1 3 4", 1.0),  # text answers compare normalised
+    ("Answer: Paris.", "paris", 1.0),
+    ("A: 1 1 3", "1 1 3 4", 0.0),
+    ("nothing", "4", 0.0),
+])
+def test_answer_matches(completion, reference, reward):
+    assert answer_matches(completion, reference) == reward
+
+
+def test_answer_rewards_is_a_reward_function():
+    assert answer_rewards(["q1", "q2"], ["#### 3", "#### 4"], ["3", "3"]) == [1.0, 0.0]
+
+
+def test_on_world_solutions_it_agrees_with_the_worlds_verifier():
+    for problem in sample_problems(MAIN_SKILL, [1, 2, 3, 4], 50, "test", seed=0):
+        prompt, solution = render(problem, "cot")
+        wrong = solution.replace(f"A: {problem.answer}", f"A: {int(problem.answer) + 1}")
+        for completion in (solution, wrong):
+            assert answer_matches(completion, problem.answer) == verify(prompt, completion, problem.answer)
+        assert verify(prompt, solution, problem.answer) == 1.0 and verify(prompt, wrong, problem.answer) == 0.0
