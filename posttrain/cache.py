@@ -50,7 +50,8 @@ def entries(root: Path | None = None) -> list[Entry]:
     models = root / "base-models"
     built = {p.name for p in _folders(models)}
     logs = {p.name[1:-len(".work")] for p in _folders(models, ".*.work")}  # a log without a model: interrupted
-    return [_base_model(models / name) for name in sorted(built | logs)] + [_stage(p) for p in _folders(root / "stages")]
+    stages = [_stage(p) for p in _folders(root / "stages")]
+    return [_base_model(models / name) for name in sorted(built | logs)] + stages
 
 
 def _folders(parent: Path, pattern: str = "[!.]*") -> list[Path]:
