@@ -114,9 +114,13 @@ def run_method(name: str, args) -> int:
     from posttrain.methods.common import is_main_process
 
     if is_main_process():
-        print(f"{name}: accuracy {summary['baseline']['accuracy']} -> {summary['metrics']['accuracy']} "
-              f"({summary['time_s']:.0f}s); wrote {cfg.output_dir}/summary.json")
+        before, after = (_fraction(summary[part]["accuracy"]) for part in ("baseline", "metrics"))
+        print(f"{name}: accuracy {before} -> {after} ({summary['time_s']:.0f}s); wrote {cfg.output_dir}/summary.json")
     return 0
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,6 +97,8 @@ def test_sft_on_user_jsonl_writes_the_contract(capsys, tmp_path, tiny_model_dir)
     assert summary["method"] == "sft" and summary["config"]["data"] == data
     assert 0 <= summary["metrics"]["accuracy"] <= 1 and summary["baseline"]["n"] == 2
     assert (out / "model" / "model.safetensors").exists() and (out / "training_curve.png").exists()
+    before, after = (f"{summary[k]['accuracy']:.3f}" for k in ("baseline", "metrics"))
+    assert f"sft: accuracy {before} -> {after} (" in stdout  # three decimals, not the float's seventeen
 
     chat = write_lines(tmp_path / "chat.jsonl", *rows)  # messages need a chat template, which this model lacks
     code, _, err = run_cli(capsys, "sft", "--data", chat, "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "c"))
