@@ -16,7 +16,7 @@ import time
 from collections import Counter
 
 from posttrain.generation import generate
-from posttrain.world import check_steps, extract_answer, render, verify
+from posttrain.world import check_steps, render, verify
 from posttrain.world.skills import Problem
 
 
@@ -89,10 +89,6 @@ def majority_at_n(answers: list[str | None], reference: str, n: int, trials: int
         subsets = [sorted(rng.sample(range(k), n)) for _ in range(trials)]
     # subsets keep sample order, so majority_vote's tie-break (first seen) is the sampling order
     return sum(majority_vote([answers[i] for i in s])[0] == reference for s in subsets) / len(subsets)
-
-
-def answers_of(completions: list[str]) -> list[str | None]:
-    return [extract_answer(c) for c in completions]
 
 
 def best_of_n(scores: list[float], values: list[float], n: int) -> float:

@@ -1,14 +1,19 @@
 """Test-time scaling: the estimators against hand values, selectors under the oracle on fixed samples,
 beam-search bookkeeping with a scripted scorer, prompt construction, and quick end-to-end runs."""
+import json
 import random
 
 import pytest
 
 from posttrain.config import load_config
-from posttrain.evaluation import best_of_n, majority_at_n, majority_vote, pass_at_k
+from posttrain.errors import UserError
+from posttrain.evaluation import best_of_n, majority_at_n, majority_vote, max_new_tokens_for, pass_at_k
 from posttrain.generation import generate
 from posttrain.methods.test_time import SampledSolutions, best_of_n as bon, cot_prompting, self_consistency, tree_search
-from posttrain.world import extract_answer, sample_problems
+from posttrain.models import load_model
+from posttrain.reward_models import new_reward_model
+from posttrain.rl.rollouts import policy_path
+from posttrain.world import MAIN_SKILL, extract_answer, render, sample_problems
 from tests.conftest import random_model
 
 
@@ -45,7 +50,8 @@ def fixed_samples(seed: int = 0, problems: int = 12, k: int = 8) -> tuple[Sample
     answers = [[p.answer if rng.random() < 0.3 else str(rng.randint(0, 3)) for _ in range(k)] for p in probs]
     texts = [[f"A: {a}" for a in group] for group in answers]
     correct = [[float(a == p.answer) for a in group] for group, p in zip(answers, probs)]
-    samples = SampledSolutions(probs, ["Q"] * problems, texts, correct, [[1] * k] * problems, 1.0)
+    samples = SampledSolutions(["Q"] * problems, [p.answer for p in probs], texts, answers, correct,
+                               [[1] * k] * problems, 1.0)
     scores = lambda: [[rng.random() for _ in range(k)] for _ in range(problems)]  # noqa: E731
     return samples, scores(), scores()
 
@@ -53,7 +59,7 @@ def fixed_samples(seed: int = 0, problems: int = 12, k: int = 8) -> tuple[Sample
 def test_the_oracle_bounds_every_selector_on_fixed_samples():
     samples, orm, prm = fixed_samples()
     ns = [1, 2, 4, 8]
-    curves = bon.selector_curves(samples, orm, prm, ns, subsets=50, seed=0)
+    curves = bon.selector_curves(samples, {"orm": orm, "prm": prm}, ns, subsets=50, seed=0)
     for name in ("orm", "prm", "majority"):
         for n, value, ceiling in zip(ns, curves[name], curves["oracle"]):
             assert value <= ceiling + 1e-9, (name, n)
@@ -61,9 +67,12 @@ def test_the_oracle_bounds_every_selector_on_fixed_samples():
     mean = sum(map(sum, samples.correct)) / (len(samples.correct) * 8)
     assert all(curves[name][0] == pytest.approx(mean) for name in ("orm", "prm", "oracle"))
     # a perfect scorer reaches the oracle
-    perfect = bon.selector_curves(samples, samples.correct, samples.correct, ns, subsets=50, seed=0)
-    assert perfect["orm"] == pytest.approx(perfect["oracle"])
+    perfect = bon.selector_curves(samples, {"orm": samples.correct}, ns, subsets=50, seed=0)
+    assert perfect["orm"] == pytest.approx(perfect["oracle"]) and "prm" not in perfect
     assert "PRM beats ORM" in bon.ordering(curves, ns)["summary"]
+    last = {name: round(perfect[name][-1], 3) for name in ("orm", "majority", "oracle")}
+    want = f"At N=8: ORM {last['orm']}, majority {last['majority']}, oracle {last['oracle']}."
+    assert bon.ordering(perfect, ns) == {"summary": want}  # no PRM, so no PRM-against-ORM comparison
 
 
 def test_best_of_n_of_a_perfect_scorer_is_pass_at_n():
@@ -143,6 +152,34 @@ def test_quick_cot_prompt(tmp_path):
     assert summary["baseline"]["accuracy"] == models["base"]["by_style"]["few-shot direct"]["accuracy"]
 
 
+def test_a_users_records_give_the_world_runs_numbers(tmp_path):
+    """The world's test problems written as `{"prompt", "answer"}` records (answers read by rl/answers.py
+    instead of the world's `A:` line), with the world's completion budget: the same samples, judged the
+    same, so self-consistency and best-of-N (an untrained ORM its only reward model) measure the same
+    accuracies. Majority votes may differ: a sample without an `A:` line votes with its last number here."""
+    policy = policy_path("sft-policy-quick")
+    problems = sample_problems(MAIN_SKILL, [2], 12, "test", 0)
+    budget = max_new_tokens_for(load_model(policy)[1], problems)
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"prompt": render(p, "cot")[0], "answer": int(p.answer)}) + "\n" for p in problems))
+    new_reward_model(policy, "orm").save(tmp_path / "rms" / "orm")
+    common = ["model=sft-policy-quick", "difficulties=2", "problems=12", "seed=0"]
+    runs = {}
+    for module, extra in ((self_consistency, ["k=4"]), (bon, ["max_n=8", "headline_n=4", f"reward_models={tmp_path / 'rms'}"])):
+        runs[module] = [quick_run(module, tmp_path / name, *common, *extra, *more)
+                        for name, more in (("world", []), ("users", [f"data={data}", f"max_new_tokens={budget}"]))]
+        world, users = runs[module]
+        assert users["baseline"]["accuracy"] == world["baseline"]["accuracy"] > 0
+        assert users["metrics"]["sample_accuracy"] == world["metrics"]["sample_accuracy"] > 0
+    world, users = (run["metrics"]["by_n"] for run in runs[bon])
+    assert set(users) == {"n", "orm", "majority", "oracle"}
+    assert users["orm"] == world["orm"] and users["oracle"] == world["oracle"]
+
+
+def quick_run(module, out, *overrides):
+    return module.run(load_config(module.CONFIG, None, [*overrides, f"output_dir={out}"]))
+
+
 @pytest.mark.slow
 def test_quick_best_of_n_and_tree_search(tmp_path):
     """Needs the quick reward stage (cached after its first run)."""
@@ -186,3 +223,11 @@ def test_default_few_shot_cot_beats_few_shot_direct_on_the_base_model(tmp_path):
 def test_default_tree_search_reports_its_budget_and_the_equal_budget_baseline(tmp_path):
     metrics = default_run(tree_search, tmp_path)["metrics"]
     assert metrics["generated_tokens_per_problem"] > 0 and metrics["best_of_n_equal_budget"]["n"] >= 1
+
+
+def test_self_consistency_on_one_record_is_a_clear_error(tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"prompt": "Q: 1+1", "answer": 2}\n')
+    with pytest.raises(UserError, match="at least 2 records"):
+        quick_run(self_consistency, tmp_path / "run", f"data={data}")
+    assert not (tmp_path / "run").exists()

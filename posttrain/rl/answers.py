@@ -43,15 +43,33 @@ def normalise(text: str) -> str:
     return " ".join(text.replace("$", " ").split()).rstrip(".").strip().casefold()
 
 
+def is_number(reference: str) -> bool:
+    return NUMBER.fullmatch(normalise(reference)) is not None
+
+
+def answer_key(answer: str, numeric: bool) -> str | None:
+    """What is compared: the value of the answer's first number (`numeric`), else its normalised text."""
+    if not numeric:
+        return normalise(answer)
+    value = as_number(answer)
+    return None if value is None else repr(value)
+
+
+def completion_key(completion: str, reference: str) -> str | None:
+    """The completion's answer as it is compared with `reference` (and, in a majority vote, with the
+    other samples' answers); None when it gives none."""
+    answer = extract_answer(completion)
+    return None if answer is None else answer_key(answer, is_number(reference))
+
+
+def reference_key(reference: str) -> str | None:
+    return answer_key(reference, is_number(reference))
+
+
 def answer_matches(completion: str, reference: str) -> float:
     """1.0 when the completion's answer equals `reference` (by value if `reference` is a number), else 0.0."""
-    answer = extract_answer(completion)
-    if answer is None:
-        return 0.0
-    target = as_number(reference) if NUMBER.fullmatch(normalise(reference)) else None
-    if target is not None:
-        return float(as_number(answer) == target)
-    return float(normalise(answer) == normalise(reference))
+    key = completion_key(completion, reference)
+    return float(key is not None and key == reference_key(reference))
 
 
 def answer_rewards(prompts: list[str], completions: list[str], answers: list[str]) -> list[float]:

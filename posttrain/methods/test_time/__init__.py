@@ -1,48 +1,95 @@
 """Test-time scaling: spend inference compute instead of training. best_of_n.py, self_consistency.py,
-cot_prompting.py and tree_search.py; what they share (sampling N solutions per held-out problem and the
-greedy baseline of the same model) is here."""
+cot_prompting.py and tree_search.py; what they share (the held-out questions, sampling N solutions per
+question and the greedy baseline of the same model) is here."""
 from __future__ import annotations
 
 import dataclasses
 import time
 
-from posttrain.evaluation import answers_of, evaluate, max_new_tokens_for
+from posttrain.evaluation import evaluate, max_new_tokens_for
 from posttrain.generation import generate
-from posttrain.world import render, verify
+from posttrain.rl.answers import completion_key, reference_key
+from posttrain.world import MAIN_SKILL, extract_answer, render, sample_problems
 from posttrain.world.skills import Problem
 
 
 @dataclasses.dataclass
-class SampledSolutions:
-    """`k` sampled chain-of-thought solutions for each problem, grouped per problem."""
+class Questions:
+    """Held-out prompts with their reference answers, and how a completion's answer is read: world
+    problems (chain-of-thought prompts, the `A:` line) or a user's `{"prompt", "answer"}` records
+    (rl/answers.py: `\\boxed{}`, `####`, `A:` ..., numbers compared by value)."""
 
-    problems: list[Problem]
     prompts: list[str]
-    texts: list[list[str]]  # texts[i][j]: sample j of problem i
-    correct: list[list[float]]  # verifier outcome of each sample
+    references: list[str]  # each reference answer as answers are compared with it
+    max_new_tokens: int
+    problems: list[Problem] | None = None  # the world problems, when they are
+
+    @classmethod
+    def world(cls, tokenizer, difficulties, n: int, seed: int) -> "Questions":
+        problems = sample_problems(MAIN_SKILL, difficulties, n, "test", seed)
+        return cls([render(p, "cot")[0] for p in problems], [" ".join(p.answer.split()) for p in problems],
+                   max_new_tokens_for(tokenizer, problems), problems)
+
+    @classmethod
+    def of_records(cls, records: list, max_new_tokens: int) -> "Questions":
+        return cls([r.prompt for r in records], [reference_key(r.answer) for r in records], max_new_tokens)
+
+    def answer(self, i: int, completion: str) -> str | None:
+        """Question i's answer in `completion`, comparable with `references[i]` and with other samples' answers."""
+        if self.problems is not None:
+            return extract_answer(completion)
+        return completion_key(completion, self.references[i])
+
+    def correct(self, i: int, completion: str) -> float:
+        answer = self.answer(i, completion)
+        return float(answer is not None and answer == self.references[i])
+
+
+def held_out_questions(cfg, records: list | None, tokenizer) -> Questions:
+    """A run's questions: `cfg.problems` world problems of `cfg.difficulties` from the test split, or the
+    first `cfg.problems` of the user's records, answered within `cfg.max_new_tokens`."""
+    if records is None:
+        return Questions.world(tokenizer, cfg.difficulties, cfg.problems, cfg.seed)
+    return Questions.of_records(records[: cfg.problems], cfg.max_new_tokens)
+
+
+@dataclasses.dataclass
+class SampledSolutions:
+    """`k` sampled solutions for each question, grouped per question."""
+
+    prompts: list[str]
+    references: list[str]  # Questions.references
+    texts: list[list[str]]  # texts[i][j]: sample j of question i
+    answers: list[list[str | None]]  # Questions.answer of each sample
+    correct: list[list[float]]  # each sample's answer equals the reference
     tokens: list[list[int]]  # generated tokens of each sample
     seconds: float  # wall time of the sampling
 
-    @property
-    def answers(self) -> list[list[str | None]]:
-        return [answers_of(group) for group in self.texts]
 
-
-def sample_solutions(model, tokenizer, problems: list[Problem], k: int, temperature: float, seed: int) -> SampledSolutions:
-    """`k` samples per problem (one shared prefill per prompt), labelled by the verifier."""
-    prompts = [render(p, "cot")[0] for p in problems]
+def sample_solutions(model, tokenizer, questions: Questions, k: int, temperature: float, seed: int) -> SampledSolutions:
+    """`k` samples per question (one shared prefill per prompt), their answers read and checked."""
     start = time.perf_counter()
-    samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens_for(tokenizer, problems),
+    samples = generate(model, tokenizer, questions.prompts, max_new_tokens=questions.max_new_tokens,
                        temperature=temperature, num_samples=k, seed=seed)
     seconds = time.perf_counter() - start
-    group = lambda xs: [xs[i * k : (i + 1) * k] for i in range(len(problems))]  # noqa: E731
+    group = lambda xs: [xs[i * k : (i + 1) * k] for i in range(len(questions.prompts))]  # noqa: E731
     texts = group(samples.texts)
-    correct = [[verify(q, t, p.answer) for t in ts] for q, ts, p in zip(prompts, texts, problems)]
-    return SampledSolutions(problems, prompts, texts, correct, group([len(ids) for ids in samples.token_ids]), seconds)
+    answers = [[questions.answer(i, t) for t in ts] for i, ts in enumerate(texts)]
+    correct = [[float(a is not None and a == ref) for a in group_answers]
+               for group_answers, ref in zip(answers, questions.references)]
+    return SampledSolutions(questions.prompts, questions.references, texts, answers, correct,
+                            group([len(ids) for ids in samples.token_ids]), seconds)
 
 
-def greedy_baseline(model, tokenizer, problems: list[Problem]) -> dict:
-    """Greedy chain-of-thought accuracy of the same model on the same problems (summary's `baseline`)."""
-    result = evaluate(model, tokenizer, problems, fmt="cot")
-    return {"accuracy": result["accuracy"], "n": result["n"], "step_accuracy": result["step_accuracy"],
-            "generated_tokens": result["generated_tokens"], "seconds": result["seconds"]}
+def greedy_baseline(model, tokenizer, questions: Questions) -> dict:
+    """Greedy accuracy of the same model on the same questions (summary's `baseline`); on world problems
+    also the step accuracy of its chains of thought."""
+    if questions.problems is not None:
+        result = evaluate(model, tokenizer, questions.problems, fmt="cot")
+        return {"accuracy": result["accuracy"], "n": result["n"], "step_accuracy": result["step_accuracy"],
+                "generated_tokens": result["generated_tokens"], "seconds": result["seconds"]}
+    start = time.perf_counter()
+    samples = generate(model, tokenizer, questions.prompts, max_new_tokens=questions.max_new_tokens)
+    correct = [questions.correct(i, t) for i, t in enumerate(samples.texts)]
+    return {"accuracy": sum(correct) / len(correct), "n": len(correct), "generated_tokens": samples.num_tokens,
+            "seconds": time.perf_counter() - start}

@@ -10,13 +10,18 @@
     samples gives a smooth curve instead of one noisy draw per N
 
 The reward models are those of `posttrain reward` on the same policy (the cached stage, trained once),
-or any folder holding its orm/ and prm/ (`reward_models=DIR`). Cost against N: generated tokens and
+or any folder holding its orm/ and prm/, or either (`reward_models=DIR`; `posttrain reward --data`
+trains an ORM only). Cost against N: generated tokens and
 sampling seconds per problem grow linearly with N (sampling k once and sharing it out is the measured
 cost times N/k). The summary says, with numbers, whether PRM selection beats ORM selection and majority
 voting as N grows, the ordering "Let's Verify Step by Step" reports, whichever way it comes out here.
 
+With `--data`, the questions are the user's `{"prompt", "answer"}` records (the first `problems` of
+them), their answers read as rl/answers.py reads them.
+
     posttrain best-of-n --output-dir runs/best-of-n
     posttrain best-of-n --model ./my-policy reward_models=runs/reward
+    posttrain best-of-n --model ./my-policy --data prompts.jsonl reward_models=runs/my-orm max_n=16
 """
 from __future__ import annotations
 
@@ -28,24 +33,27 @@ from posttrain.errors import UserError
 from posttrain.evaluation import best_of_n, majority_at_n, pass_at_k
 from posttrain.methods.common import prepare_output, write_summary
 from posttrain.methods.rl.reward_model import trained_reward_models
-from posttrain.methods.test_time import greedy_baseline, sample_solutions
+from posttrain.methods.test_time import greedy_baseline, held_out_questions, sample_solutions
 from posttrain.models import load_model
+from posttrain.records import read_prompts
 from posttrain.report.test_time_plots import accuracy_vs_n, cost_vs_n
 from posttrain.reward_models import load_reward_model
 from posttrain.rl.rollouts import POLICIES, policy_path
 from posttrain.training import TrainResult
-from posttrain.world import MAIN_SKILL, sample_problems
 
-SELECTORS = ("orm", "prm", "majority", "oracle")
+REWARD_MODELS = ("orm", "prm")
+SELECTORS = (*REWARD_MODELS, "majority", "oracle")
 
 
 @dataclasses.dataclass
 class BestOfNConfig:
     model: str = "sft-policy"  # the policy that samples: sft-policy (shared CoT SFT model), a folder or hub id
-    reward_models: str = ""  # folder with orm/ and prm/ from `posttrain reward` ("": the cached stage on the policy)
+    reward_models: str = ""  # folder with orm/ and/or prm/ from `posttrain reward` ("": the cached stage on the policy)
+    data: str | None = None  # JSONL of prompt/answer records to answer (the first `problems`); default: world problems
     output_dir: str = "runs/best-of-n"  # where summary.json and the plots go
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
     problems: int = 40  # held-out test problems
+    max_new_tokens: int = 256  # completion budget with data (world problems: their longest solution + 8)
     max_n: int = 64  # samples per problem; N runs over the powers of two up to it
     headline_n: int = 16  # the N of metrics.accuracy (with the better reward model there)
     temperature: float = 1.0  # sampling temperature
@@ -76,17 +84,16 @@ def reward_model_dir(cfg) -> Path:
     return trained_reward_models(quick=POLICIES[cfg.model])
 
 
-def selector_curves(samples, orm_scores, prm_scores, ns: list[int], subsets: int, seed: int) -> dict:
-    """Accuracy at each N for every selector, averaged over problems."""
+def selector_curves(samples, scores: dict, ns: list[int], subsets: int, seed: int) -> dict:
+    """Accuracy at each N for every selector (a reward model per entry of `scores`: its score of each
+    sample, grouped per question; majority voting; the oracle), averaged over questions."""
     k = len(samples.texts[0])
-    per_problem = {
-        "orm": lambda i, n: best_of_n(orm_scores[i], samples.correct[i], n),
-        "prm": lambda i, n: best_of_n(prm_scores[i], samples.correct[i], n),
-        "majority": lambda i, n: majority_at_n(samples.answers[i], samples.problems[i].answer, n, subsets, seed + i),
-        "oracle": lambda i, n: pass_at_k(k, int(sum(samples.correct[i])), n),
-    }
-    P = len(samples.problems)
-    return {name: [sum(f(i, n) for i in range(P)) / P for n in ns] for name, f in per_problem.items()}
+    per_question = {kind: lambda i, n, s=s: best_of_n(s[i], samples.correct[i], n) for kind, s in scores.items()}
+    per_question["majority"] = lambda i, n: majority_at_n(samples.answers[i], samples.references[i], n, subsets,
+                                                          seed + i)
+    per_question["oracle"] = lambda i, n: pass_at_k(k, int(sum(samples.correct[i])), n)
+    P = len(samples.prompts)
+    return {name: [sum(f(i, n) for i in range(P)) / P for n in ns] for name, f in per_question.items()}
 
 
 def ordering(curves: dict, ns: list[int]) -> dict:
@@ -94,44 +101,56 @@ def ordering(curves: dict, ns: list[int]) -> dict:
     def wins(a: str, b: str) -> list[int]:
         return [n for n, x, y in zip(ns, curves[a], curves[b]) if x > y]
 
-    last = {name: round(curves[name][-1], 3) for name in SELECTORS}
-    sentence = (f"At N={ns[-1]}: PRM {last['prm']}, ORM {last['orm']}, majority {last['majority']}, oracle {last['oracle']}. "
-                f"PRM beats ORM at N in {wins('prm', 'orm') or 'none'} and majority voting at N in "
-                f"{wins('prm', 'majority') or 'none'}.")
+    last = ", ".join(f"{name.upper() if name in REWARD_MODELS else name} {round(curves[name][-1], 3)}"
+                     for name in ("prm", "orm", "majority", "oracle") if name in curves)
+    if not all(kind in curves for kind in REWARD_MODELS):
+        return {"summary": f"At N={ns[-1]}: {last}."}
+    sentence = (f"At N={ns[-1]}: {last}. PRM beats ORM at N in {wins('prm', 'orm') or 'none'} and majority voting "
+                f"at N in {wins('prm', 'majority') or 'none'}.")
     return {"prm_beats_orm_at": wins("prm", "orm"), "prm_beats_majority_at": wins("prm", "majority"), "summary": sentence}
+
+
+def score_samples(rm_dir: Path, samples) -> dict:
+    """Each reward model in `rm_dir` (orm/, prm/)'s score of every sample, grouped per question."""
+    kinds = [kind for kind in REWARD_MODELS if (rm_dir / kind).is_dir()]
+    if not kinds:
+        raise UserError(f"'{rm_dir}' holds no orm/ or prm/ folder (expected the output folder of `posttrain reward`)")
+    k, scores = len(samples.texts[0]), {}
+    for kind in kinds:
+        flat = load_reward_model(rm_dir / kind).score([q for q, ts in zip(samples.prompts, samples.texts) for _ in ts],
+                                                      [t for ts in samples.texts for t in ts])
+        scores[kind] = [flat[i * k : (i + 1) * k] for i in range(len(samples.prompts))]
+    return scores
 
 
 def run(cfg: BestOfNConfig, resume: bool = False) -> dict:
     del resume  # nothing to resume: no training
     start = time.perf_counter()
+    records = read_prompts(cfg.data) if cfg.data else None  # bad data fails before anything slow
     out = prepare_output(cfg.output_dir, resume=False)
     rm_dir = reward_model_dir(cfg)
     model, tokenizer = load_model(policy_path(cfg.model))
-    problems = sample_problems(MAIN_SKILL, cfg.difficulties, cfg.problems, "test", cfg.seed)
-    baseline = greedy_baseline(model, tokenizer, problems)
-    samples = sample_solutions(model, tokenizer, problems, cfg.max_n, cfg.temperature, cfg.seed)
-
-    scores = {}
-    for kind in ("orm", "prm"):
-        rm = load_reward_model(rm_dir / kind)
-        flat = rm.score([q for q, ts in zip(samples.prompts, samples.texts) for _ in ts], [t for ts in samples.texts for t in ts])
-        scores[kind] = [flat[i * cfg.max_n : (i + 1) * cfg.max_n] for i in range(len(problems))]
+    questions = held_out_questions(cfg, records, tokenizer)
+    baseline = greedy_baseline(model, tokenizer, questions)
+    samples = sample_solutions(model, tokenizer, questions, cfg.max_n, cfg.temperature, cfg.seed)
+    scores = score_samples(rm_dir, samples)
     ns = [2**i for i in range(cfg.max_n.bit_length()) if 2**i <= cfg.max_n]
-    curves = selector_curves(samples, scores["orm"], scores["prm"], ns, cfg.subsets, cfg.seed)
+    curves = selector_curves(samples, scores, ns, cfg.subsets, cfg.seed)
 
-    tokens_per_sample = sum(map(sum, samples.tokens)) / (len(problems) * cfg.max_n)
-    seconds_per_sample = samples.seconds / (len(problems) * cfg.max_n)
+    count = len(questions.prompts)
+    tokens_per_sample = sum(map(sum, samples.tokens)) / (count * cfg.max_n)
+    seconds_per_sample = samples.seconds / (count * cfg.max_n)
     cost = {"n": ns, "generated_tokens_per_problem": [n * tokens_per_sample for n in ns],
             "sampling_seconds_per_problem": [n * seconds_per_sample for n in ns],
-            "greedy_tokens_per_problem": baseline["generated_tokens"] / len(problems)}
+            "greedy_tokens_per_problem": baseline["generated_tokens"] / count}
     at = ns.index(cfg.headline_n)
-    better = max(("orm", "prm"), key=lambda kind: curves[kind][at])
-    digits = "/".join(map(str, cfg.difficulties))
-    accuracy_vs_n(ns, curves, baseline["accuracy"], out / "accuracy_vs_n.png", f"Best-of-N on {digits}-digit addition")
+    better = max(scores, key=lambda kind: curves[kind][at])
+    title = "Best-of-N on " + (f"{cfg.data}" if records else f"{'/'.join(map(str, cfg.difficulties))}-digit addition")
+    accuracy_vs_n(ns, curves, baseline["accuracy"], out / "accuracy_vs_n.png", title)
     cost_vs_n(cost, out / "cost_vs_n.png")
     metrics = {"accuracy": curves[better][at], "headline": f"best-of-{cfg.headline_n} with the {better.upper()}",
                "by_n": {"n": ns, **curves}, "ordering": ordering(curves, ns), "cost": cost,
-               "sample_accuracy": sum(map(sum, samples.correct)) / (len(problems) * cfg.max_n),
+               "sample_accuracy": sum(map(sum, samples.correct)) / (count * cfg.max_n),
                "reward_models": str(rm_dir)}
     elapsed = time.perf_counter() - start
     result = TrainResult([], {}, elapsed, sum(map(sum, samples.tokens)) / samples.seconds)

@@ -9,7 +9,11 @@
 No reward model and no training: the only signal is agreement between samples. The headline is maj@k
 (default k = 16) against the greedy accuracy of the same model.
 
+With `--data`, the questions are the user's `{"prompt", "answer"}` records (the first `problems` of
+them) and answers are read as rl/answers.py reads them, numbers voted and compared by value.
+
     posttrain self-consistency --output-dir runs/self-consistency
+    posttrain self-consistency --model Qwen/Qwen2.5-0.5B-Instruct --data math.jsonl k=8 max_new_tokens=512
 """
 from __future__ import annotations
 
@@ -19,20 +23,22 @@ import time
 from posttrain.errors import UserError
 from posttrain.evaluation import calibration, majority_at_n, majority_vote
 from posttrain.methods.common import prepare_output, write_summary
-from posttrain.methods.test_time import greedy_baseline, sample_solutions
+from posttrain.methods.test_time import greedy_baseline, held_out_questions, sample_solutions
 from posttrain.models import load_model
+from posttrain.records import read_prompts
 from posttrain.report.test_time_plots import accuracy_vs_n, reliability
 from posttrain.rl.rollouts import policy_path
 from posttrain.training import TrainResult
-from posttrain.world import MAIN_SKILL, sample_problems
 
 
 @dataclasses.dataclass
 class SelfConsistencyConfig:
     model: str = "sft-policy"  # sft-policy (shared CoT SFT model), a folder or hub id
+    data: str | None = None  # JSONL of prompt/answer records to answer (the first `problems`); default: world problems
     output_dir: str = "runs/self-consistency"  # where summary.json and the plots go
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
     problems: int = 100  # held-out test problems
+    max_new_tokens: int = 256  # completion budget with data (world problems: their longest solution + 8)
     k: int = 16  # samples per problem (maj@k is the headline)
     temperature: float = 1.0  # sampling temperature
     subsets: int = 200  # random n-subsets per problem for maj@n with n < k
@@ -61,24 +67,26 @@ def confidence_halves(shares: list[float], right: list[bool]) -> dict:
 def run(cfg: SelfConsistencyConfig, resume: bool = False) -> dict:
     del resume  # nothing to resume: no training
     start = time.perf_counter()
+    records = read_prompts(cfg.data) if cfg.data else None  # bad data fails before anything slow
+    if records is not None and len(records) < 2:
+        raise UserError(f"{cfg.data}: self-consistency needs at least 2 records (it splits them by confidence)")
     out = prepare_output(cfg.output_dir, resume=False)
     model, tokenizer = load_model(policy_path(cfg.model))
-    problems = sample_problems(MAIN_SKILL, cfg.difficulties, cfg.problems, "test", cfg.seed)
-    baseline = greedy_baseline(model, tokenizer, problems)
-    samples = sample_solutions(model, tokenizer, problems, cfg.k, cfg.temperature, cfg.seed)
+    questions = held_out_questions(cfg, records, tokenizer)
+    baseline = greedy_baseline(model, tokenizer, questions)
+    samples = sample_solutions(model, tokenizer, questions, cfg.k, cfg.temperature, cfg.seed)
 
     ns = sorted({2**i for i in range(cfg.k.bit_length()) if 2**i <= cfg.k} | {cfg.k})
-    references = [p.answer for p in problems]
-    maj = [sum(majority_at_n(a, r, n, cfg.subsets, cfg.seed + i) for i, (a, r) in enumerate(zip(samples.answers, references)))
-           / len(problems) for n in ns]
+    pairs = list(enumerate(zip(samples.answers, samples.references)))
+    maj = [sum(majority_at_n(a, r, n, cfg.subsets, cfg.seed + i) for i, (a, r) in pairs) / len(pairs) for n in ns]
     votes = [majority_vote(a) for a in samples.answers]
-    right = [answer == r for (answer, _), r in zip(votes, references)]
+    right = [answer == r for (answer, _), r in zip(votes, samples.references)]
     shares = [share for _, share in votes]
     table = calibration(shares, right)
     accuracy_vs_n(ns, {"majority": maj}, baseline["accuracy"], out / "accuracy_vs_k.png", "Self-consistency: maj@k")
     reliability({"vote share": table}, out / "vote_share_reliability.png", "Vote share as confidence")
     metrics = {"accuracy": maj[-1], "headline": f"maj@{cfg.k}", "by_k": {"k": ns, "majority": maj},
-               "sample_accuracy": sum(map(sum, samples.correct)) / (len(problems) * cfg.k),
+               "sample_accuracy": sum(map(sum, samples.correct)) / (len(pairs) * cfg.k),
                **confidence_halves(shares, right), "vote_share_ece": table["ece"], "reliability": table["bins"],
                "generated_tokens": sum(map(sum, samples.tokens))}
     elapsed = time.perf_counter() - start

@@ -25,16 +25,15 @@ import time
 from typing import Callable
 
 from posttrain.errors import UserError
-from posttrain.evaluation import best_of_n, max_new_tokens_for
+from posttrain.evaluation import best_of_n
 from posttrain.generation import generate
 from posttrain.methods.common import prepare_output, write_summary
-from posttrain.methods.test_time import greedy_baseline, sample_solutions
+from posttrain.methods.test_time import Questions, greedy_baseline, sample_solutions
 from posttrain.methods.test_time.best_of_n import reward_model_dir
 from posttrain.models import load_model
 from posttrain.reward_models import load_reward_model
 from posttrain.rl.rollouts import policy_path
 from posttrain.training import TrainResult
-from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 
 
 @dataclasses.dataclass
@@ -142,19 +141,19 @@ def run(cfg: TreeSearchConfig, resume: bool = False) -> dict:
     out = prepare_output(cfg.output_dir, resume=False)
     prm = load_reward_model(reward_model_dir(cfg) / "prm")
     model, tokenizer = load_model(policy_path(cfg.model))
-    problems = sample_problems(MAIN_SKILL, cfg.difficulties, cfg.problems, "test", cfg.seed)
-    prompts = [render(p, "cot")[0] for p in problems]
-    baseline = greedy_baseline(model, tokenizer, problems)
+    questions = Questions.world(tokenizer, cfg.difficulties, cfg.problems, cfg.seed)
+    prompts, problems = questions.prompts, questions.problems
+    baseline = greedy_baseline(model, tokenizer, questions)
 
-    step_budget = max_new_tokens_for(tokenizer, problems) // 2  # a step line is far shorter than a solution
+    step_budget = questions.max_new_tokens // 2  # a step line is far shorter than a solution
     t0 = time.perf_counter()
     best, tokens = search(prompts, policy_expander(model, tokenizer, cfg.expansions, cfg.temperature, step_budget, cfg.seed),
                           prm_scorer(prm), cfg.beam_width, cfg.max_depth)
     search_seconds = time.perf_counter() - t0
-    correct = [verify(q, b.text, p.answer) for q, b, p in zip(prompts, best, problems)]
+    correct = [questions.correct(i, b.text) for i, b in enumerate(best)]
 
     # best-of-N with the same PRM at the search's token budget
-    pool = sample_solutions(model, tokenizer, problems, cfg.pool, cfg.temperature, cfg.seed)
+    pool = sample_solutions(model, tokenizer, questions, cfg.pool, cfg.temperature, cfg.seed)
     tokens_per_sample = sum(map(sum, pool.tokens)) / (len(problems) * cfg.pool)
     tokens_per_problem = sum(tokens) / len(problems)
     n_equal = max(1, min(cfg.pool, round(tokens_per_problem / tokens_per_sample)))
