@@ -18,6 +18,8 @@ PEFT trains (plain LoRA: no DoRA, no bias, no per-layer rank patterns).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -34,6 +36,16 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PEFT wraps the model twice: PeftModel.base_model (LoraModel).model
 
 
+@dataclasses.dataclass
+class AdapterConfig:
+    """For methods that can train a LoRA update of the policy instead of every weight (their configs extend it)."""
+
+    lora_r: int = 0  # rank of a LoRA update of the lora_targets layers, trained instead of every weight (0: off)
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
+    # linear layers that get adapters, by the last part of their names
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus the scaled low-rank update (alpha / r) B A on a dropped-out input."""
 
@@ -47,10 +59,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as PEFT does
         self.dropout = nn.Dropout(dropout)
         self.merged = False
+        self.enabled = True  # False inside `disabled`: the layer is the base layer alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (..., out)
-        if self.merged:  # the update already lives in the weight
+        if self.merged or not self.enabled:  # the update already lives in the weight, or is switched off
             return y
         low_rank = self.dropout(x) @ self.lora_A.T  # (..., r)
         return y + self.scaling * (low_rank @ self.lora_B.T)  # (..., out)
@@ -93,6 +106,23 @@ def inject(model: nn.Module, target_modules: list[str], r: int, alpha: float, dr
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Module name -> LoRALinear, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Inside the block `model` is its base model: every LoRA update switched off. RL methods use it as
+    the frozen reference policy without keeping a second copy of the weights (the adapters start at
+    B = 0, so the base is where training started)."""
+    layers = list(lora_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise ValueError("cannot switch off merged LoRA layers: unmerge them first")
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def merge(model: nn.Module) -> None:

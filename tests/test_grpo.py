@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from posttrain import lora
 from posttrain.config import load_config
 from posttrain.errors import UserError
 from posttrain.losses.grpo import AGGREGATIONS, grpo_loss, sequence_mean, token_mean
@@ -207,3 +208,22 @@ def test_bad_prompt_records_fail_before_training(tmp_path):
     with pytest.raises(UserError, match=r"prompts.jsonl:2: missing field 'answer'"):
         grpo.run(load_config(grpo.GRPOConfig, None, [f"data={data}", f"output_dir={tmp_path / 'run'}"]))
     assert not (tmp_path / "run").exists()
+
+
+def test_grpo_with_lora_trains_adapters_against_the_adapters_off(tmp_path):
+    """lora_r: only the adapters train (a few percent of the parameters), the KL term's reference is the
+    policy with its adapters off (> 0 once the adapters moved; it would stay 0 were they never switched
+    off), and the adapter is saved in PEFT's format beside the merged model."""
+    cfg = load_config(grpo.GRPOConfig, None, TINY + ["lora_r=4", "lr=1e-3", "eval_every=0",
+                                                     f"output_dir={tmp_path}"])
+    summary = grpo.run(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["kl"] > 0
+    params = summary["params"]
+    assert 0 < params["trainable"] < 0.1 * params["total"]
+    base, _ = load_model(policy_path("sft-policy-quick"))
+    adapted = lora.load_adapter(base, tmp_path / "adapter")
+    merged, _ = load_model(str(tmp_path / "model"))
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, atol=1e-4, rtol=0)

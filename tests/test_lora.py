@@ -82,6 +82,21 @@ def adapted_random_model(tokenizer, targets=("q_proj", "v_proj", "down_proj")):
 
 
 @torch.no_grad()
+def test_disabled_adapters_give_the_base_model_exactly(tokenizer):
+    """Inside `lora.disabled` the adapted model's logits are the base model's (the RL reference with LoRA),
+    bit for bit; outside it the update is back."""
+    base, adapted = random_model(tokenizer), adapted_random_model(tokenizer)
+    ids = torch.randint(0, len(tokenizer), (2, 7))
+    with lora.disabled(adapted):
+        assert torch.equal(adapted(ids).logits, base(ids).logits)
+    assert not torch.allclose(adapted(ids).logits, base(ids).logits, atol=1e-3)
+    lora.merge(adapted)
+    with pytest.raises(ValueError, match="merged"):
+        with lora.disabled(adapted):
+            pass
+
+
+@torch.no_grad()
 def test_saved_adapter_has_peft_keys_and_peft_loads_it(tokenizer, tmp_path):
     from peft import PeftModel
 
