@@ -114,6 +114,8 @@ def disabled(model: nn.Module):
     the frozen reference policy without keeping a second copy of the weights (the adapters start at
     B = 0, so the base is where training started)."""
     layers = list(lora_layers(model).values())
+    if not layers:
+        raise ValueError("the model has no LoRA layers to switch off (inside the block it would be itself)")
     if any(layer.merged for layer in layers):
         raise ValueError("cannot switch off merged LoRA layers: unmerge them first")
     for layer in layers:

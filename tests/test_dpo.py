@@ -198,3 +198,15 @@ def test_default_dpo_meets_issue_5s_bar(tmp_path):
     summary = dpo.run(load_config(dpo.DPOConfig, None, [f"output_dir={tmp_path}"]))
     assert summary["metrics"]["accuracy"] >= summary["baseline"]["accuracy"] + 0.10
     assert 0 < summary["metrics"]["kl"] < 10
+
+
+def test_dpo_with_lora_and_the_adapters_off_as_reference(tmp_path):
+    """lora_r with the reference not precomputed: the reference is the policy with its adapters off, so the
+    implicit rewards start at exactly 0 (B = 0) and move once the adapters train; only adapters train."""
+    summary = dpo.run(load_config(dpo.DPOConfig, None, TINY + ["lora_r=4", "lr=5e-4", "precompute_ref_logps=false",
+                                                               "eval_every=0", f"output_dir={tmp_path}"]))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["rewards/chosen"] == 0.0 and lines[0]["rewards/rejected"] == 0.0
+    assert lines[-1]["rewards/margins"] > 0
+    assert summary["params"]["trainable"] < 0.1 * summary["params"]["total"]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists() and (tmp_path / "model" / "config.json").exists()

@@ -94,6 +94,9 @@ def test_disabled_adapters_give_the_base_model_exactly(tokenizer):
     with pytest.raises(ValueError, match="merged"):
         with lora.disabled(adapted):
             pass
+    with pytest.raises(ValueError, match="no LoRA layers"):  # a silent no-op would make the policy its own reference
+        with lora.disabled(base):
+            pass
 
 
 @torch.no_grad()

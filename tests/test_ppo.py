@@ -144,3 +144,15 @@ def test_ppo_trains_on_a_users_prompts(tmp_path):
     summary = ppo.run(load_config(ppo.PPOConfig, None, TINY + [f"data={data}", f"output_dir={tmp_path / 'run'}"]))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert min(line["objective/scores"] for line in lines) > 0 and summary["baseline"]["n"] == 8
+
+
+def test_ppo_with_lora_penalises_the_distance_from_the_adapters_off(tmp_path):
+    """lora_r: the KL penalty's reference is the policy with its adapters off: 0 on the first rollouts,
+    > 0 once the adapters moved; only the adapters (and the value head) train."""
+    summary = ppo.run(load_config(ppo.PPOConfig, None, TINY + ["lora_r=4", "lr=1e-3", "eval_every=0",
+                                                               f"output_dir={tmp_path}"]))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6) and lines[-1]["objective/kl"] > 1e-6
+    assert summary["params"]["trainable"] < 0.1 * summary["params"]["total"]
+    for name in ("adapter/adapter_model.safetensors", "model/config.json", "model/value_head.safetensors"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -2,10 +2,12 @@
 world problems, save the model and write `summary.json` (the output contract)."""
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
 
+from posttrain import lora
 from posttrain.config import config_to_dict
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate
@@ -68,6 +70,17 @@ def save_model(model, tokenizer, path: Path) -> None:
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def save_policy(model, tokenizer, out: Path, base_model: str) -> None:
+    """A trained policy as a Hugging Face folder (`out/model`); one trained with LoRA also as its PEFT
+    adapter on `base_model` (`out/adapter`), and merged into `out/model`."""
+    if not lora.lora_layers(model):
+        save_model(model, tokenizer, out / "model")
+        return
+    if is_main_process():
+        lora.save_adapter(model, out / "adapter", base_model=base_model)
+    save_model(lora.merge_and_unload(copy.deepcopy(model)), tokenizer, out / "model")
 
 
 def resumable(path: Path, resume: bool, compute) -> dict:

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from posttrain import lora
 from posttrain.data import pad_batch
 from posttrain.errors import UserError
 from posttrain.generation import generate, labelled_token_logprobs
@@ -176,6 +177,15 @@ def forward_logprobs(model, batch: dict, with_entropy: bool = False) -> tuple[to
     Logits only where a completion token follows (`labelled_token_logprobs`); the entropy has no gradient."""
     logp, entropy, _, _ = labelled_token_logprobs(model, batch, with_entropy)  # (M,): the M completion positions
     return on_completion_grid(logp, batch), on_completion_grid(entropy, batch) if with_entropy else None
+
+
+def reference_logprobs(model, reference, batch: dict) -> torch.Tensor:
+    """log ref(y_t) of each completion token, (N, T-1): the frozen reference's, or with LoRA (`reference`
+    None) the policy's own with its adapters switched off, which is where training started."""
+    if reference is not None:
+        return forward_logprobs(reference, batch)[0]
+    with lora.disabled(model):
+        return forward_logprobs(model, batch)[0]
 
 
 def on_completion_grid(values: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -37,6 +37,10 @@ each having passed 0.96-1.00 at step 10).
     posttrain dpo rpo_alpha=0 steps=100 lr=1e-4      # plain DPO: watch logps/chosen fall
     posttrain dpo loss=ipo beta=0.5
     posttrain dpo --model ./my-policy --data pairs.jsonl
+    posttrain dpo lora_r=8 lr=5e-4                   # train a LoRA update (adapter/ in PEFT's format)
+
+With `lora_r` > 0 only a LoRA update of `lora_targets` trains; a reference that is not precomputed is
+then the policy with its adapters switched off (`lora.disabled`), never a second model.
 """
 from __future__ import annotations
 
@@ -46,12 +50,13 @@ import json
 
 import torch
 
+from posttrain import lora
 from posttrain.data import encode_pair, pad_batch
 from posttrain.errors import UserError
 from posttrain.generation import sequence_logprobs
 from posttrain.losses.dpo import DPO_LOSSES, PairLogps, chosen_nll, preference_metrics
 from posttrain.losses.sft import IGNORE
-from posttrain.methods.common import (headline, is_main_process, prepare_output, save_model, write_samples,
+from posttrain.methods.common import (headline, is_main_process, prepare_output, save_policy, write_samples,
                                       write_summary)
 from posttrain.models import load_model
 from posttrain.records import read_preferences, split_records
@@ -59,11 +64,12 @@ from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import beta_sweep_plot, draw_frontier
 from posttrain.rl.frontier import HeldOut, reference_kl
 from posttrain.rl.rollouts import cot_prompts, policy_path, sample_rollouts, training_problems
+from posttrain.lora import AdapterConfig
 from posttrain.training import TrainingConfig, train
 
 
 @dataclasses.dataclass
-class DPOConfig(TrainingConfig):
+class DPOConfig(TrainingConfig, AdapterConfig):
     model: str = "sft-policy"  # starting policy and reference: sft-policy (shared CoT SFT model), a folder or hub id
     data: str | None = None  # JSONL of prompt/chosen/rejected pairs; default: pairs from the policy's own samples
     output_dir: str = "runs/dpo"  # where summary.json, metrics.jsonl, plots and the model go
@@ -99,6 +105,8 @@ class DPOConfig(TrainingConfig):
             raise UserError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if self.samples_per_prompt < 2 or self.pairs_per_prompt < 1:
             raise UserError("samples_per_prompt must be >= 2 and pairs_per_prompt >= 1")
+        if self.lora_r < 0:
+            raise UserError(f"lora_r must be >= 0 (0: train every weight), got {self.lora_r}")
 
 
 CONFIG = DPOConfig
@@ -170,16 +178,22 @@ def pair_batches(tensors: dict, batch_size: int, seed: int):
     return batch
 
 
-def dpo_loss_fn(loss, beta: float, rpo_alpha: float, reference=None):
-    """loss_fn for training.train: reference log-probs from the batch, or from `reference` when given."""
+def dpo_loss_fn(loss, beta: float, rpo_alpha: float, reference=None, base_as_reference: bool = False):
+    """loss_fn for training.train: reference log-probs from the batch (precomputed), from `reference` when
+    given, or with `base_as_reference` from the LoRA-adapted policy with its adapters switched off."""
+
+    def reference_logps(model, batch) -> torch.Tensor:
+        if base_as_reference:
+            with torch.no_grad(), lora.disabled(model):
+                return pair_logps(model, batch)
+        if reference is None:
+            return batch["ref_logps"]
+        with torch.no_grad():
+            return pair_logps(reference, batch)
 
     def loss_fn(model, batch):
         logps = pair_logps(model, batch)  # (B, 2)
-        if reference is None:
-            ref = batch["ref_logps"]
-        else:
-            with torch.no_grad():
-                ref = pair_logps(reference, batch)
+        ref = reference_logps(model, batch)
         tokens = (batch["labels"][..., 1:] != IGNORE).sum(-1)  # (B, 2) completion lengths
         p = PairLogps(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], tokens[:, 0], tokens[:, 1])
         nll = chosen_nll(p).mean()
@@ -214,8 +228,12 @@ def preference_accuracy(model, tensors: dict) -> float:
 def train_dpo(cfg: DPOConfig, start_path: str, tensors: dict, beta: float, out, resume: bool, measure) -> tuple:
     """Train a fresh copy of the start policy on the pairs at `beta`; returns (model, tokenizer, TrainResult)."""
     model, tokenizer = load_model(start_path)
-    reference = None if cfg.precompute_ref_logps else load_model(start_path)[0].requires_grad_(False)
-    loss_fn = dpo_loss_fn(bind_loss(cfg, beta), beta, cfg.rpo_alpha, reference)
+    if cfg.lora_r:  # a reference not precomputed is then the policy with its adapters off
+        lora.inject(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha)
+    keep_reference = not (cfg.precompute_ref_logps or cfg.lora_r)
+    reference = load_model(start_path)[0].requires_grad_(False) if keep_reference else None
+    base_as_reference = bool(cfg.lora_r) and not cfg.precompute_ref_logps
+    loss_fn = dpo_loss_fn(bind_loss(cfg, beta), beta, cfg.rpo_alpha, reference, base_as_reference)
 
     def eval_fn(step: int) -> dict:
         if step == cfg.steps:
@@ -251,7 +269,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> dict:
 
     model, tokenizer, result = train_dpo(cfg, start_path, tensors, cfg.beta, out, resume, measure)
     after = measure(model)
-    save_model(model, tokenizer, out / "model")
+    save_policy(model, tokenizer, out, start_path)
     if not records:
         write_samples(out / "samples.jsonl", after)
     training_curve(result.history, out / "training_curve.png", f"DPO ({cfg.loss}, beta={cfg.beta})",

@@ -37,7 +37,6 @@ the accuracy and KL measurements) and the verifier reads the completion's answer
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 
@@ -48,14 +47,15 @@ from posttrain import lora
 from posttrain.errors import UserError
 from posttrain.io import JsonlWriter
 from posttrain.losses.grpo import AGGREGATIONS, grpo_loss
-from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
+from posttrain.methods.common import headline, prepare_output, save_policy, write_samples, write_summary
 from posttrain.models import load_model
 from posttrain.records import read_prompts
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import group_advantages, masked_mean
 from posttrain.rl.frontier import run_prompts
-from posttrain.rl.rollouts import completion_stats, forward_logprobs, policy_path, reward_function, step_rollouts
+from posttrain.rl.rollouts import (completion_stats, forward_logprobs, policy_path, reference_logprobs,
+                                   reward_function, step_rollouts)
 from posttrain.lora import AdapterConfig
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
                                 make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses)
@@ -166,9 +166,7 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
 
     after = held_out.measure(policy, tokenizer, reference)
     frontier.append({"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]})
-    if cfg.lora_r:
-        lora.save_adapter(policy, out / "adapter", base_model=start_path)
-    save_model(lora.merge_and_unload(copy.deepcopy(policy)) if cfg.lora_r else policy, tokenizer, out / "model")
+    save_policy(policy, tokenizer, out, start_path)
     write_samples(out / "samples.jsonl", after)
     if main_process:
         training_curve(history, out / "training_curve.png", "GRPO: mean reward of the rollouts", metric="reward",
@@ -212,15 +210,6 @@ def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg:
             totals = {k: totals.get(k, 0.0) + v for k, v in metrics.items()}
             count += 1
     return {k: v / count for k, v in totals.items()}
-
-
-def reference_logprobs(model, reference, batch: dict) -> torch.Tensor:
-    """log ref(y_t) of each completion token, (N, T-1): the frozen reference's, or with LoRA (`reference`
-    None) the policy's own with its adapters switched off, which is where training started."""
-    if reference is not None:
-        return forward_logprobs(reference, batch)[0]
-    with lora.disabled(model):
-        return forward_logprobs(model, batch)[0]
 
 
 def reward_stats(rewards: torch.Tensor, group_size: int) -> dict:

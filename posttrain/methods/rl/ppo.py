@@ -24,6 +24,7 @@ With `--data` the prompts are the user's (`{"prompt", "answer"}` records), as in
     posttrain ppo --output-dir runs/ppo
     posttrain ppo kl_coef=0.2 epochs=2
     posttrain ppo --model ./my-policy --data prompts.jsonl
+    posttrain ppo lora_r=8 lr=5e-4                   # LoRA; the KL penalty's reference is the adapters off
 """
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from posttrain import lora
 from posttrain.errors import UserError
 from posttrain.generation import labelled_token_logprobs, target_logprobs
 from posttrain.io import JsonlWriter
 from posttrain.losses.ppo import clipped_surrogate, clipped_value_loss, entropy_bonus, token_entropy
 from posttrain.losses.sft import labelled_forward
-from posttrain.methods.common import headline, prepare_output, save_model, write_samples, write_summary
+from posttrain.methods.common import headline, prepare_output, save_policy, write_samples, write_summary
 from posttrain.models import load_model
 from posttrain.records import read_prompts
 from posttrain.report.plots import training_curve
@@ -47,14 +49,15 @@ from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import gae, masked_mean, whiten
 from posttrain.rl.frontier import run_prompts
 from posttrain.rl.kl import kl_k1
-from posttrain.rl.rollouts import (completion_stats, forward_logprobs, on_completion_grid, policy_path, reward_function,
-                                   step_rollouts)
+from posttrain.rl.rollouts import (completion_stats, on_completion_grid, policy_path, reference_logprobs,
+                                   reward_function, step_rollouts)
+from posttrain.lora import AdapterConfig
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
                                 make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses)
 
 
 @dataclasses.dataclass
-class PPOConfig(TrainingConfig):
+class PPOConfig(TrainingConfig, AdapterConfig):
     model: str = "sft-policy"  # starting policy: sft-policy (shared CoT SFT model), a model folder or hub id
     data: str | None = None  # JSONL of prompt/answer records (a tenth held out); default: world addition problems
     output_dir: str = "runs/ppo"  # where summary.json, metrics.jsonl, plots and the model go
@@ -94,6 +97,8 @@ class PPOConfig(TrainingConfig):
             raise UserError("gamma and lam must be in [0, 1]")
         if self.temperature <= 0 or self.epochs < 1 or self.samples_per_prompt < 1:
             raise UserError("temperature must be > 0; epochs and samples_per_prompt >= 1")
+        if self.lora_r < 0:
+            raise UserError(f"lora_r must be >= 0 (0: train every weight), got {self.lora_r}")
 
 
 CONFIG = PPOConfig
@@ -138,7 +143,9 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     start_path = policy_path(cfg.model)
     reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None)
     model, tokenizer = load_model(start_path)
-    reference = load_model(start_path)[0].requires_grad_(False)
+    if cfg.lora_r:  # the reference is then the policy with its adapters off: no second model
+        lora.inject(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha)
+    reference = None if cfg.lora_r else load_model(start_path)[0].requires_grad_(False)
     head = ValueHead(model.config.hidden_size)
     held_out, prompts, answers = run_prompts(cfg, records, tokenizer, start_path)
     baseline = held_out.measure(model, tokenizer, kl=False)
@@ -148,14 +155,16 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     rows = cfg.prompts_per_step * cfg.samples_per_prompt
     updates = cfg.steps * cfg.epochs * -(-rows // cfg.batch_size)
-    groups = [{"params": list(model.parameters())}, {"params": list(head.parameters()), "lr": cfg.value_lr}]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": trained}, {"params": list(head.parameters()), "lr": cfg.value_lr}]
     optimizer = make_optimizer(groups, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
     prepare_for_losses(model, cfg, reference)  # packed updates and reference passes
     model, head, optimizer = accelerator.prepare(model, head, optimizer)
     policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
     compiled = compiled_forward(policy, cfg.compile)
-    reference.to(accelerator.device)
+    if reference is not None:
+        reference.to(accelerator.device)
 
     main_process = accelerator.is_main_process  # only rank 0 writes files
     writer = JsonlWriter(out / "metrics.jsonl", resume_step=0) if main_process else None
@@ -186,7 +195,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
 
     after = held_out.measure(policy, tokenizer, reference)
     frontier.append({"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]})
-    save_model(policy, tokenizer, out / "model")
+    save_policy(policy, tokenizer, out, start_path)
     if main_process:
         save_file(accelerator.unwrap_model(head).state_dict(), str(out / "model" / "value_head.safetensors"))
     write_samples(out / "samples.jsonl", after)
@@ -208,7 +217,7 @@ def optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts
     mask, scores = rollouts.mask.to(device), rollouts.rewards.to(device)
     with torch.no_grad():
         old_logp, old_values, _ = forward_with_values(model, head, batch)
-        ref_logp = forward_logprobs(reference, batch)[0]
+        ref_logp = reference_logprobs(model, reference, batch)
         kl = kl_k1(old_logp, ref_logp) * mask  # (N, T-1)
         rewards = -cfg.kl_coef * kl
         last = mask.cumsum(-1).argmax(-1)  # index of each completion's last token (EOS)
