@@ -37,10 +37,14 @@ each having passed 0.96-1.00 at step 10).
     posttrain dpo rpo_alpha=0 steps=100 lr=1e-4      # plain DPO: watch logps/chosen fall
     posttrain dpo loss=ipo beta=0.5
     posttrain dpo --model ./my-policy --data pairs.jsonl
-    posttrain dpo lora_r=8 lr=5e-4                   # train a LoRA update (adapter/ in PEFT's format)
+    posttrain dpo lora_r=8 lr=1e-3                   # train a LoRA update (adapter/ in PEFT's format)
 
 With `lora_r` > 0 only a LoRA update of `lora_targets` trains; a reference that is not precomputed is
-then the policy with its adapters switched off (`lora.disabled`), never a second model.
+then the policy with its adapters switched off (`lora.disabled`), never a second model. Measured
+(third box, 2026-12-02, r = 8, 32,768 trainable parameters, held-out accuracy / KL at steps 4, 8, 12):
+lr 5e-4 0.69 / 0.01, 0.70 / 0.05, 0.73 / 0.10 (too slow for 12 steps); lr 1e-3 0.70 / 0.04, 0.99 /
+0.65, 0.95 / 1.64; lr 2e-3 0.98 / 0.33, then 0.66 / 4.3 (over-optimised). Full-weight DPO the same
+day: 0.73, 1.00, 1.00 at KL 0.06, 0.33, 0.50.
 """
 from __future__ import annotations
 

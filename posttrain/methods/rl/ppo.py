@@ -25,6 +25,11 @@ With `--data` the prompts are the user's (`{"prompt", "answer"}` records), as in
     posttrain ppo kl_coef=0.2 epochs=2
     posttrain ppo --model ./my-policy --data prompts.jsonl
     posttrain ppo lora_r=8 lr=5e-4                   # LoRA; the KL penalty's reference is the adapters off
+
+With `lora_r` > 0 only a LoRA update of `lora_targets` (and the value head) trains, and the KL
+penalty's reference is the policy with its adapters switched off. Measured (third box, 2026-12-02,
+r = 8, lr 5e-4): 0.99 at step 10 (KL 0.42), 0.90 at the end (KL 0.26); full-weight PPO the same day:
+0.99 at step 10 (KL 0.58), 0.91 at the end (KL 0.34).
 """
 from __future__ import annotations
 

@@ -40,9 +40,11 @@ class Questions:
             return extract_answer(completion)
         return completion_key(completion, self.references[i])
 
-    def correct(self, i: int, completion: str) -> float:
-        answer = self.answer(i, completion)
+    def is_right(self, i: int, answer: str | None) -> float:
         return float(answer is not None and answer == self.references[i])
+
+    def correct(self, i: int, completion: str) -> float:
+        return self.is_right(i, self.answer(i, completion))
 
 
 def held_out_questions(cfg, records: list | None, tokenizer) -> Questions:
@@ -75,8 +77,7 @@ def sample_solutions(model, tokenizer, questions: Questions, k: int, temperature
     group = lambda xs: [xs[i * k : (i + 1) * k] for i in range(len(questions.prompts))]  # noqa: E731
     texts = group(samples.texts)
     answers = [[questions.answer(i, t) for t in ts] for i, ts in enumerate(texts)]
-    correct = [[float(a is not None and a == ref) for a in group_answers]
-               for group_answers, ref in zip(answers, questions.references)]
+    correct = [[questions.is_right(i, a) for a in group_answers] for i, group_answers in enumerate(answers)]
     return SampledSolutions(questions.prompts, questions.references, texts, answers, correct,
                             group([len(ids) for ids in samples.token_ids]), seconds)
 
