@@ -58,6 +58,7 @@ from posttrain import lora
 from posttrain.data import encode_pair, pad_batch
 from posttrain.errors import UserError
 from posttrain.generation import sequence_logprobs
+from posttrain.lora import AdapterConfig
 from posttrain.losses.dpo import DPO_LOSSES, PairLogps, chosen_nll, preference_metrics
 from posttrain.losses.sft import IGNORE
 from posttrain.methods.common import (headline, is_main_process, prepare_output, save_policy, write_samples,
@@ -68,7 +69,6 @@ from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import beta_sweep_plot, draw_frontier
 from posttrain.rl.frontier import HeldOut, reference_kl
 from posttrain.rl.rollouts import cot_prompts, policy_path, sample_rollouts, training_problems
-from posttrain.lora import AdapterConfig
 from posttrain.training import TrainingConfig, train
 
 

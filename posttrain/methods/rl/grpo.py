@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from posttrain import lora
 from posttrain.errors import UserError
 from posttrain.io import JsonlWriter
+from posttrain.lora import AdapterConfig
 from posttrain.losses.grpo import AGGREGATIONS, grpo_loss
 from posttrain.methods.common import headline, prepare_output, save_policy, write_samples, write_summary
 from posttrain.models import load_model
@@ -56,7 +57,6 @@ from posttrain.rl.advantages import group_advantages, masked_mean
 from posttrain.rl.frontier import run_prompts
 from posttrain.rl.rollouts import (completion_stats, forward_logprobs, policy_path, reference_logprobs,
                                    reward_function, step_rollouts)
-from posttrain.lora import AdapterConfig
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
                                 make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses)
 

@@ -44,6 +44,7 @@ from posttrain import lora
 from posttrain.errors import UserError
 from posttrain.generation import labelled_token_logprobs, target_logprobs
 from posttrain.io import JsonlWriter
+from posttrain.lora import AdapterConfig
 from posttrain.losses.ppo import clipped_surrogate, clipped_value_loss, entropy_bonus, token_entropy
 from posttrain.losses.sft import labelled_forward
 from posttrain.methods.common import headline, prepare_output, save_policy, write_samples, write_summary
@@ -56,7 +57,6 @@ from posttrain.rl.frontier import run_prompts
 from posttrain.rl.kl import kl_k1
 from posttrain.rl.rollouts import (completion_stats, on_completion_grid, policy_path, reference_logprobs,
                                    reward_function, step_rollouts)
-from posttrain.lora import AdapterConfig
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
                                 make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses)
 
