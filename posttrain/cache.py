@@ -40,9 +40,21 @@ class Entry:
         return self.state not in (CURRENT, "interrupted")
 
     @property
-    def companions(self) -> list[Path]:
-        """The lock file beside it, and a base model's pretraining log folder."""
-        return [self.path.with_name(self.path.name + ".lock"), self.path.with_name(f".{self.path.name}.work")]
+    def lock(self) -> Path:
+        return lock_of(self.path)
+
+    @property
+    def log(self) -> Path:
+        """A base model's pretraining log folder (none beside a stage)."""
+        return log_of(self.path)
+
+
+def lock_of(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def log_of(path: Path) -> Path:
+    return path.with_name(f".{path.name}.work")
 
 
 def entries(root: Path | None = None) -> list[Entry]:
@@ -66,8 +78,7 @@ def _base_model(path: Path) -> Entry:
         state = "stale: built from another base-model config or world"
     else:
         state = CURRENT if (path / "config.json").exists() else "interrupted"
-    work = path.with_name(f".{path.name}.work")
-    return Entry("base model", path, state, _size(path) + _size(work))
+    return Entry("base model", path, state, _size(path) + _size(log_of(path)))
 
 
 def _stage(path: Path) -> Entry:
@@ -87,16 +98,16 @@ def _size(path: Path) -> int:
 
 
 def remove(entry: Entry) -> bool:
-    """Delete an entry and its companions; False (nothing deleted) while a job holds its lock."""
-    lock = FileLock(str(entry.companions[0]))
+    """Delete an entry, its log and its lock file; False (nothing deleted) while a job holds its lock."""
+    lock = FileLock(str(entry.lock))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         return False
     try:
         shutil.rmtree(entry.path, ignore_errors=True)
-        shutil.rmtree(entry.companions[1], ignore_errors=True)
-        entry.companions[0].unlink(missing_ok=True)
+        shutil.rmtree(entry.log, ignore_errors=True)
+        entry.lock.unlink(missing_ok=True)
     finally:
         lock.release()
     return True
@@ -134,6 +145,6 @@ def run_cache(prune: bool, clear: bool) -> int:
     removed = [e for e in chosen if remove(e)]
     for e in chosen:
         if e not in removed:
-            print(f"kept {e.path.name}: a running job holds {e.companions[0].name}")
+            print(f"kept {e.path.name}: a running job holds {e.lock.name}")
     print(f"removed {len(removed)} of {len(found)} entries from {root}, {human_size(sum(e.size for e in removed))}")
     return 0

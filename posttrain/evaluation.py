@@ -1,6 +1,7 @@
 """Evaluation: accuracy on world problems, and the estimators test-time methods report.
 
-    accuracy      fraction of problems whose greedy answer the verifier accepts
+    accuracy      fraction of problems whose greedy answer the verifier accepts (a user's prompts with
+                  reference answers: `evaluate_answers`, rl/answers.py judging)
     pass@k        chance that at least one of k samples is right (unbiased, Chen et al. 2021, Eq. 1)
     maj@k         accuracy of the most common answer among k samples (self-consistency)
     best-of-n     expected correctness of the top-scored of n samples, from k >= n samples
@@ -16,6 +17,7 @@ import time
 from collections import Counter
 
 from posttrain.generation import generate
+from posttrain.rl.answers import answer_rewards
 from posttrain.world import check_steps, render, verify
 from posttrain.world.skills import Problem
 
@@ -55,6 +57,17 @@ def evaluate(model, tokenizer, problems: list[Problem], *, fmt: str = "direct", 
         "generated_tokens": samples.num_tokens,
         "seconds": time.perf_counter() - start,  # wall time of the generation and checking above
     }
+
+
+def evaluate_answers(model, tokenizer, prompts: list, answers: list[str], max_new_tokens: int) -> dict:
+    """Greedy accuracy on a user's prompts, each completion's answer checked against its reference by
+    rl/answers.py; with the completions, verdicts and prompts."""
+    start = time.perf_counter()
+    samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    correct = answer_rewards(prompts, samples.texts, answers)
+    return {"accuracy": sum(correct) / len(correct), "n": len(correct), "completions": samples.texts,
+            "correct": correct, "prompts": prompts, "generated_tokens": samples.num_tokens,
+            "seconds": time.perf_counter() - start}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

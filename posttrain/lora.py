@@ -38,12 +38,18 @@ PEFT_PREFIX = "base_model.model."  # PEFT wraps the model twice: PeftModel.base_
 
 @dataclasses.dataclass
 class AdapterConfig:
-    """For methods that can train a LoRA update of the policy instead of every weight (their configs extend it)."""
+    """For methods that can train a LoRA update of the policy instead of every weight: their configs list
+    it before TrainingConfig, whose validate() it runs after its own check."""
 
     lora_r: int = 0  # rank of a LoRA update of the lora_targets layers, trained instead of every weight (0: off)
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
     # linear layers that get adapters, by the last part of their names
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def validate(self) -> None:
+        if self.lora_r < 0:
+            raise UserError(f"lora_r must be >= 0 (0: train every weight), got {self.lora_r}")
+        super().validate()
 
 
 class LoRALinear(nn.Module):

@@ -1,7 +1,7 @@
 """The verifier of user prompts: which answer a completion gives, and when it matches the reference."""
 import pytest
 
-from posttrain.rl.answers import answer_matches, answer_rewards, extract_answer
+from posttrain.rl.answers import answer_matches, answer_rewards, extract_answer, reference_key
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 
 
@@ -46,3 +46,11 @@ def test_on_world_solutions_it_agrees_with_the_worlds_verifier():
         for completion in (solution, wrong):
             assert answer_matches(completion, problem.answer) == verify(prompt, completion, problem.answer)
         assert verify(prompt, solution, problem.answer) == 1.0 and verify(prompt, wrong, problem.answer) == 0.0
+
+
+@pytest.mark.parametrize("reference", ["72", "$1,000.", "-5", "1 1 3 4", "Paris.", "\\frac{1}{2}"])
+def test_a_reference_in_compared_form_compares_as_itself(reference):
+    """Questions keeps a user's references as `reference_key`s; judging against the key must be judging
+    against the reference."""
+    for completion in ("A: 72", "#### 1000", "so -5.", "A: 1 1 3 4", "Answer: paris", "\\boxed{\\frac{1}{2}}", "none"):
+        assert answer_matches(completion, reference_key(reference)) == answer_matches(completion, reference)

@@ -231,3 +231,9 @@ def test_self_consistency_on_one_record_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="at least 2 records"):
         quick_run(self_consistency, tmp_path / "run", f"data={data}")
     assert not (tmp_path / "run").exists()
+
+
+def test_best_of_n_without_reward_models_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no orm/ or prm/ folder"):
+        quick_run(bon, tmp_path / "run", "model=sft-policy-quick", f"reward_models={tmp_path / 'empty'}")

@@ -17,11 +17,9 @@ from typing import Callable
 
 import torch
 
-from posttrain.evaluation import evaluate, max_new_tokens_for
-from posttrain.generation import generate
+from posttrain.evaluation import evaluate, evaluate_answers, max_new_tokens_for
 from posttrain.models import load_model
 from posttrain.records import split_records
-from posttrain.rl.answers import answer_rewards
 from posttrain.rl.kl import exact_kl
 from posttrain.rl.rollouts import cot_prompts, sample_rollouts, training_prompts
 from posttrain.world import MAIN_SKILL, sample_problems
@@ -72,10 +70,7 @@ class HeldOut:
         prompts, answers = [r.prompt for r in records], [r.answer for r in records]
 
         def greedy(model, tokenizer) -> dict:
-            samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-            correct = answer_rewards(prompts, samples.texts, answers)
-            return {"accuracy": sum(correct) / len(correct), "n": len(correct), "completions": samples.texts,
-                    "correct": correct, "prompts": prompts, "generated_tokens": samples.num_tokens}
+            return evaluate_answers(model, tokenizer, prompts, answers, max_new_tokens)
 
         return cls(greedy, prompts[:n_kl], max_new_tokens, reference_path, seed)
 

@@ -62,8 +62,8 @@ from posttrain import lora
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
 from posttrain.losses.sft import causal_lm_loss
-from posttrain.methods.common import (eval_skill, headline, is_main_process, prepare_output, resumable, save_model,
-                                      world_examples, write_samples, write_summary)
+from posttrain.methods.common import (eval_skill, headline, prepare_output, resumable, save_policy, world_examples,
+                                      write_samples, write_summary)
 from posttrain.methods.finetuning.sft import evaluate_records, prompt_of
 from posttrain.models import DEFAULT_MODEL, count_params, load_model, resolve_model_path
 from posttrain.records import read_sft, split_records
@@ -241,9 +241,7 @@ def run(cfg: LoRAConfig, resume: bool = False) -> dict:
 
     main_row, result, after = run_variant(f"lora r={cfg.r}", model, cfg.lr, out, record_magnitudes)
     gap = merge_gap(model, dataset.batch(0))
-    if is_main_process():
-        lora.save_adapter(model, out / "adapter", base_model=base)
-    save_model(lora.merge_and_unload(copy.deepcopy(model)), tokenizer, out / "model")
+    save_policy(model, tokenizer, out, base)
 
     # The same data and steps with every weight trained, then the other ranks. A finished one leaves
     # its row in result.json, which --resume reads back instead of training it again.

@@ -73,7 +73,7 @@ from posttrain.training import TrainingConfig, train
 
 
 @dataclasses.dataclass
-class DPOConfig(TrainingConfig, AdapterConfig):
+class DPOConfig(AdapterConfig, TrainingConfig):
     model: str = "sft-policy"  # starting policy and reference: sft-policy (shared CoT SFT model), a folder or hub id
     data: str | None = None  # JSONL of prompt/chosen/rejected pairs; default: pairs from the policy's own samples
     output_dir: str = "runs/dpo"  # where summary.json, metrics.jsonl, plots and the model go
@@ -109,8 +109,6 @@ class DPOConfig(TrainingConfig, AdapterConfig):
             raise UserError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if self.samples_per_prompt < 2 or self.pairs_per_prompt < 1:
             raise UserError("samples_per_prompt must be >= 2 and pairs_per_prompt >= 1")
-        if self.lora_r < 0:
-            raise UserError(f"lora_r must be >= 0 (0: train every weight), got {self.lora_r}")
 
 
 CONFIG = DPOConfig
@@ -182,18 +180,18 @@ def pair_batches(tensors: dict, batch_size: int, seed: int):
     return batch
 
 
-def dpo_loss_fn(loss, beta: float, rpo_alpha: float, reference=None, base_as_reference: bool = False):
-    """loss_fn for training.train: reference log-probs from the batch (precomputed), from `reference` when
-    given, or with `base_as_reference` from the LoRA-adapted policy with its adapters switched off."""
+def dpo_loss_fn(loss, beta: float, rpo_alpha: float, reference=None):
+    """loss_fn for training.train: reference log-probs from the batch when precomputed, else from
+    `reference`, else (LoRA) from the policy with its adapters switched off."""
 
     def reference_logps(model, batch) -> torch.Tensor:
-        if base_as_reference:
-            with torch.no_grad(), lora.disabled(model):
-                return pair_logps(model, batch)
-        if reference is None:
+        if "ref_logps" in batch:
             return batch["ref_logps"]
         with torch.no_grad():
-            return pair_logps(reference, batch)
+            if reference is not None:
+                return pair_logps(reference, batch)
+            with lora.disabled(model):  # refuses a model without adapters
+                return pair_logps(model, batch)
 
     def loss_fn(model, batch):
         logps = pair_logps(model, batch)  # (B, 2)
@@ -236,8 +234,7 @@ def train_dpo(cfg: DPOConfig, start_path: str, tensors: dict, beta: float, out, 
         lora.inject(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha)
     keep_reference = not (cfg.precompute_ref_logps or cfg.lora_r)
     reference = load_model(start_path)[0].requires_grad_(False) if keep_reference else None
-    base_as_reference = bool(cfg.lora_r) and not cfg.precompute_ref_logps
-    loss_fn = dpo_loss_fn(bind_loss(cfg, beta), beta, cfg.rpo_alpha, reference, base_as_reference)
+    loss_fn = dpo_loss_fn(bind_loss(cfg, beta), beta, cfg.rpo_alpha, reference)
 
     def eval_fn(step: int) -> dict:
         if step == cfg.steps:

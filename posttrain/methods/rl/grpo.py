@@ -62,7 +62,7 @@ from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, f
 
 
 @dataclasses.dataclass
-class GRPOConfig(TrainingConfig, AdapterConfig):
+class GRPOConfig(AdapterConfig, TrainingConfig):
     model: str = "sft-policy"  # starting policy: sft-policy (shared CoT SFT model), a model folder or hub id
     data: str | None = None  # JSONL of prompt/answer records (a tenth held out); default: world addition problems
     output_dir: str = "runs/grpo"  # where summary.json, metrics.jsonl, plots and the model go
@@ -98,8 +98,6 @@ class GRPOConfig(TrainingConfig, AdapterConfig):
             raise UserError(f"loss_aggregation must be one of {', '.join(AGGREGATIONS)}, got '{self.loss_aggregation}'")
         if self.beta < 0 or self.clip_eps <= 0 or self.temperature <= 0 or self.epochs < 1:
             raise UserError("beta must be >= 0; clip_eps, temperature and epochs must be > 0")
-        if self.lora_r < 0:
-            raise UserError(f"lora_r must be >= 0 (0: train every weight), got {self.lora_r}")
 
 
 CONFIG = GRPOConfig

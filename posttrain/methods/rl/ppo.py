@@ -62,7 +62,7 @@ from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, f
 
 
 @dataclasses.dataclass
-class PPOConfig(TrainingConfig, AdapterConfig):
+class PPOConfig(AdapterConfig, TrainingConfig):
     model: str = "sft-policy"  # starting policy: sft-policy (shared CoT SFT model), a model folder or hub id
     data: str | None = None  # JSONL of prompt/answer records (a tenth held out); default: world addition problems
     output_dir: str = "runs/ppo"  # where summary.json, metrics.jsonl, plots and the model go
@@ -102,8 +102,6 @@ class PPOConfig(TrainingConfig, AdapterConfig):
             raise UserError("gamma and lam must be in [0, 1]")
         if self.temperature <= 0 or self.epochs < 1 or self.samples_per_prompt < 1:
             raise UserError("temperature must be > 0; epochs and samples_per_prompt >= 1")
-        if self.lora_r < 0:
-            raise UserError(f"lora_r must be >= 0 (0: train every weight), got {self.lora_r}")
 
 
 CONFIG = PPOConfig

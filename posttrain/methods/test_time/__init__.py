@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from posttrain.evaluation import evaluate, max_new_tokens_for
+from posttrain.evaluation import evaluate, evaluate_answers, max_new_tokens_for
 from posttrain.generation import generate
 from posttrain.rl.answers import completion_key, reference_key
 from posttrain.world import MAIN_SKILL, extract_answer, render, sample_problems
@@ -89,8 +89,6 @@ def greedy_baseline(model, tokenizer, questions: Questions) -> dict:
         result = evaluate(model, tokenizer, questions.problems, fmt="cot")
         return {"accuracy": result["accuracy"], "n": result["n"], "step_accuracy": result["step_accuracy"],
                 "generated_tokens": result["generated_tokens"], "seconds": result["seconds"]}
-    start = time.perf_counter()
-    samples = generate(model, tokenizer, questions.prompts, max_new_tokens=questions.max_new_tokens)
-    correct = [questions.correct(i, t) for i, t in enumerate(samples.texts)]
-    return {"accuracy": sum(correct) / len(correct), "n": len(correct), "generated_tokens": samples.num_tokens,
-            "seconds": time.perf_counter() - start}
+    # a user's records: their references are already in compared form, which compares as itself
+    result = evaluate_answers(model, tokenizer, questions.prompts, questions.references, questions.max_new_tokens)
+    return {k: result[k] for k in ("accuracy", "n", "generated_tokens", "seconds")}

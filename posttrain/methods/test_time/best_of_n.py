@@ -110,11 +110,16 @@ def ordering(curves: dict, ns: list[int]) -> dict:
     return {"prm_beats_orm_at": wins("prm", "orm"), "prm_beats_majority_at": wins("prm", "majority"), "summary": sentence}
 
 
-def score_samples(rm_dir: Path, samples) -> dict:
-    """Each reward model in `rm_dir` (orm/, prm/)'s score of every sample, grouped per question."""
+def reward_model_kinds(rm_dir: Path) -> list[str]:
+    """Which of orm/, prm/ `rm_dir` holds (at least one)."""
     kinds = [kind for kind in REWARD_MODELS if (rm_dir / kind).is_dir()]
     if not kinds:
         raise UserError(f"'{rm_dir}' holds no orm/ or prm/ folder (expected the output folder of `posttrain reward`)")
+    return kinds
+
+
+def score_samples(rm_dir: Path, kinds: list[str], samples) -> dict:
+    """Each reward model's (`rm_dir`/kind) score of every sample, grouped per question."""
     k, scores = len(samples.texts[0]), {}
     for kind in kinds:
         flat = load_reward_model(rm_dir / kind).score([q for q, ts in zip(samples.prompts, samples.texts) for _ in ts],
@@ -129,11 +134,12 @@ def run(cfg: BestOfNConfig, resume: bool = False) -> dict:
     records = read_prompts(cfg.data) if cfg.data else None  # bad data fails before anything slow
     out = prepare_output(cfg.output_dir, resume=False)
     rm_dir = reward_model_dir(cfg)
+    kinds = reward_model_kinds(rm_dir)  # a folder without reward models fails before anything slow
     model, tokenizer = load_model(policy_path(cfg.model))
     questions = held_out_questions(cfg, records, tokenizer)
     baseline = greedy_baseline(model, tokenizer, questions)
     samples = sample_solutions(model, tokenizer, questions, cfg.max_n, cfg.temperature, cfg.seed)
-    scores = score_samples(rm_dir, samples)
+    scores = score_samples(rm_dir, kinds, samples)
     ns = [2**i for i in range(cfg.max_n.bit_length()) if 2**i <= cfg.max_n]
     curves = selector_curves(samples, scores, ns, cfg.subsets, cfg.seed)
 
