@@ -55,14 +55,16 @@ class AdapterConfig:
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus the scaled low-rank update (alpha / r) B A on a dropped-out input."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.base_layer = base.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         like = {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))  # (r, in)
+        a = torch.empty(r, base.in_features)  # (r, in), drawn on the CPU: the same numbers on every device
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # nn.Linear's own init, as PEFT does
+        self.lora_A = nn.Parameter(a.to(**like))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))  # (out, r): zero, so B A = 0 at the start
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as PEFT does
         self.dropout = nn.Dropout(dropout)
         self.merged = False
         self.enabled = True  # False inside `disabled`: the layer is the base layer alone
@@ -91,9 +93,14 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def inject(model: nn.Module, target_modules: list[str], r: int, alpha: float, dropout: float = 0.0) -> nn.Module:
+def inject(model: nn.Module, target_modules: list[str], r: int, alpha: float, dropout: float = 0.0, *,
+           seed: int = 0) -> nn.Module:
     """Freeze every parameter of `model`, then wrap each nn.Linear named in `target_modules` (the
-    last part of its module name, e.g. `q_proj`) in a LoRALinear whose A and B are trainable."""
+    last part of its module name, e.g. `q_proj`) in a LoRALinear whose A and B are trainable.
+
+    The A matrices are drawn from a generator seeded with `seed`, layer after layer, so the adapters
+    depend on the seed alone, not on whatever drew random numbers before (a baseline's sampling, say,
+    which differs between one process and several)."""
     if r < 1:
         raise UserError(f"LoRA rank r must be >= 1, got {r}")
     model.requires_grad_(False)
@@ -103,9 +110,10 @@ def inject(model: nn.Module, target_modules: list[str], r: int, alpha: float, dr
     if missing := sorted(set(target_modules) - found):
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise UserError(f"LoRA target modules {missing} match no linear layer; this model has {linear}")
+    generator = torch.Generator().manual_seed(seed)
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, LoRALinear(module, r, alpha, dropout))
+        setattr(model.get_submodule(parent_name), child, LoRALinear(module, r, alpha, dropout, generator))
     return model
 
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from posttrain.rl.rollouts import rank_share
 
@@ -27,8 +29,16 @@ def dpo_data(path):
     return str(path)
 
 
+def logged(run_dir, key):
+    return [json.loads(line)[key] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return logged(run_dir, "loss")
+
+
+def grad_norms(run_dir):
+    return logged(run_dir, "grad_norm")
 
 
 def run_single_and_torchrun(tmp_path, args, nproc=2):
@@ -55,12 +65,28 @@ def test_sft_on_two_processes_matches_one_with_the_same_global_batch(tmp_path, t
     assert summary["metrics"]["n"] == json.loads((single / "summary.json").read_text())["metrics"]["n"]
 
 
-def test_dpo_on_two_processes_matches_one_with_the_same_global_batch(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("adapters", ["lora_r=0", "lora_r=4"], ids=["full", "lora"])
+def test_dpo_on_two_processes_matches_one_with_the_same_global_batch(tmp_path, tiny_model_dir, adapters):
+    """With LoRA the reference is the policy with its adapters off, run through DDP's wrapper; the adapters'
+    random A must be the same in one process and in two (it once depended on the random numbers drawn before)."""
     args = ["-m", "posttrain", "dpo", "--model", str(tiny_model_dir), "--data", dpo_data(tmp_path / "pairs.jsonl"),
-            "steps=5", "batch_size=8", "log_every=1", "lr=1e-3", "warmup_steps=1", "eval_every=0", "beta=0.5"]
+            "steps=5", "batch_size=8", "log_every=1", "lr=1e-3", "warmup_steps=1", "eval_every=0", "beta=0.5", adapters]
+    single, multi = run_single_and_torchrun(tmp_path, args)
+    assert losses(multi) == pytest.approx(losses(single), rel=1e-4)
+    assert grad_norms(multi) == pytest.approx(grad_norms(single), rel=1e-4)
+    assert losses(single)[-1] < losses(single)[0]
+
+
+def test_lora_on_two_processes_matches_one_and_saves_the_same_adapter(tmp_path, tiny_model_dir):
+    args = ["-m", "posttrain", "lora", "--model", str(tiny_model_dir), "--data", sft_data(tmp_path / "train.jsonl"),
+            "steps=6", "batch_size=8", "log_every=1", "lr=3e-3", "warmup_steps=1", "ranks=[]", "full_ft=false"]
     single, multi = run_single_and_torchrun(tmp_path, args)
     assert losses(multi) == pytest.approx(losses(single), rel=1e-4)
     assert losses(single)[-1] < losses(single)[0]
+    one, two = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (single, multi))
+    assert one.keys() == two.keys() and len(one) > 0
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
 
 
 def test_each_rank_samples_its_own_share_of_the_prompts():

@@ -73,6 +73,18 @@ def test_inject_freezes_the_model_and_counts_r_times_in_plus_out(tokenizer):
         lora.inject(random_model(tokenizer), ["c_attn"], r=4, alpha=8.0)
 
 
+def test_the_adapters_initialisation_depends_on_the_seed_alone(tokenizer):
+    def a_matrices(seed, draws_before):
+        torch.rand(draws_before)  # random numbers some other work drew first
+        model = lora.inject(random_model(tokenizer), ["q_proj", "v_proj"], r=4, alpha=8.0, seed=seed)
+        return [layer.lora_A.detach().clone() for layer in lora.lora_layers(model).values()]
+
+    first = a_matrices(seed=3, draws_before=0)
+    assert all(torch.equal(a, b) for a, b in zip(first, a_matrices(seed=3, draws_before=1000)))
+    assert not torch.equal(first[0], a_matrices(seed=4, draws_before=0)[0])
+    assert not torch.equal(first[0], first[1])  # each layer its own draw
+
+
 def adapted_random_model(tokenizer, targets=("q_proj", "v_proj", "down_proj")):
     model = lora.inject(random_model(tokenizer), list(targets), r=4, alpha=8.0)
     torch.manual_seed(1)

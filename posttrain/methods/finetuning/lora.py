@@ -174,11 +174,10 @@ def stderr_silenced():
 def adapted(base: str, cfg: LoRAConfig, r: int):
     """A fresh base model with LoRA of rank r injected (alpha / r held at the main run's ratio).
 
-    A's random initialisation is seeded here, so a rank's result does not depend on which runs came
-    before it in the process (or were skipped by --resume)."""
+    A's random initialisation comes from cfg.seed alone, so a rank's result does not depend on which runs
+    came before it in the process (or were skipped by --resume)."""
     model, _ = load_model(base)
-    torch.manual_seed(cfg.seed)
-    return lora.inject(model, cfg.target_modules, r, cfg.alpha * r / cfg.r, cfg.dropout)
+    return lora.inject(model, cfg.target_modules, r, cfg.alpha * r / cfg.r, cfg.dropout, seed=cfg.seed)
 
 
 def variant_row(name: str, model, result, evaluation: dict, memory_mb: float) -> dict:

@@ -231,7 +231,7 @@ def train_dpo(cfg: DPOConfig, start_path: str, tensors: dict, beta: float, out, 
     """Train a fresh copy of the start policy on the pairs at `beta`; returns (model, tokenizer, TrainResult)."""
     model, tokenizer = load_model(start_path)
     if cfg.lora_r:  # a reference not precomputed is then the policy with its adapters off
-        lora.inject(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha)
+        lora.inject(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed)
     keep_reference = not (cfg.precompute_ref_logps or cfg.lora_r)
     reference = load_model(start_path)[0].requires_grad_(False) if keep_reference else None
     loss_fn = dpo_loss_fn(bind_loss(cfg, beta), beta, cfg.rpo_alpha, reference)

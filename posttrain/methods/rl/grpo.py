@@ -115,7 +115,7 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None)
     model, tokenizer = load_model(start_path)
     if cfg.lora_r:  # the reference is then the policy with its adapters off: no second model
-        lora.inject(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha)
+        lora.inject(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed)
     reference = load_model(start_path)[0].requires_grad_(False) if cfg.beta and not cfg.lora_r else None
     held_out, prompts, answers = run_prompts(cfg, records, tokenizer, start_path)
     baseline = held_out.measure(model, tokenizer, kl=False)
