@@ -159,6 +159,16 @@ def _convert_field(value: Any, tp: Any, what: str) -> Any:
         raise UserError(f"{what}: expected {_describe(tp)}, got {value!r}") from None
 
 
+def _list_items(text: str) -> list[str]:
+    """The items of a list written on the command line: `1,2,4`, or as --help shows it, `[1, 2, 4]` or
+    `['q_proj', 'v_proj']`; `[]` and the empty string are the empty list."""
+    text = text.strip()
+    if text[:1] + text[-1:] in ("[]", "()"):
+        text = text[1:-1].strip()
+    items = [part.strip() for part in text.split(",")] if text else []
+    return [item[1:-1] if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"" else item for item in items]
+
+
 def _convert(value: Any, tp: Any) -> Any:
     """Convert `value` to `tp`, raising ValueError when it does not fit.
 
@@ -175,7 +185,7 @@ def _convert(value: Any, tp: Any) -> Any:
         return _convert(value, inner)
     if origin in (list, tuple):
         if isinstance(value, str):
-            items = [part.strip() for part in value.split(",")] if value.strip() else []
+            items = _list_items(value)
         elif isinstance(value, (list, tuple)):
             items = list(value)
         else:

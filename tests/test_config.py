@@ -77,6 +77,15 @@ def test_override_conversions():
     assert cfg.name == "a=b" and cfg.tags == []
 
 
+def test_lists_as_help_shows_them():
+    """--help prints defaults as Python lists (`ranks: list[int] = [1, 2]`); typing them back that way works."""
+    cfg = load_config(Cfg, overrides=["ranks=[4, 8]", "tags=['q_proj', \"v_proj\"]", "betas=(0.5,0.6)"])
+    assert cfg.ranks == [4, 8] and cfg.tags == ["q_proj", "v_proj"] and cfg.betas == (0.5, 0.6)
+    assert load_config(Cfg, overrides=["ranks=[]"]).ranks == [] and load_config(Cfg, overrides=["ranks=[ ]"]).ranks == []
+    with pytest.raises(UserError, match="expected a comma-separated list of ints, got '\\[1, a\\]'"):
+        load_config(Cfg, overrides=["ranks=[1, a]"])
+
+
 @pytest.mark.parametrize("text,value", [("true", True), ("False", False), ("YES", True), ("no", False),
                                         ("1", True), ("0", False)])
 def test_bool_spellings(text, value):
