@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", help="YAML file of config values (overrides on the command line win)")
         sub.add_argument("--output-dir", help="where the run writes its files")
         sub.add_argument("--model", help="posttrain:tiny (default), a local model folder, or a hub id")
-        sub.add_argument("--data", help="JSONL data file instead of the built-in world problems")
+        if method.data:  # the others compare things only the world can vary (formats, phrasings, step checks)
+            sub.add_argument("--data", help=f"JSONL file of {method.data}, instead of the world's problems")
         sub.add_argument("--quick", action="store_true", help="a small, fast run (smoke tests, first look)")
         sub.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
         sub.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
@@ -98,7 +99,7 @@ def method_config(method, args):
     module = method.load()
     overrides = method.quick_overrides() if args.quick else []
     overrides += list(args.overrides)
-    overrides += [f"{k}={v}" for k in ("output_dir", "model", "data") if (v := getattr(args, k)) is not None]
+    overrides += [f"{k}={v}" for k in ("output_dir", "model", "data") if (v := getattr(args, k, None)) is not None]
     return module, load_config(module.CONFIG, args.config, overrides)
 
 

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,18 @@ def test_a_methods_help_lists_its_config_keys_with_defaults_and_meaning(capsys):
     assert exit_info.value.code == 0 and out.startswith("usage: posttrain distill")
     assert "\n  sample_every: int = 5  # the on-policy student samples its rows" in out
     assert "\n  steps: int = 150  # optimizer steps" in out  # a default of the method, the meaning from the base config
+
+
+def test_data_is_offered_exactly_where_a_method_reads_records(capsys):
+    """A method whose config has a `data` key takes --data (its help names the records); the others, which
+    compare what only the world can vary, do not offer it."""
+    from posttrain.methods import METHODS
+
+    for method in METHODS.values():
+        assert bool(method.data) == ("data" in {f.name for f in fields(method.load().CONFIG)}), method.name
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cot-ft", "--data", "x.jsonl"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["grpo", "--help"])
+    assert "JSONL file of prompt/answer records" in capsys.readouterr().out

@@ -9,7 +9,9 @@ from posttrain.config import load_config
 from posttrain.data import EncodedDataset, encode_pair, encode_prompt
 from posttrain.errors import UserError
 from posttrain.losses.distill import forward_kl, reverse_kl
+from posttrain.methods.common import world_examples
 from posttrain.methods.finetuning import distill
+from posttrain.world import MAIN_SKILL
 from tests.conftest import random_model
 
 QUICK = [f"{k}={v}" for k, v in distill.QUICK.items()]
@@ -138,6 +140,36 @@ def test_quick_distill_reports_teacher_and_four_students_that_learned(quick_run)
     kl = [json.loads(line)["loss"] for line in (out / "soft_kd" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert kl[-1] < 0.5 * kl[0]
     assert (out / "students.png").stat().st_size > 0 and (out / "summary.json").exists()
+
+
+def test_distill_on_records_trains_every_student_on_them_and_scores_exact_matches(tmp_path):
+    """A wiring test (the learning bars are the world runs'): 2-digit CoT additions written as records. The
+    quick teacher writes every held-out completion exactly (1.00), the student base none (0.00); sequence-level
+    KD trains on the teacher's completions of the 90 training prompts, which equal the references here.
+    (Measured with the default 150 steps: students sft 1.00, seq_kd 1.00, soft_kd 0.86, on_policy 0.86 on
+    the 22 held-out of 220 records, 107 s.)"""
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
+                            for p, c in world_examples(MAIN_SKILL, [2], 100, "cot", 1)))
+    out = tmp_path / "run"
+    summary = distill.run(load_config(distill.DistillConfig, None, QUICK + [f"output_dir={out}", f"data={data}",
+                                                                            "steps=12", "warmup_steps=2"]))
+    metrics = summary["metrics"]
+    assert summary["baseline"] == {"accuracy": 0.0, "n": 10} and metrics["teacher"]["accuracy"] == 1.0
+    assert metrics["train_prompts"] == 90 and metrics["seq_kd_data"]["identical_to_reference"] == 1.0
+    assert set(metrics["students"]) == {"sft", "seq_kd", "soft_kd", "on_policy"}
+    assert all("step_accuracy" not in student for student in metrics["students"].values())  # no step checker here
+    for kind in metrics["students"]:
+        losses = [json.loads(line)["loss"] for line in (out / kind / "seed0" / "metrics.jsonl").read_text().splitlines()]
+        assert losses[-1] < losses[0], kind
+
+
+def test_distill_reads_its_records_before_loading_a_model(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "Q: 1+1\\n"}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1: missing field .completion."):
+        distill.run(load_config(distill.DistillConfig, None, [f"output_dir={tmp_path / 'run'}", f"data={data}",
+                                                               "teacher=/nonexistent"]))
 
 
 @pytest.mark.slow

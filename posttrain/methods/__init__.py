@@ -17,6 +17,7 @@ class Method:
     category: str
     title: str
     module: str
+    data: str = ""  # the records its --data file holds ("": no --data, the method needs the world)
 
     def load(self):
         return importlib.import_module(self.module)
@@ -26,21 +27,28 @@ class Method:
         return [f"{k}={v}" for k, v in self.load().QUICK.items()]
 
 
+SFT_RECORDS = "prompt/completion (or messages) records"
+PREFERENCE_RECORDS = "prompt/chosen/rejected records"
+ANSWER_RECORDS = "prompt/answer records (answers compared by value)"
+
 METHODS = {m.name: m for m in [
     Method("sft", "fine-tuning", "supervised fine-tuning, with forgetting probes, L2-SP and replay",
-           "posttrain.methods.finetuning.sft"),
-    Method("lora", "fine-tuning", "low-rank adaptation", "posttrain.methods.finetuning.lora"),
+           "posttrain.methods.finetuning.sft", SFT_RECORDS),
+    Method("lora", "fine-tuning", "low-rank adaptation", "posttrain.methods.finetuning.lora", SFT_RECORDS),
     Method("cot-ft", "fine-tuning", "chain-of-thought fine-tuning vs direct answers", "posttrain.methods.finetuning.cot"),
     Method("instruction", "fine-tuning", "multi-task instruction tuning",
            "posttrain.methods.finetuning.instruction"),
     Method("distill", "fine-tuning", "knowledge distillation into a smaller student",
-           "posttrain.methods.finetuning.distill"),
-    Method("reward", "rl", "outcome and process reward models", "posttrain.methods.rl.reward_model"),
-    Method("dpo", "rl", "direct preference optimisation", "posttrain.methods.rl.dpo"),
-    Method("ppo", "rl", "proximal policy optimisation", "posttrain.methods.rl.ppo"),
-    Method("grpo", "rl", "group relative policy optimisation", "posttrain.methods.rl.grpo"),
-    Method("best-of-n", "test-time", "best-of-N sampling with reward-model selection", "posttrain.methods.test_time.best_of_n"),
-    Method("self-consistency", "test-time", "majority vote over sampled chains of thought", "posttrain.methods.test_time.self_consistency"),
+           "posttrain.methods.finetuning.distill", SFT_RECORDS),
+    Method("reward", "rl", "outcome and process reward models", "posttrain.methods.rl.reward_model",
+           PREFERENCE_RECORDS + " (trains an outcome reward model on them)"),
+    Method("dpo", "rl", "direct preference optimisation", "posttrain.methods.rl.dpo", PREFERENCE_RECORDS),
+    Method("ppo", "rl", "proximal policy optimisation", "posttrain.methods.rl.ppo", ANSWER_RECORDS),
+    Method("grpo", "rl", "group relative policy optimisation", "posttrain.methods.rl.grpo", ANSWER_RECORDS),
+    Method("best-of-n", "test-time", "best-of-N sampling with reward-model selection",
+           "posttrain.methods.test_time.best_of_n", ANSWER_RECORDS),
+    Method("self-consistency", "test-time", "majority vote over sampled chains of thought",
+           "posttrain.methods.test_time.self_consistency", ANSWER_RECORDS),
     Method("cot-prompt", "test-time", "chain-of-thought prompting", "posttrain.methods.test_time.cot_prompting"),
     Method("tree-search", "test-time", "step-level beam search with a process reward model", "posttrain.methods.test_time.tree_search"),
 ]}

@@ -53,6 +53,15 @@ reports the means.
     posttrain distill --output-dir runs/distill
     posttrain distill seeds=0,1,2 temperature=2 on_policy_divergence=forward_kl on_policy_fraction=1
     posttrain distill sample_every=1    # the on-policy student samples fresh rows at every step
+
+With `--data FILE.jsonl` (prompt/completion or messages records, as `posttrain sft` reads them) the
+students learn the records' prompts instead of world problems: `sft` the records' completions, `seq_kd`
+the teacher's greedy completions of the same prompts, `soft_kd` and `on_policy` the teacher's
+distributions. A tenth of the records is held out, and accuracy is exact match of greedy completions
+(as in `posttrain sft --data`), for the teacher, the student base and every student. The teacher and the
+student must share one tokenizer:
+
+    posttrain distill --data my.jsonl teacher=./my-sft-model --model Qwen/Qwen2.5-0.5B steps=500 lr=2e-5
 """
 from __future__ import annotations
 
@@ -69,7 +78,9 @@ from posttrain.generation import generate
 from posttrain.losses.distill import DIVERGENCES
 from posttrain.losses.sft import causal_lm_loss, labelled_logits
 from posttrain.methods.common import eval_skill, headline, prepare_output, resumable, world_examples, write_summary
+from posttrain.methods.finetuning.sft import evaluate_records, prompt_of
 from posttrain.models import count_params, load_model
+from posttrain.records import read_sft, split_records
 from posttrain.rl.rollouts import sample_rollouts
 from posttrain.report.distill_plots import student_bars
 from posttrain.report.plots import training_curve
@@ -92,11 +103,12 @@ TEACHERS = {
 class DistillConfig(TrainingConfig):
     teacher: str = "sft-teacher"  # sft-teacher (cached CoT SFT model), sft-teacher-quick, a model folder or hub id
     model: str = "posttrain:tiny-student"  # the student's base: embedded name, folder or hub id (teacher's tokenizer)
+    data: str | None = None  # JSONL of prompt/completion (or messages) records, a tenth held out; default: world problems
     output_dir: str = "runs/distill"  # where summary.json, plots and the students' files go
     skill: str = MAIN_SKILL  # world skill of the prompts
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [3])  # digits of training and test problems
     format: str = "cot"  # solution format: cot | direct | instruction
-    prompts: int = 50  # training prompts, the same for every student
+    prompts: int = 50  # training prompts, the same for every student (with data: every training record)
     eval_problems: int = 300  # held-out test problems
     temperature: float = 2.0  # tau of soft-target distillation
     divergence: str = "forward_kl"  # forward_kl | reverse_kl
@@ -187,12 +199,14 @@ def completion_budget(tokenizer, pairs: list[tuple[str, str]]) -> int:
     return max(len(tokenizer(c)["input_ids"]) for _, c in pairs) + 8
 
 
-def teacher_completions(teacher, tokenizer, pairs: list[tuple[str, str]], cfg: DistillConfig) -> tuple[list, dict]:
-    """The teacher's completions of the training prompts, and how they compare with the references."""
+def teacher_completions(teacher, tokenizer, pairs: list[tuple[str, str]], cfg: DistillConfig,
+                        is_right: Callable[[str, str, str], bool]) -> tuple[list, dict]:
+    """The teacher's completions of the training prompts, and how they compare with the references
+    (`is_right(prompt, text, reference)`)."""
     prompts = [p for p, _ in pairs]
     texts = generate(teacher, tokenizer, prompts, max_new_tokens=completion_budget(tokenizer, pairs),
                      temperature=cfg.sample_temperature, seed=cfg.seed).texts
-    right = [verify(p, t, extract_answer(c)) for t, (p, c) in zip(texts, pairs)]
+    right = [is_right(p, t, c) for t, (p, c) in zip(texts, pairs)]
     stats = {"teacher_sample_accuracy": sum(right) / len(texts),
              "identical_to_reference": sum(t.strip() == c.strip() for t, (_, c) in zip(texts, pairs)) / len(texts)}
     return list(zip(prompts, texts)), stats
@@ -233,7 +247,8 @@ def on_policy_batches(student, tokenizer, prompts: list[str], data: EncodedDatas
     return batch_fn
 
 
-def train_student(kind: str, cfg: DistillConfig, recipe: Recipe, seed: int, out: Path, resume: bool) -> dict:
+def train_student(kind: str, cfg: DistillConfig, recipe: Recipe, seed: int, out: Path, resume: bool,
+                  evaluate: Callable[..., dict]) -> dict:
     """Train one student from the base model with `seed`; its held-out accuracy and training time."""
     student, tokenizer = load_model(cfg.model)
     data = EncodedDataset(recipe.data.rows, recipe.data.pad_id, cfg.batch_size, seed)  # the seed orders the batches
@@ -245,24 +260,37 @@ def train_student(kind: str, cfg: DistillConfig, recipe: Recipe, seed: int, out:
     result = train(student, batch_fn, recipe.loss_fn, dataclasses.replace(cfg, seed=seed), out, resume=resume,
                    desc=f"{kind} seed {seed}")
     training_curve(result.history, out / "training_curve.png", f"{kind} student, seed {seed}")
-    evaluation = evaluate(student, tokenizer, cfg)
-    return {"accuracy": evaluation["accuracy"], "step_accuracy": evaluation["step_accuracy"],
-            "time_s": result.time_s, "tokens_per_s": result.tokens_per_s}
+    evaluation = evaluate(student)
+    steps = {"step_accuracy": evaluation["step_accuracy"]} if "step_accuracy" in evaluation else {}  # world problems
+    return {"accuracy": evaluation["accuracy"], **steps, "time_s": result.time_s, "tokens_per_s": result.tokens_per_s}
 
 
-def evaluate(model, tokenizer, cfg: DistillConfig) -> dict:
-    return headline(eval_skill(model, tokenizer, cfg.skill, cfg.difficulties, cfg.eval_problems, cfg.format, cfg.seed))
+def world_task(cfg: DistillConfig, tokenizer) -> tuple[list, Callable, Callable]:
+    """(training pairs, evaluate(model), is_right(prompt, text, reference)) of the world's problems."""
+    pairs = world_examples(cfg.skill, cfg.difficulties, cfg.prompts, cfg.format, cfg.seed)
+    evaluate = lambda model: headline(eval_skill(  # noqa: E731
+        model, tokenizer, cfg.skill, cfg.difficulties, cfg.eval_problems, cfg.format, cfg.seed))
+    return pairs, evaluate, lambda prompt, text, reference: verify(prompt, text, extract_answer(reference))
+
+
+def records_task(records: list, cfg: DistillConfig, tokenizer) -> tuple[list, Callable, Callable]:
+    """The same for a user's records: every training record, exact match on the held-out tenth."""
+    train_records, held_out = split_records(records, cfg.seed)
+    pairs = [(prompt_of(r), r.completion) for r in train_records]
+    evaluate = lambda model: evaluate_records(model, tokenizer, held_out)  # noqa: E731
+    return pairs, evaluate, lambda prompt, text, reference: text.strip() == reference.strip()
 
 
 def run(cfg: DistillConfig, resume: bool = False) -> dict:
     started = time.perf_counter()
+    records = read_sft(cfg.data) if cfg.data else None  # bad data fails before anything slow
     out = prepare_output(cfg.output_dir, resume)
     teacher_source = teacher_path(cfg.teacher)
     teacher, student_base, tokenizer = load_pair(teacher_source, cfg.model)
-    teacher_eval, baseline = evaluate(teacher, tokenizer, cfg), evaluate(student_base, tokenizer, cfg)
+    problems_pairs, evaluate, is_right = records_task(records, cfg, tokenizer) if records else world_task(cfg, tokenizer)
+    teacher_eval, baseline = evaluate(teacher), evaluate(student_base)
 
-    problems_pairs = world_examples(cfg.skill, cfg.difficulties, cfg.prompts, cfg.format, cfg.seed)
-    teacher_pairs, sample_stats = teacher_completions(teacher, tokenizer, problems_pairs, cfg)
+    teacher_pairs, sample_stats = teacher_completions(teacher, tokenizer, problems_pairs, cfg, is_right)
     encode = lambda pairs: EncodedDataset(  # noqa: E731
         [encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
     references = encode(problems_pairs)
@@ -276,12 +304,13 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
     students = {}
     for kind, recipe in recipes.items():
         runs = [resumable(out / kind / f"seed{seed}" / "result.json", resume,  # --resume skips finished students
-                          lambda: train_student(kind, cfg, recipe, seed, out / kind / f"seed{seed}", resume))
+                          lambda: train_student(kind, cfg, recipe, seed, out / kind / f"seed{seed}", resume, evaluate))
                 for seed in cfg.seeds]
         accuracies = [r["accuracy"] for r in runs]
         students[kind] = {"accuracy": sum(accuracies) / len(accuracies), "per_seed": accuracies,
-                          "step_accuracy": [r["step_accuracy"] for r in runs], "time_s": sum(r["time_s"] for r in runs),
-                          "tokens_per_s": runs[-1]["tokens_per_s"]}
+                          "time_s": sum(r["time_s"] for r in runs), "tokens_per_s": runs[-1]["tokens_per_s"]}
+        if "step_accuracy" in runs[0]:  # world problems: the share of reasoning steps the checker accepts
+            students[kind]["step_accuracy"] = [r["step_accuracy"] for r in runs]
 
     teacher_params, student_params = count_params(teacher)["total"], count_params(student_base)["total"]
     gap = teacher_eval["accuracy"] - students["sft"]["accuracy"]
@@ -296,6 +325,7 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
         "gap_closed": gap_closed["on_policy"],
         "gap_closed_by_student": gap_closed,
         "seq_kd_data": sample_stats,
+        "train_prompts": len(problems_pairs),
         "run_time_s": time.perf_counter() - started,  # the whole run, evaluations and all students included
     }
     student_bars({"student base": baseline["accuracy"], **{k: v["accuracy"] for k, v in students.items()},
