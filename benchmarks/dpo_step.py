@@ -49,7 +49,7 @@ def run_posttrain(args) -> dict:
     from posttrain.losses.dpo import dpo_sigmoid
     from posttrain.methods.rl.dpo import all_pair_logps, dpo_loss_fn, pair_batches, pair_tensors
     from posttrain.training import (TrainingConfig, _optimizer_step, compiled_forward, forward_as, make_accelerator,
-                                    make_optimizer, prepare_for_losses)
+                                    make_optimizer, prepare_for_losses, rows)
 
     model, tokenizer = load(args.size)
     rows = [(encode_pair(tokenizer, p, c), encode_pair(tokenizer, p, r)) for p, c, r in pairs(args.size, tokenizer)]
@@ -65,7 +65,7 @@ def run_posttrain(args) -> dict:
     model.train()
     loss_fn = dpo_loss_fn(lambda p: dpo_sigmoid(p, 0.1), 0.1, 0.0)
     batch = pair_batches(tensors, BATCH[args.size], 0)
-    step = lambda i: _optimizer_step(model, optimizer, batch(i), loss_fn, cfg, accelerator)  # noqa: E731
+    step = lambda i: _optimizer_step(model, optimizer, batch(i), loss_fn, cfg, accelerator, rows)  # noqa: E731
     compiled = compiled_forward(model, args.side.endswith("-compiled"))  # as train() with compile=true
     with forward_as(model, compiled):
         times = timed_steps(step, args.warmup, args.steps)

@@ -2,7 +2,8 @@
 
     for step in range(start, steps):
         batch = batch_fn(step)                   # a pure function of the step: resuming replays it
-        loss, metrics = loss_fn(model, micro)    # per micro-batch, gradients accumulated
+        loss, metrics = loss_fn(model, micro)    # per micro-batch, gradients accumulated, each weighted
+                                                 # by its share of what the loss averages over
         clip grad norm; AdamW step; warmup + cosine learning rate
         every log_every: a line in metrics.jsonl; every checkpoint_every: a checkpoint
 
@@ -11,6 +12,17 @@ Accelerate places the model and data (CPU, one GPU, or several processes under t
 the model, optimizer and scheduler state and the step; with batches a pure function of the step,
 a run killed and resumed ends where an uninterrupted run ends. Ctrl-C saves a checkpoint before
 stopping; a NaN or infinite loss stops the run and keeps the last good checkpoint.
+
+A loss is a mean: over the labelled tokens (SFT, distillation: `labelled_positions`) or over the rows
+(DPO's pairs, reward models: `rows`). Split over micro-batches and processes, the step's gradient must
+still be the gradient of the mean over the whole global batch, so micro-batch m's mean loss L_m is
+weighted by its share of the units, n_m / N (N: the global batch's), and by the number of processes W,
+whose gradients DDP averages:
+
+    backward(L_m * n_m / N * W)  on every rank, for every m    =>    grad (sum_m n_m L_m) / N = grad L
+
+Averaging the micro-batches' means instead (an equal weight each) overweights the tokens of a
+micro-batch with few of them, so grad_accum or a second process would change the run.
 """
 from __future__ import annotations
 
@@ -28,7 +40,7 @@ from tqdm.auto import tqdm
 from posttrain import packing
 from posttrain.errors import TrainingInterrupted, UserError
 from posttrain.io import JsonlWriter, atomic_dir, read_json, write_json
-from posttrain.losses.sft import DEFAULT_LOGITS_MB, budget_logits
+from posttrain.losses.sft import DEFAULT_LOGITS_MB, IGNORE, budget_logits
 
 CHECKPOINT = "checkpoint"
 
@@ -121,10 +133,28 @@ def _shard(batch: dict, rank: int, world: int) -> dict:
     return {k: v[rank::world] if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _check_enough_rows(n_rows: int, processes: int, grad_accum: int) -> None:
+    """Every process and micro-batch needs rows of its own (they need not be equally many: see the module
+    docstring). The same check on every rank, so all of them stop."""
+    if n_rows < processes * grad_accum:
+        raise UserError(f"a step's batch of {n_rows} rows cannot give each of {processes} process(es) "
+                        f"{grad_accum} micro-batch(es) (grad_accum); raise batch_size or lower grad_accum")
+
+
 def _micro_batches(batch: dict, n: int) -> list[dict]:
     rows = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
     size = math.ceil(rows / n)
     return [{k: v[i : i + size] if torch.is_tensor(v) else v for k, v in batch.items()} for i in range(0, rows, size)]
+
+
+def labelled_positions(batch: dict) -> int:
+    """What a token-mean loss averages over: the positions whose next token carries a label."""
+    return int((batch["labels"][..., 1:] != IGNORE).sum())
+
+
+def rows(batch: dict) -> int:
+    """What a row-mean loss averages over: the rows (DPO's pairs, a reward model's pairs or solutions)."""
+    return len(batch["input_ids"])
 
 
 def _count_tokens(batch: dict) -> int:
@@ -178,8 +208,10 @@ def train(
     eval_fn: Callable[[int], dict] | None = None,
     eval_every: int = 0,
     desc: str = "train",
+    averages_over: Callable[[dict], int] = labelled_positions,
 ) -> TrainResult:
-    """Optimise the trainable parameters of `model` for `cfg.steps` steps; see the module docstring."""
+    """Optimise the trainable parameters of `model` for `cfg.steps` steps; see the module docstring.
+    `averages_over(batch)` counts what `loss_fn`'s mean is taken over (`labelled_positions` or `rows`)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg.precision)
@@ -207,9 +239,12 @@ def train(
     step = start
     try:
         for step in range(start, cfg.steps):
-            batch = _shard(batch_fn(step), accelerator.process_index, accelerator.num_processes)
+            global_batch = batch_fn(step)
+            _check_enough_rows(rows(global_batch), accelerator.num_processes, cfg.grad_accum)
+            batch = _shard(global_batch, accelerator.process_index, accelerator.num_processes)
             with forward_as(unwrapped, compiled):
-                metrics = _optimizer_step(model, optimizer, batch, loss_fn, cfg, accelerator)
+                metrics = _optimizer_step(model, optimizer, batch, loss_fn, cfg, accelerator,
+                                          averages_over, averages_over(global_batch))
             if not math.isfinite(metrics["loss"]):
                 where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
                 raise UserError(
@@ -279,17 +314,24 @@ def forward_as(module, forward: Callable | None):
         del module.forward
 
 
-def _optimizer_step(model, optimizer, batch: dict, loss_fn, cfg: TrainingConfig, accelerator) -> dict:
-    """One optimizer step over `cfg.grad_accum` micro-batches; returns averaged metrics."""
+def _optimizer_step(model, optimizer, batch: dict, loss_fn, cfg: TrainingConfig, accelerator,
+                    averages_over: Callable[[dict], int] = labelled_positions, global_units: int | None = None) -> dict:
+    """One optimizer step over `cfg.grad_accum` micro-batches of this rank's share of a global batch of
+    `global_units` (default: `batch` is the whole of it; see the module docstring); returns the metrics
+    weighted alike, the global batch's."""
+    global_units = averages_over(batch) if global_units is None else global_units
     micro_batches = _micro_batches(batch, cfg.grad_accum)
     totals: dict = {}
-    for micro in micro_batches:
+    for i, micro in enumerate(micro_batches):
+        weight = averages_over(micro) / max(global_units, 1) * accelerator.num_processes
         micro = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in micro.items()}
-        with accelerator.autocast():
-            loss, metrics = loss_fn(model, micro)
-        accelerator.backward(loss / len(micro_batches))
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):  # DDP reduces the gradients once
+            with accelerator.autocast():
+                loss, metrics = loss_fn(model, micro)
+            accelerator.backward(loss * weight)
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v / len(micro_batches)
+            totals[k] = totals.get(k, 0.0) + v * weight
         totals["_tokens"] = totals.get("_tokens", 0) + _count_tokens(micro)
     # report the global batch's metrics, not this rank's share
     totals.update(mean_over_processes({k: v for k, v in totals.items() if k != "_tokens"}, accelerator))

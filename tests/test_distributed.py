@@ -1,7 +1,8 @@
 """Several processes through torchrun (gloo on the CPU): the same global batch gives the same run.
 
-Each rank takes every second row of the global batch and DDP averages the gradients, so with
-equal-length rows two processes follow the single-process loss curve step for step (SFT, DPO).
+Each rank takes every second row of the global batch, weights its loss by its share of the global
+batch's labelled tokens (or pairs) and DDP averages the gradients, so two processes follow the
+single-process loss curve step for step (SFT, on rows of different lengths; DPO).
 GRPO and PPO shard each step's prompts across the ranks instead: every rank samples its own rollouts.
 """
 import json
@@ -16,8 +17,9 @@ from posttrain.rl.rollouts import rank_share
 
 
 def sft_data(path):
-    rows = [{"prompt": f"Q: {a}+{b}\n", "completion": f"A: {a + b}"} for a in range(5, 10) for b in range(5, 10)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # every row the same length
+    """Answers of one and two digits: the ranks' shares of a batch hold different numbers of labelled tokens."""
+    rows = [{"prompt": f"Q: {a}+{b}\n", "completion": f"A: {a + b}"} for a in range(2, 8) for b in range(2, 8)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
 
 
@@ -52,14 +54,17 @@ def run_single_and_torchrun(tmp_path, args, nproc=2):
     return single, multi
 
 
-@pytest.mark.parametrize("logits", ["loss_logits_mb=1024", "loss_logits_mb=0.002"], ids=["whole", "chunked"])
+@pytest.mark.parametrize("logits", ["loss_logits_mb=1024", "loss_logits_mb=0.002 grad_accum=2"],
+                         ids=["whole", "chunked-accumulated"])
 def test_sft_on_two_processes_matches_one_with_the_same_global_batch(tmp_path, tiny_model_dir, logits):
     """Also with the loss's logits built two rows at a time (`ChunkedCrossEntropy`), which reads the tied output
-    weight outside the model's forward: DDP still averages its gradient."""
+    weight outside the model's forward, and two micro-batches a rank, the first without DDP's reduction:
+    DDP still averages every gradient once."""
     args = ["-m", "posttrain", "sft", "--model", str(tiny_model_dir), "--data", sft_data(tmp_path / "train.jsonl"),
-            "steps=6", "batch_size=8", "log_every=1", "lr=3e-3", "warmup_steps=1", logits]
+            "steps=6", "batch_size=8", "log_every=1", "lr=3e-3", "warmup_steps=1", *logits.split()]
     single, multi = run_single_and_torchrun(tmp_path, args)
     assert losses(multi) == pytest.approx(losses(single), rel=1e-4)
+    assert grad_norms(multi) == pytest.approx(grad_norms(single), rel=1e-4)
     assert losses(single)[-1] < losses(single)[0]
     summary = json.loads((multi / "summary.json").read_text())
     assert summary["metrics"]["n"] == json.loads((single / "summary.json").read_text())["metrics"]["n"]
@@ -87,6 +92,17 @@ def test_lora_on_two_processes_matches_one_and_saves_the_same_adapter(tmp_path, 
     assert one.keys() == two.keys() and len(one) > 0
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+
+
+def test_reward_model_on_two_processes_matches_one(tmp_path, tiny_model_dir):
+    """An outcome reward model on the pairs: its backbone and scalar head wrapped together, the loss a mean
+    over the pairs. (Two pairs a rank: the loss does not fall in 5 steps, it follows the single process.)"""
+    args = ["-m", "posttrain", "reward", "--model", str(tiny_model_dir), "--data", dpo_data(tmp_path / "pairs.jsonl"),
+            "steps=5", "batch_size=8", "log_every=1", "lr=1e-3", "warmup_steps=1"]
+    single, multi = run_single_and_torchrun(tmp_path, args)
+    one, two = (run / "training" / "orm" for run in (single, multi))
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    assert grad_norms(two) == pytest.approx(grad_norms(one), rel=1e-4)
 
 
 def test_each_rank_samples_its_own_share_of_the_prompts():

@@ -30,14 +30,36 @@ def test_loop_reduces_loss(tokenizer, tmp_path):
     assert [r["step"] for r in lines] == list(range(5, 61, 5))
 
 
-def test_gradient_accumulation_matches_one_big_batch(tokenizer, tmp_path):
+@pytest.mark.parametrize("grad_accum", [2, 4])
+def test_gradient_accumulation_matches_one_big_batch(tokenizer, tmp_path, grad_accum):
+    """The rows' answers have one or two digits, so micro-batches hold different numbers of labelled tokens:
+    each is weighted by its share of the batch's tokens (a plain mean of the micro-batches' means would
+    weigh a token of a micro-batch with fewer of them more, and end elsewhere)."""
     data = dataset(tokenizer)
     a, b = random_model(tokenizer), random_model(tokenizer)
-    train(a, data.batch, causal_lm_loss, config(steps=3), tmp_path / "a")
-    train(b, data.batch, causal_lm_loss, config(steps=3, grad_accum=2), tmp_path / "b")
-    # equal-length micro-batches are not guaranteed, so the mean-of-means differs slightly
+    one = train(a, data.batch, causal_lm_loss, config(steps=3, log_every=1), tmp_path / "a")
+    split = train(b, data.batch, causal_lm_loss, config(steps=3, log_every=1, grad_accum=grad_accum), tmp_path / "b")
+    assert [h["loss"] for h in split.history] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
     for pa, pb in zip(a.parameters(), b.parameters()):
-        assert torch.allclose(pa, pb, atol=2e-3)
+        torch.testing.assert_close(pb, pa, rtol=0, atol=2e-5)
+
+
+def test_micro_batches_are_weighted_by_what_the_loss_averages_over(tokenizer, tmp_path):
+    """Two micro-batches of 3 and 1 labelled tokens whose mean losses are 1 and 5: the step's loss is the
+    mean over the 4 tokens, (3 x 1 + 1 x 5) / 4 = 2, not the mean of the means, 3."""
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long),
+             "labels": torch.tensor([[-100, 1, 1, 1], [-100, 1, -100, -100]])}
+    weight = torch.nn.Parameter(torch.zeros(()))
+
+    def loss_fn(model, micro):
+        value = weight + (1.0 if len(micro["labels"]) and micro["labels"][0, 2] == 1 else 5.0)
+        return value, {"loss": value.item()}
+
+    accelerator = training.make_accelerator("fp32")
+    optimizer = torch.optim.SGD([weight], lr=0.0)
+    metrics = training._optimizer_step(torch.nn.Linear(1, 1), optimizer, batch, loss_fn,
+                                       TrainingConfig(batch_size=2, grad_accum=2, max_grad_norm=0), accelerator)
+    assert metrics["loss"] == pytest.approx(2.0)
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -115,3 +137,9 @@ def test_compiled_training_steps_match_eager(tokenizer, tmp_path):
               tmp_path / "b")
     assert [h["loss"] for h in b.history] == pytest.approx([h["loss"] for h in a.history], rel=1e-4)
     assert "forward" not in vars(compiled)  # evaluation after training runs eager
+
+
+def test_a_batch_too_small_to_split_is_one_clear_error(tokenizer, tmp_path):
+    data = dataset(tokenizer, batch_size=1)  # one row a step, but two micro-batches asked for
+    with pytest.raises(UserError, match="batch of 1 rows cannot give each of 1 process.*2 micro-batch"):
+        train(random_model(tokenizer), data.batch, causal_lm_loss, config(batch_size=2, grad_accum=2), tmp_path)
