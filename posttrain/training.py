@@ -11,7 +11,7 @@ Accelerate places the model and data (CPU, one GPU, or several processes under t
 `accelerate launch`, where each rank takes its share of every global batch). A checkpoint holds
 the model, optimizer and scheduler state and the step; with batches a pure function of the step,
 a run killed and resumed ends where an uninterrupted run ends. Ctrl-C saves a checkpoint before
-stopping; a NaN or infinite loss stops the run and keeps the last good checkpoint.
+stopping (held while a step updates the weights, so the checkpoint's step count is the updates made); a NaN or infinite loss stops the run and keeps the last good checkpoint.
 
 A loss is a mean: over the labelled tokens (SFT, distillation: `labelled_positions`) or over the rows
 (DPO's pairs, reward models: `rows`). Split over micro-batches and processes, the step's gradient must
@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -231,27 +233,27 @@ def train(
     unwrapped = accelerator.unwrap_model(model)
     compiled = compiled_forward(unwrapped, cfg.compile)
 
-    history, last_metrics, tokens = [], {}, 0
+    history, last_metrics, tokens, completed = [], {}, 0, start
     main_process = accelerator.is_main_process  # only rank 0 writes files
     writer = JsonlWriter(output_dir / "metrics.jsonl", resume_step=start) if main_process else None
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not main_process, dynamic_ncols=True)
     t0 = time.perf_counter()
-    step = start
     try:
         for step in range(start, cfg.steps):
             global_batch = batch_fn(step)
             _check_enough_rows(rows(global_batch), accelerator.num_processes, cfg.grad_accum)
             batch = _shard(global_batch, accelerator.process_index, accelerator.num_processes)
-            with forward_as(unwrapped, compiled):
+            with forward_as(unwrapped, compiled), interrupts_held():
                 metrics = _optimizer_step(model, optimizer, batch, loss_fn, cfg, accelerator,
                                           averages_over, averages_over(global_batch))
+                scheduler.step()
+                completed = step + 1
             if not math.isfinite(metrics["loss"]):
                 where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
                 raise UserError(
                     f"training diverged: loss is {metrics['loss']} at step {step + 1}; {where}. "
                     "Try a lower lr or a smaller max_grad_norm."
                 )
-            scheduler.step()
             tokens += metrics.pop("_tokens")
             last_metrics = {"step": step + 1, **metrics, "lr": scheduler.get_last_lr()[0]}
             evaluated = bool(eval_fn and eval_every and (step + 1) % eval_every == 0)
@@ -268,11 +270,10 @@ def train(
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
             bar.update(1)
     except KeyboardInterrupt:
-        done = step  # the interrupted step did not finish
         if main_process:
-            save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, done)
+            save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, completed)
         raise TrainingInterrupted(
-            f"interrupted after step {done}; checkpoint saved in {ckpt}. Run the same command with --resume to continue."
+            f"interrupted after step {completed}; checkpoint saved in {ckpt}. Run the same command with --resume to continue."
         ) from None
     finally:
         bar.close()
@@ -281,6 +282,24 @@ def train(
     elapsed = time.perf_counter() - t0
     model.eval()
     return TrainResult(history, last_metrics, elapsed, tokens / max(elapsed, 1e-9))
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: an optimizer step, the scheduler's and the
+    count of steps done move together, so a checkpoint saved on Ctrl-C never holds a step its count misses
+    (resuming would apply it twice). Outside the main thread, where signals cannot be caught, a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def prepare_for_losses(model, cfg: TrainingConfig, *frozen) -> None:

@@ -1,5 +1,7 @@
 """The training loop: it learns, it resumes exactly, it stops cleanly on divergence and Ctrl-C."""
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -94,6 +96,44 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tokenizer, tmp_path, m
         assert torch.allclose(p, q, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20, 25, 30]  # no step logged twice
+
+
+@pytest.mark.parametrize("when", ["in the step, after its update", "in the evaluation after the step"])
+def test_ctrl_c_after_a_steps_update_counts_that_step(tokenizer, tmp_path, monkeypatch, when):
+    """SIGINT arriving once step 13 has updated the weights: the checkpoint says 13 steps, and the resumed run
+    ends where an uninterrupted one does (a checkpoint saying 12 would apply step 13 twice). Under torchrun a
+    rank is interrupted wherever it happens to be, the evaluation between steps included."""
+    data = dataset(tokenizer)
+    straight = random_model(tokenizer)
+    full = train(straight, data.batch, causal_lm_loss, config(), tmp_path / "straight")
+    real_step, calls = training._optimizer_step, {"n": 0}
+
+    def sigint_after_update_13(*args, **kw):
+        metrics = real_step(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+        return metrics
+
+    def sigint_in_evaluation(step):
+        if step == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+        return {}
+
+    inside = when.startswith("in the step")
+    if inside:
+        monkeypatch.setattr(training, "_optimizer_step", sigint_after_update_13)
+    with pytest.raises(TrainingInterrupted, match="after step 13"):
+        train(random_model(tokenizer), data.batch, causal_lm_loss, config(), tmp_path / "resumed",
+              eval_fn=None if inside else sigint_in_evaluation, eval_every=1)
+    monkeypatch.setattr(training, "_optimizer_step", real_step)
+    assert json.loads((tmp_path / "resumed/checkpoint/state.json").read_text())["step"] == 13
+
+    resumed = random_model(tokenizer, seed=99)
+    end = train(resumed, data.batch, causal_lm_loss, config(), tmp_path / "resumed", resume=True)
+    assert end.final_metrics["loss"] == pytest.approx(full.final_metrics["loss"], abs=1e-6)
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tokenizer, tmp_path):
