@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # outside a training loop (sampling, evaluation, GRPO/PPO): nothing to resume from
+        print("\ninterrupted; no checkpoint was saved at this point, so run the command again", file=sys.stderr)
+        return 130
 
 
 def run_report(run_dir: str) -> int:

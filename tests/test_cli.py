@@ -134,3 +134,14 @@ def test_data_is_offered_exactly_where_a_method_reads_records(capsys):
     with pytest.raises(SystemExit):
         main(["grpo", "--help"])
     assert "JSONL file of prompt/answer records" in capsys.readouterr().out
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line_and_exit_130(capsys, monkeypatch):
+    from posttrain.methods.test_time import self_consistency
+
+    def interrupted(cfg, resume=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(self_consistency, "run", interrupted)
+    code, _, err = run_cli(capsys, "self-consistency", "--quick")
+    assert code == 130 and err.strip() == "interrupted; no checkpoint was saved at this point, so run the command again"
