@@ -49,11 +49,11 @@ def run_posttrain(args) -> dict:
     from posttrain.losses.dpo import dpo_sigmoid
     from posttrain.methods.rl.dpo import all_pair_logps, dpo_loss_fn, pair_batches, pair_tensors
     from posttrain.training import (TrainingConfig, _optimizer_step, compiled_forward, forward_as, make_accelerator,
-                                    make_optimizer, prepare_for_losses, rows)
+                                    make_optimizer, prepare_for_losses, row_count)
 
     model, tokenizer = load(args.size)
-    rows = [(encode_pair(tokenizer, p, c), encode_pair(tokenizer, p, r)) for p, c, r in pairs(args.size, tokenizer)]
-    tensors = pair_tensors(rows, tokenizer.pad_token_id)
+    encoded = [(encode_pair(tokenizer, p, c), encode_pair(tokenizer, p, r)) for p, c, r in pairs(args.size, tokenizer)]
+    tensors = pair_tensors(encoded, tokenizer.pad_token_id)
     tensors = {k: v.to(device()) for k, v in tensors.items()}
     tensors["ref_logps"] = all_pair_logps(model, tensors)  # before timing, as TRL's precompute
     cfg = TrainingConfig(steps=args.warmup + args.steps, batch_size=BATCH[args.size], lr=1e-6,
@@ -65,7 +65,7 @@ def run_posttrain(args) -> dict:
     model.train()
     loss_fn = dpo_loss_fn(lambda p: dpo_sigmoid(p, 0.1), 0.1, 0.0)
     batch = pair_batches(tensors, BATCH[args.size], 0)
-    step = lambda i: _optimizer_step(model, optimizer, batch(i), loss_fn, cfg, accelerator, rows)  # noqa: E731
+    step = lambda i: _optimizer_step(model, optimizer, batch(i), loss_fn, cfg, accelerator, row_count)  # noqa: E731
     compiled = compiled_forward(model, args.side.endswith("-compiled"))  # as train() with compile=true
     with forward_as(model, compiled):
         times = timed_steps(step, args.warmup, args.steps)

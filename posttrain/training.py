@@ -11,13 +11,14 @@ Accelerate places the model and data (CPU, one GPU, or several processes under t
 `accelerate launch`, where each rank takes its share of every global batch). A checkpoint holds
 the model, optimizer and scheduler state and the step; with batches a pure function of the step,
 a run killed and resumed ends where an uninterrupted run ends. Ctrl-C saves a checkpoint before
-stopping (held while a step updates the weights, so the checkpoint's step count is the updates made); a NaN or infinite loss stops the run and keeps the last good checkpoint.
+stopping (held while a step updates the weights, so the checkpoint counts exactly the updates it
+holds); a NaN or infinite loss stops the run and keeps the last good checkpoint.
 
-A loss is a mean: over the labelled tokens (SFT, distillation: `labelled_positions`) or over the rows
-(DPO's pairs, reward models: `rows`). Split over micro-batches and processes, the step's gradient must
-still be the gradient of the mean over the whole global batch, so micro-batch m's mean loss L_m is
-weighted by its share of the units, n_m / N (N: the global batch's), and by the number of processes W,
-whose gradients DDP averages:
+A loss is a mean: over the labelled tokens (SFT, distillation: `labelled_token_count`) or over the
+rows (DPO's pairs, reward models: `row_count`). Split over micro-batches and processes, the step's
+gradient must still be the gradient of the mean over the whole global batch, so micro-batch m's mean
+loss L_m is weighted by its share of the units, n_m / N (N: the global batch's), and by the number of
+processes W, whose gradients DDP averages:
 
     backward(L_m * n_m / N * W)  on every rank, for every m    =>    grad (sum_m n_m L_m) / N = grad L
 
@@ -149,12 +150,12 @@ def _micro_batches(batch: dict, n: int) -> list[dict]:
     return [{k: v[i : i + size] if torch.is_tensor(v) else v for k, v in batch.items()} for i in range(0, rows, size)]
 
 
-def labelled_positions(batch: dict) -> int:
+def labelled_token_count(batch: dict) -> int:
     """What a token-mean loss averages over: the positions whose next token carries a label."""
     return int((batch["labels"][..., 1:] != IGNORE).sum())
 
 
-def rows(batch: dict) -> int:
+def row_count(batch: dict) -> int:
     """What a row-mean loss averages over: the rows (DPO's pairs, a reward model's pairs or solutions)."""
     return len(batch["input_ids"])
 
@@ -210,10 +211,10 @@ def train(
     eval_fn: Callable[[int], dict] | None = None,
     eval_every: int = 0,
     desc: str = "train",
-    averages_over: Callable[[dict], int] = labelled_positions,
+    averages_over: Callable[[dict], int] = labelled_token_count,
 ) -> TrainResult:
     """Optimise the trainable parameters of `model` for `cfg.steps` steps; see the module docstring.
-    `averages_over(batch)` counts what `loss_fn`'s mean is taken over (`labelled_positions` or `rows`)."""
+    `averages_over(batch)` counts what `loss_fn`'s mean is taken over (`labelled_token_count` or `row_count`)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg.precision)
@@ -241,7 +242,7 @@ def train(
     try:
         for step in range(start, cfg.steps):
             global_batch = batch_fn(step)
-            _check_enough_rows(rows(global_batch), accelerator.num_processes, cfg.grad_accum)
+            _check_enough_rows(row_count(global_batch), accelerator.num_processes, cfg.grad_accum)
             batch = _shard(global_batch, accelerator.process_index, accelerator.num_processes)
             with forward_as(unwrapped, compiled), interrupts_held():
                 metrics = _optimizer_step(model, optimizer, batch, loss_fn, cfg, accelerator,
@@ -273,7 +274,8 @@ def train(
         if main_process:
             save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, completed)
         raise TrainingInterrupted(
-            f"interrupted after step {completed}; checkpoint saved in {ckpt}. Run the same command with --resume to continue."
+            f"interrupted after step {completed}; checkpoint saved in {ckpt}. "
+            "Run the same command with --resume to continue."
         ) from None
     finally:
         bar.close()
@@ -334,7 +336,8 @@ def forward_as(module, forward: Callable | None):
 
 
 def _optimizer_step(model, optimizer, batch: dict, loss_fn, cfg: TrainingConfig, accelerator,
-                    averages_over: Callable[[dict], int] = labelled_positions, global_units: int | None = None) -> dict:
+                    averages_over: Callable[[dict], int] = labelled_token_count,
+                    global_units: int | None = None) -> dict:
     """One optimizer step over `cfg.grad_accum` micro-batches of this rank's share of a global batch of
     `global_units` (default: `batch` is the whole of it; see the module docstring); returns the metrics
     weighted alike, the global batch's."""

@@ -69,7 +69,7 @@ from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import beta_sweep_plot, draw_frontier
 from posttrain.rl.frontier import HeldOut, reference_kl
 from posttrain.rl.rollouts import cot_prompts, policy_path, sample_rollouts, training_problems
-from posttrain.training import TrainingConfig, rows, train
+from posttrain.training import TrainingConfig, row_count, train
 
 
 @dataclasses.dataclass
@@ -244,7 +244,7 @@ def train_dpo(cfg: DPOConfig, start_path: str, tensors: dict, beta: float, out, 
 
     result = train(model, pair_batches(tensors, cfg.batch_size, cfg.seed), loss_fn, dataclasses.replace(cfg, beta=beta),
                    out, resume=resume, eval_fn=eval_fn if measure else None, eval_every=cfg.eval_every, desc=f"dpo b={beta}",
-                   averages_over=rows)  # the pairs
+                   averages_over=row_count)  # the pairs
     return model, tokenizer, result
 
 

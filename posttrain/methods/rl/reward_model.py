@@ -67,7 +67,7 @@ from posttrain.report.reward_plots import hacking_plot, reliability_plot, reward
 from posttrain.reward_models import (REWARD_MODELS, RewardModel, at_last_token, at_steps, collate, encode,
                                      new_reward_model)
 from posttrain.rl.rollouts import policy_path
-from posttrain.training import TrainingConfig, TrainResult, rows, train
+from posttrain.training import TrainingConfig, TrainResult, row_count, train
 from posttrain.world import MAIN_SKILL, check_steps, first_error, render, sample_problems, verify
 
 
@@ -233,7 +233,7 @@ def train_orm(cfg: RewardConfig, pairs: list[tuple], name: str, out: Path, resum
 
     logs = out / "training" / name
     result = train(rm, batch_fn, loss_fn, cfg, logs, resume=resume and (logs / "checkpoint").exists(), desc=name,
-                   averages_over=rows)  # the pairs
+                   averages_over=row_count)  # the pairs
     return rm, result
 
 
