@@ -103,7 +103,7 @@ TEACHERS = {
 class DistillConfig(TrainingConfig):
     teacher: str = "sft-teacher"  # sft-teacher (cached CoT SFT model), sft-teacher-quick, a model folder or hub id
     model: str = "posttrain:tiny-student"  # the student's base: embedded name, folder or hub id (teacher's tokenizer)
-    data: str | None = None  # JSONL of prompt/completion (or messages) records, a tenth held out; default: world problems
+    data: str | None = None  # JSONL of prompt/completion (or messages) records (a tenth held out); default: world
     output_dir: str = "runs/distill"  # where summary.json, plots and the students' files go
     skill: str = MAIN_SKILL  # world skill of the prompts
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [3])  # digits of training and test problems
@@ -287,19 +287,20 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
     out = prepare_output(cfg.output_dir, resume)
     teacher_source = teacher_path(cfg.teacher)
     teacher, student_base, tokenizer = load_pair(teacher_source, cfg.model)
-    problems_pairs, evaluate, is_right = records_task(records, cfg, tokenizer) if records else world_task(cfg, tokenizer)
+    task = records_task(records, cfg, tokenizer) if records else world_task(cfg, tokenizer)
+    training_pairs, evaluate, is_right = task
     teacher_eval, baseline = evaluate(teacher), evaluate(student_base)
 
-    teacher_pairs, sample_stats = teacher_completions(teacher, tokenizer, problems_pairs, cfg, is_right)
+    teacher_pairs, sample_stats = teacher_completions(teacher, tokenizer, training_pairs, cfg, is_right)
     encode = lambda pairs: EncodedDataset(  # noqa: E731
         [encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
-    references = encode(problems_pairs)
+    references = encode(training_pairs)
     recipes = {
         "sft": Recipe(references, causal_lm_loss),
         "seq_kd": Recipe(encode(teacher_pairs), causal_lm_loss),
         "soft_kd": Recipe(references, soft_kd_loss(teacher, cfg, cfg.divergence)),
         "on_policy": Recipe(references, soft_kd_loss(teacher, cfg, cfg.on_policy_divergence),
-                            [p for p, _ in problems_pairs], completion_budget(tokenizer, problems_pairs)),
+                            [p for p, _ in training_pairs], completion_budget(tokenizer, training_pairs)),
     }
     students = {}
     for kind, recipe in recipes.items():
@@ -325,7 +326,7 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
         "gap_closed": gap_closed["on_policy"],
         "gap_closed_by_student": gap_closed,
         "seq_kd_data": sample_stats,
-        "train_prompts": len(problems_pairs),
+        "train_prompts": len(training_pairs),
         "run_time_s": time.perf_counter() - started,  # the whole run, evaluations and all students included
     }
     student_bars({"student base": baseline["accuracy"], **{k: v["accuracy"] for k, v in students.items()},
