@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--output-dir", help="where the run writes its files")
         sub.add_argument("--model", help="posttrain:tiny (default), a local model folder, or a hub id")
         if method.data:  # the others compare things only the world can vary (formats, phrasings, step checks)
-            sub.add_argument("--data", help=f"JSONL file of {method.data}, instead of the world's problems")
+            sub.add_argument("--data", help=f"{method.data}, instead of the world's problems: a JSONL or Parquet "
+                             "file, or a folder saved by datasets' save_to_disk")
         sub.add_argument("--quick", action="store_true", help="a small, fast run (smoke tests, first look)")
         sub.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
         sub.add_argument("--show-config", action="store_true", help="print the resolved config and exit")

@@ -1,8 +1,9 @@
-"""Read the user's JSONL training data into typed records, with precise error messages.
+"""Read the user's training data into typed records, with precise error messages.
 
-Data comes from the user (`--data file.jsonl`), so every problem becomes one
-`UserError` naming the file, the line, the field and what was expected,
-instead of a KeyError deep inside a training loop. Extra fields are ignored.
+Data comes from the user (`--data`): a JSONL file, a Parquet file (what the Hugging Face hub stores
+datasets as), or a folder written by `datasets`' `save_to_disk`. Every problem becomes one
+`UserError` naming the file, the line (a Parquet file's or dataset's row, counted from 1), the field
+and what was expected, instead of a KeyError deep inside a training loop. Extra fields are ignored.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from posttrain.errors import UserError, where
@@ -62,6 +64,51 @@ class PromptRecord:
     answer: str
 
 
+def read_rows(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield `(number, object)` for each record of `path`: a JSONL file's non-blank lines, a Parquet file's
+    rows or those of a folder saved by `datasets` (a DatasetDict's `train` split), numbered from 1. A table
+    has every column in every row, so there a null field counts as absent (a chat row's null prompt)."""
+    if not (Path(path).is_dir() or Path(path).suffix == ".parquet"):
+        yield from read_jsonl(path)
+        return
+    rows = _saved_dataset(Path(path)) if Path(path).is_dir() else _parquet_rows(Path(path))
+    for number, row in enumerate(rows, 1):
+        yield number, {key: value for key, value in row.items() if value is not None}
+
+
+def _parquet_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError(f"reading {path} needs pyarrow (pip install pyarrow), or give the data as JSONL") from None
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except FileNotFoundError:
+        raise UserError(f"data file not found: {path}") from None
+    except (OSError, pyarrow.ArrowException) as exc:
+        raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def _saved_dataset(path: Path):
+    """The rows of a folder written by `Dataset.save_to_disk` (or a DatasetDict's `train` split)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{path} is a folder: reading a saved dataset needs `datasets` (pip install datasets)") from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path} is a folder but not a dataset saved with `save_to_disk`; give --data a JSONL or "
+                        "Parquet file, or such a folder") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise UserError(f"{path} holds the splits {', '.join(loaded)} and no 'train'; give --data one split's "
+                            f"folder ({path / next(iter(loaded))})")
+        loaded = loaded["train"]
+    return loaded
+
+
 def read_jsonl(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line number, object)` for each non-blank line of a JSONL file."""
     try:
@@ -109,9 +156,9 @@ def split_records(records: list, seed: int) -> tuple[list, list]:
 
 
 def _read_all(path: PathLike, parse: Callable[[dict[str, Any], At], R], expected: str) -> list[R]:
-    records = [parse(obj, functools.partial(where, path, number)) for number, obj in read_jsonl(path)]
+    records = [parse(obj, functools.partial(where, path, number)) for number, obj in read_rows(path)]
     if not records:
-        raise UserError(f"{os.fspath(path)}: no records (expected JSON lines with {expected})")
+        raise UserError(f"{os.fspath(path)}: no records (expected lines or rows with {expected})")
     return records
 
 

@@ -133,7 +133,8 @@ def test_data_is_offered_exactly_where_a_method_reads_records(capsys):
     assert exit_info.value.code == 2 and "unrecognized arguments: --data" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["grpo", "--help"])
-    assert "JSONL file of prompt/answer records" in capsys.readouterr().out
+    assert "prompt/answer records (answers compared by value), instead of the world's problems" in " ".join(
+        capsys.readouterr().out.split())
 
 
 def test_ctrl_c_outside_a_training_loop_is_one_line_and_exit_130(capsys, monkeypatch):

@@ -66,7 +66,7 @@ def test_missing_file(tmp_path):
 def test_no_records(tmp_path):
     path = write(tmp_path, "", "")
     assert error(read_preferences, path) == (
-        f"{path}: no records (expected JSON lines with 'prompt', 'chosen' and 'rejected' strings)")
+        f"{path}: no records (expected lines or rows with 'prompt', 'chosen' and 'rejected' strings)")
 
 
 def test_sft_prompt_completion(tmp_path):
@@ -144,3 +144,37 @@ def test_prompts_missing_answer(tmp_path):
     path = write(tmp_path, {"prompt": "p"})
     assert error(read_prompts, path) == (
         f"{path}:1: missing field 'answer' (expected a 'prompt' string and an 'answer' string or integer)")
+
+
+ROWS = [{"prompt": "Q: 1+2\n", "completion": "A: 3"},
+        {"messages": [{"role": "user", "content": "Q: 2+2"}, {"role": "assistant", "content": "A: 4"}]}]
+
+
+def test_parquet_and_saved_datasets_read_as_their_jsonl_twin(tmp_path):
+    """The hub's storage format and `save_to_disk` folders: the same records as the JSONL file (messages, a
+    list of structs in Arrow, included)."""
+    datasets = pytest.importorskip("datasets")
+    from_jsonl = read_sft(write(tmp_path, *ROWS))
+    table = datasets.Dataset.from_list([{"prompt": "Q: 1+2\n", "completion": "A: 3", "messages": None},
+                                        {"prompt": None, "completion": None, "messages": ROWS[1]["messages"]}])
+    table.to_parquet(str(tmp_path / "data.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": table, "test": table.select([0])}).save_to_disk(str(tmp_path / "splits"))
+    for source in ("data.parquet", "saved", "splits"):
+        assert read_sft(tmp_path / source) == from_jsonl, source
+
+
+def test_parquet_and_dataset_errors_name_the_row(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = datasets.Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b"},
+                                       {"prompt": "p", "chosen": "a", "rejected": None}])
+    rows.to_parquet(str(tmp_path / "pairs.parquet"))
+    assert error(read_preferences, tmp_path / "pairs.parquet").startswith(
+        f"{tmp_path / 'pairs.parquet'}:2: missing field 'rejected'")  # a null in a table is a missing field
+    datasets.DatasetDict({"validation": rows}).save_to_disk(str(tmp_path / "no-train"))
+    assert "holds the splits validation and no 'train'" in error(read_preferences, tmp_path / "no-train")
+    (tmp_path / "plain").mkdir()
+    assert "not a dataset saved with `save_to_disk`" in error(read_preferences, tmp_path / "plain")
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    assert "not a readable Parquet file" in error(read_preferences, tmp_path / "broken.parquet")
+    assert error(read_sft, tmp_path / "missing.parquet") == f"data file not found: {tmp_path / 'missing.parquet'}"
