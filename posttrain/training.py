@@ -150,6 +150,9 @@ def _micro_batches(batch: dict, n: int) -> list[dict]:
     return [{k: v[i : i + size] if torch.is_tensor(v) else v for k, v in batch.items()} for i in range(0, rows, size)]
 
 
+COUNT_METRICS = ("tokens",)  # metrics that count (the losses' labelled tokens): summed, where the rest are means
+
+
 def labelled_token_count(batch: dict) -> int:
     """What a token-mean loss averages over: the positions whose next token carries a label."""
     return int((batch["labels"][..., 1:] != IGNORE).sum())
@@ -353,10 +356,11 @@ def _optimizer_step(model, optimizer, batch: dict, loss_fn, cfg: TrainingConfig,
                 loss, metrics = loss_fn(model, micro)
             accelerator.backward(loss * weight)
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v * weight
+            totals[k] = totals.get(k, 0.0) + (v if k in COUNT_METRICS else v * weight)
         totals["_tokens"] = totals.get("_tokens", 0) + _count_tokens(micro)
-    # report the global batch's metrics, not this rank's share
-    totals.update(mean_over_processes({k: v for k, v in totals.items() if k != "_tokens"}, accelerator))
+    # report the global batch's metrics, not this rank's share: means weighted as the loss, counts summed
+    reduced = mean_over_processes({k: v for k, v in totals.items() if k != "_tokens"}, accelerator)
+    totals.update({k: v * accelerator.num_processes if k in COUNT_METRICS else v for k, v in reduced.items()})
     if cfg.max_grad_norm:
         totals["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
     optimizer.step()

@@ -65,6 +65,7 @@ def test_sft_on_two_processes_matches_one_with_the_same_global_batch(tmp_path, t
     single, multi = run_single_and_torchrun(tmp_path, args)
     assert losses(multi) == pytest.approx(losses(single), rel=1e-4)
     assert grad_norms(multi) == pytest.approx(grad_norms(single), rel=1e-4)
+    assert logged(multi, "tokens") == logged(single, "tokens")  # the step's labelled tokens, over both ranks
     assert losses(single)[-1] < losses(single)[0]
     summary = json.loads((multi / "summary.json").read_text())
     assert summary["metrics"]["n"] == json.loads((single / "summary.json").read_text())["metrics"]["n"]

@@ -42,6 +42,7 @@ def test_gradient_accumulation_matches_one_big_batch(tokenizer, tmp_path, grad_a
     one = train(a, data.batch, causal_lm_loss, config(steps=3, log_every=1), tmp_path / "a")
     split = train(b, data.batch, causal_lm_loss, config(steps=3, log_every=1, grad_accum=grad_accum), tmp_path / "b")
     assert [h["loss"] for h in split.history] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
+    assert [h["tokens"] for h in split.history] == [h["tokens"] for h in one.history]  # a count: summed
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pb, pa, rtol=0, atol=2e-5)
 
