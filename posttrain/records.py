@@ -68,10 +68,11 @@ def read_rows(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(number, object)` for each record of `path`: a JSONL file's non-blank lines, a Parquet file's
     rows or those of a folder saved by `datasets` (a DatasetDict's `train` split), numbered from 1. A table
     has every column in every row, so there a null field counts as absent (a chat row's null prompt)."""
-    if not (Path(path).is_dir() or Path(path).suffix == ".parquet"):
+    path = Path(path)
+    if not (path.is_dir() or path.suffix == ".parquet"):
         yield from read_jsonl(path)
         return
-    rows = _saved_dataset(Path(path)) if Path(path).is_dir() else _parquet_rows(Path(path))
+    rows = _saved_dataset(path) if path.is_dir() else _parquet_rows(path)
     for number, row in enumerate(rows, 1):
         yield number, {key: value for key, value in row.items() if value is not None}
 

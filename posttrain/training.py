@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from posttrain import packing
 from posttrain.errors import TrainingInterrupted, UserError
 from posttrain.io import JsonlWriter, atomic_dir, read_json, write_json
-from posttrain.losses.sft import DEFAULT_LOGITS_MB, IGNORE, budget_logits
+from posttrain.losses.sft import DEFAULT_LOGITS_MB, budget_logits, labelled_token_count
 
 CHECKPOINT = "checkpoint"
 
@@ -145,17 +145,12 @@ def _check_enough_rows(n_rows: int, processes: int, grad_accum: int) -> None:
 
 
 def _micro_batches(batch: dict, n: int) -> list[dict]:
-    rows = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+    rows = row_count(batch)
     size = math.ceil(rows / n)
     return [{k: v[i : i + size] if torch.is_tensor(v) else v for k, v in batch.items()} for i in range(0, rows, size)]
 
 
 COUNT_METRICS = ("tokens",)  # metrics that count (the losses' labelled tokens): summed, where the rest are means
-
-
-def labelled_token_count(batch: dict) -> int:
-    """What a token-mean loss averages over: the positions whose next token carries a label."""
-    return int((batch["labels"][..., 1:] != IGNORE).sum())
 
 
 def row_count(batch: dict) -> int:

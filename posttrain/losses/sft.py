@@ -135,6 +135,11 @@ def budget_logits(model, megabytes: float) -> None:
     packing.unwrapped(model)._posttrain_logits_mb = megabytes
 
 
+def labelled_token_count(batch: dict) -> int:
+    """What a token-mean loss averages over: the positions whose next token carries a label."""
+    return int((batch["labels"][..., 1:] != IGNORE).sum())
+
+
 def chunk_rows(model, batch: dict) -> int:
     """Rows of logits per chunk for the batch's labelled positions, or 0 to build them all at once: when
     they fit the model's budget, or when its logits are not its output layer applied to its last hidden
@@ -142,7 +147,7 @@ def chunk_rows(model, batch: dict) -> int:
     model = packing.unwrapped(model)
     megabytes = getattr(model, "_posttrain_logits_mb", DEFAULT_LOGITS_MB)
     rows = max(1, int(megabytes * 2**20) // (4 * model.config.vocab_size))
-    n_labelled = int((batch["labels"][:, 1:] != IGNORE).sum())
+    n_labelled = labelled_token_count(batch)
     if not megabytes or n_labelled <= rows or not logits_from_last_hidden(model):
         return 0
     return rows
