@@ -131,6 +131,21 @@ def mean_over_processes(metrics: dict, accelerator) -> dict:
     return dict(zip(names, values.tolist()))
 
 
+def sum_over_processes(tensor: torch.Tensor, accelerator) -> torch.Tensor:
+    """`tensor` summed over the processes (itself on one)."""
+    return tensor if accelerator.num_processes == 1 else accelerator.reduce(tensor, "sum")
+
+
+def share_of_all_processes(units: torch.Tensor | int, accelerator) -> float:
+    """The weight of this rank's mean loss over `units` (its tokens or rows) that makes the gradient, once DDP
+    averages it over the R ranks, that of the mean over every rank's units: units / sum of all ranks' * R
+    (1 on one process). For rollouts, which each rank samples itself; `train()` knows the global batch."""
+    if accelerator.num_processes == 1:
+        return 1.0
+    units = torch.as_tensor(units, dtype=torch.float32, device=accelerator.device)
+    return (units / sum_over_processes(units, accelerator).clamp(min=1) * accelerator.num_processes).item()
+
+
 def _shard(batch: dict, rank: int, world: int) -> dict:
     """This process's rows of a global batch (rows rank, rank + world, ...)."""
     return {k: v[rank::world] if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -3,11 +3,13 @@
 Each rank takes every second row of the global batch, weights its loss by its share of the global
 batch's labelled tokens (or pairs) and DDP averages the gradients, so two processes follow the
 single-process loss curve step for step (SFT, on rows of different lengths; DPO).
-GRPO and PPO shard each step's prompts across the ranks instead: every rank samples its own rollouts.
+GRPO and PPO shard each step's prompts across the ranks instead: every rank samples its own rollouts, and
+one update on them equals the single process's on all of them.
 """
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +133,24 @@ def test_rl_runs_on_two_processes_with_sharded_rollouts(tmp_path, tiny_model_dir
     steps = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]  # one line per step, written once (rank 0)
     assert json.loads((tmp_path / "multi" / "summary.json").read_text())["method"] == method
+
+
+def test_rl_updates_on_two_processes_equal_one_on_the_union_of_their_rollouts(tmp_path, tiny_model_dir):
+    """Each rank weighs its loss by its share of all ranks' completion tokens (PPO also whitens its advantages
+    over all of them), so one GRPO or PPO update of two ranks, each on one prompt's completions, is the single
+    process's update on both prompts', though one prompt's completions are much longer than the other's."""
+    script = str(Path(__file__).with_name("rl_update_script.py"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    subprocess.run([sys.executable, script, str(tiny_model_dir), str(one)], check=True, capture_output=True)
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                               script, str(tiny_model_dir), str(two)], capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    start = load_file(tiny_model_dir / "model.safetensors")
+    for method in ("grpo", "ppo"):
+        after_one, after_two = load_file(one / f"{method}.safetensors"), load_file(two / f"{method}.safetensors")
+        for name, after in after_one.items():
+            before = start.get(name, torch.zeros_like(after))  # PPO's value head starts at 0
+            step_one, step_two = after - before, after_two[name] - before  # minus the gradient (SGD, lr 1)
+            assert step_one.abs().max() > 1e-4, (method, name)
+            torch.testing.assert_close(step_two, step_one, rtol=1e-4, atol=1e-6, msg=f"{method} {name}")

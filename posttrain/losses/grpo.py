@@ -7,8 +7,11 @@ Per completion token t of completion i, with a group-normalised advantage A_i (r
     k3_it    = ref(o_it)/pi(o_it) - log(ref(o_it)/pi(o_it)) - 1          (rl/kl.py)
 
 How the l_it are averaged is a named choice (`AGGREGATIONS`):
-    token       sum_i,t l_it / sum_i |o_i|     every token weighs the same (DAPO; TRL "bnpo")
+    token       sum_i,t l_it / sum_i |o_i|     every token weighs the same (DAPO; TRL "dapo", its default)
     sequence    1/G sum_i 1/|o_i| sum_t l_it   the paper's Eq. 3 (TRL "grpo"): long answers weigh less per token
+
+On several processes each rank's mean is weighted by its share of all ranks' tokens (or completions)
+before DDP averages the gradients (`methods/rl/grpo.py`), so the sums run over every rank's rollouts.
 
 Shapes: logp, old_logp, ref_logp, mask (N, T); advantages (N,).
 """

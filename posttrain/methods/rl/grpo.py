@@ -58,7 +58,8 @@ from posttrain.rl.frontier import run_prompts
 from posttrain.rl.rollouts import (completion_stats, forward_logprobs, policy_path, reference_logprobs,
                                    reward_function, step_rollouts)
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
-                                make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses)
+                                make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses,
+                                share_of_all_processes)
 
 
 @dataclasses.dataclass
@@ -199,7 +200,8 @@ def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg:
             loss, metrics = grpo_loss(logp, old_rows, ref_rows, advantages[rows], mask[rows],
                                       clip_eps=cfg.clip_eps, beta=cfg.beta, aggregate=AGGREGATIONS[cfg.loss_aggregation])
             metrics["entropy"] = masked_mean(entropy, mask[rows]).item()
-            accelerator.backward(loss)
+            units = mask[rows].sum() if cfg.loss_aggregation == "token" else len(rows)  # what the loss averages
+            accelerator.backward(loss * share_of_all_processes(units, accelerator))
             if cfg.max_grad_norm:
                 metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
             optimizer.step()

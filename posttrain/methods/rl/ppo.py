@@ -58,7 +58,8 @@ from posttrain.rl.kl import kl_k1
 from posttrain.rl.rollouts import (completion_stats, on_completion_grid, policy_path, reference_logprobs,
                                    reward_function, step_rollouts)
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
-                                make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses)
+                                make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses,
+                                share_of_all_processes, sum_over_processes)
 
 
 @dataclasses.dataclass
@@ -226,7 +227,7 @@ def optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts
         last = mask.cumsum(-1).argmax(-1)  # index of each completion's last token (EOS)
         rewards[torch.arange(len(scores)), last] += scores
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        advantages = whiten(advantages, mask)
+        advantages = whiten(advantages, mask, total=lambda t: sum_over_processes(t, accelerator))  # every rank's
     stats = rollout_stats(scores, kl, old_logp, old_values, returns, mask, cfg.kl_coef)
 
     totals, count = {}, 0
@@ -239,8 +240,8 @@ def optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts
             pg_loss, pg_metrics = clipped_surrogate(logp, old_logp[rows], advantages[rows], mask[rows], cfg.clip_eps)
             vf_loss, vf_metrics = clipped_value_loss(values, old_values[rows], returns[rows], mask[rows], cfg.value_clip)
             entropy, ent_metrics = entropy_bonus(entropies, mask[rows])
-            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
-            accelerator.backward(loss)
+            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy  # each a mean over the tokens
+            accelerator.backward(loss * share_of_all_processes(mask[rows].sum(), accelerator))
             metrics = {"loss": loss.item(), **pg_metrics, **vf_metrics, **ent_metrics}
             if cfg.max_grad_norm:
                 metrics["grad_norm"] = float(accelerator.clip_grad_norm_(list(model.parameters()) + list(head.parameters()),
