@@ -15,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from posttrain import cli
 from posttrain.rl.rollouts import rank_share
+from tests import rl_update_script
 
 
 def sft_data(path):
@@ -46,8 +48,11 @@ def grad_norms(run_dir):
 
 
 def run_single_and_torchrun(tmp_path, args, nproc=2):
+    """`args` ("-m", "posttrain", method, ...) run in this process and on `nproc` processes under torchrun. The
+    single run stays in this process: a new one spends most of such a short run importing torch and transformers."""
     single, multi = tmp_path / "single", tmp_path / "multi"
-    subprocess.run([sys.executable, *args, "--output-dir", str(single)], check=True, capture_output=True)
+    assert args[:2] == ["-m", "posttrain"]
+    assert cli.main([*args[2:], "--output-dir", str(single)]) == 0
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
          *args, "--output-dir", str(multi)], capture_output=True, text=True,
@@ -142,7 +147,7 @@ def test_rl_updates_on_two_processes_equal_one_on_the_union_of_their_rollouts(tm
     script = str(Path(__file__).with_name("rl_update_script.py"))
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    subprocess.run([sys.executable, script, str(tiny_model_dir), str(one)], check=True, capture_output=True)
+    rl_update_script.main(str(tiny_model_dir), str(one))
     launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                                script, str(tiny_model_dir), str(two)], capture_output=True, text=True)
     assert launched.returncode == 0, launched.stderr[-2000:]
