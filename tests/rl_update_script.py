@@ -1,10 +1,11 @@
-"""One GRPO and one PPO update on a fixed rollout batch, run as `python tests/rl_update_script.py MODEL OUT_DIR`
-on one process or under torchrun, where each rank updates on its share of the prompts. SGD at lr 1 makes the
-weights' change minus the gradient, so tests/test_distributed.py compares gradients through the saved
-weights. Prompt 0's completions are short and prompt 1's long: the ranks' shares hold different numbers
+"""One GRPO update (token and sequence aggregation) and one PPO update on a fixed rollout batch, run as
+`python tests/rl_update_script.py MODEL OUT_DIR` on one process or under torchrun, where each rank updates
+on its share of the prompts. SGD at lr 1 makes the weights' change minus the gradient, so
+tests/test_distributed.py compares gradients through the saved weights. Prompt 0's completions are short and prompt 1's long: the ranks' shares hold different numbers
 of completion tokens, which a per-rank token mean would weigh wrongly.
 """
 import sys
+from functools import partial
 
 import torch
 from safetensors.torch import save_file
@@ -29,10 +30,10 @@ def rollouts_of(groups, tokenizer) -> Rollouts:
                     rewards=torch.tensor([r for _, _, r in rows]), batch=batch, stopped=[True] * len(rows))
 
 
-def grpo_update(model, tokenizer, accelerator, model_dir: str) -> dict:
+def grpo_update(model, tokenizer, accelerator, model_dir: str, aggregation: str = "token") -> dict:
     from posttrain.methods.rl.grpo import GRPOConfig, optimise
 
-    cfg = GRPOConfig(num_generations=4, batch_size=8, beta=0.0, max_grad_norm=0.0)
+    cfg = GRPOConfig(num_generations=4, batch_size=8, beta=0.0, max_grad_norm=0.0, loss_aggregation=aggregation)
     prepare_for_losses(model, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -60,7 +61,7 @@ def constant(optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-UPDATES = {"grpo": grpo_update, "ppo": ppo_update}
+UPDATES = {"grpo": grpo_update, "grpo-sequence": partial(grpo_update, aggregation="sequence"), "ppo": ppo_update}
 
 
 def main(model_dir: str, out_dir: str) -> None:

@@ -141,8 +141,8 @@ def test_rl_runs_on_two_processes_with_sharded_rollouts(tmp_path, tiny_model_dir
 
 
 def test_rl_updates_on_two_processes_equal_one_on_the_union_of_their_rollouts(tmp_path, tiny_model_dir):
-    """Each rank weighs its loss by its share of all ranks' completion tokens (PPO also whitens its advantages
-    over all of them), so one GRPO or PPO update of two ranks, each on one prompt's completions, is the single
+    """Each rank weighs its loss by its share of all ranks' completion tokens or, with GRPO's sequence
+    aggregation, completions (PPO also whitens its advantages over all the tokens), so one GRPO or PPO update of two ranks, each on one prompt's completions, is the single
     process's update on both prompts', though one prompt's completions are much longer than the other's."""
     script = str(Path(__file__).with_name("rl_update_script.py"))
     one, two = tmp_path / "one", tmp_path / "two"
@@ -152,7 +152,7 @@ def test_rl_updates_on_two_processes_equal_one_on_the_union_of_their_rollouts(tm
                                script, str(tiny_model_dir), str(two)], capture_output=True, text=True)
     assert launched.returncode == 0, launched.stderr[-2000:]
     start = load_file(tiny_model_dir / "model.safetensors")
-    for method in ("grpo", "ppo"):
+    for method in rl_update_script.UPDATES:
         after_one, after_two = load_file(one / f"{method}.safetensors"), load_file(two / f"{method}.safetensors")
         for name, after in after_one.items():
             before = start.get(name, torch.zeros_like(after))  # PPO's value head starts at 0
