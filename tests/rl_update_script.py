@@ -1,8 +1,9 @@
 """One GRPO update (token and sequence aggregation) and one PPO update on a fixed rollout batch, run as
 `python tests/rl_update_script.py MODEL OUT_DIR` on one process or under torchrun, where each rank updates
 on its share of the prompts. SGD at lr 1 makes the weights' change minus the gradient, so
-tests/test_distributed.py compares gradients through the saved weights. Prompt 0's completions are short and prompt 1's long: the ranks' shares hold different numbers
-of completion tokens, which a per-rank token mean would weigh wrongly.
+tests/test_distributed.py compares gradients through the saved weights. Prompt 0's completions are
+short and prompt 1's long: the ranks' shares hold different numbers of completion tokens, which a
+per-rank token mean would weigh wrongly.
 """
 import sys
 from functools import partial

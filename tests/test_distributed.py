@@ -9,7 +9,6 @@ one update on them equals the single process's on all of them.
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -142,9 +141,10 @@ def test_rl_runs_on_two_processes_with_sharded_rollouts(tmp_path, tiny_model_dir
 
 def test_rl_updates_on_two_processes_equal_one_on_the_union_of_their_rollouts(tmp_path, tiny_model_dir):
     """Each rank weighs its loss by its share of all ranks' completion tokens or, with GRPO's sequence
-    aggregation, completions (PPO also whitens its advantages over all the tokens), so one GRPO or PPO update of two ranks, each on one prompt's completions, is the single
-    process's update on both prompts', though one prompt's completions are much longer than the other's."""
-    script = str(Path(__file__).with_name("rl_update_script.py"))
+    aggregation, completions (PPO also whitens its advantages over all the tokens), so one GRPO or PPO
+    update of two ranks, each on one prompt's completions, is the single process's update on both
+    prompts', though one prompt's completions are much longer than the other's."""
+    script = rl_update_script.__file__
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     rl_update_script.main(str(tiny_model_dir), str(one))
