@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from posttrain import cli
 from posttrain.rl.rollouts import rank_share
 from tests import rl_update_script
+from tests.conftest import random_model
 
 
 def sft_data(path):
@@ -159,3 +160,20 @@ def test_rl_updates_on_two_processes_equal_one_on_the_union_of_their_rollouts(tm
             step_one, step_two = after - before, after_two[name] - before  # minus the gradient (SGD, lr 1)
             assert step_one.abs().max() > 1e-4, (method, name)
             torch.testing.assert_close(step_two, step_one, rtol=1e-4, atol=1e-6, msg=f"{method} {name}")
+
+
+def test_distill_students_on_two_processes_match_one(tmp_path, tiny_model_dir, tokenizer):
+    """Every student, the soft-target ones with the teacher's forward on each rank's rows, and the on-policy one
+    sampling the whole global batch on every rank (same weights, same seed: the same rows) before its share."""
+    teacher = tmp_path / "teacher"
+    random_model(tokenizer, seed=1, hidden=64).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    args = ["-m", "posttrain", "distill", "--model", str(tiny_model_dir), "--data", sft_data(tmp_path / "train.jsonl"),
+            f"teacher={teacher}", "steps=4", "batch_size=8", "log_every=1", "lr=3e-3", "warmup_steps=1",
+            "sample_every=2"]
+    single, multi = run_single_and_torchrun(tmp_path, args)
+    for kind in ("sft", "seq_kd", "soft_kd", "on_policy"):
+        one, two = (run / kind / "seed0" for run in (single, multi))
+        assert losses(two) == pytest.approx(losses(one), rel=1e-4), kind
+        assert grad_norms(two) == pytest.approx(grad_norms(one), rel=1e-4), kind
+    assert losses(single / "soft_kd" / "seed0")[-1] < losses(single / "soft_kd" / "seed0")[0]
