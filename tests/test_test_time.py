@@ -215,8 +215,10 @@ def test_default_self_consistency_beats_greedy(tmp_path):
 
 @pytest.mark.slow
 def test_default_few_shot_cot_beats_few_shot_direct_on_the_base_model(tmp_path):
+    """Issue 6: >= 10 points. Accuracies are multiples of 1/200, so exactly 10 points (21 vs 1 right, as on
+    the fourth box) must pass: 0.105 < 0.005 + 0.1 in floating point, hence the 1e-9."""
     summary = default_run(cot_prompting, tmp_path)
-    assert summary["metrics"]["accuracy"] >= summary["baseline"]["accuracy"] + 0.10
+    assert summary["metrics"]["accuracy"] >= summary["baseline"]["accuracy"] + 0.10 - 1e-9
 
 
 @pytest.mark.slow
