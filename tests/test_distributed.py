@@ -126,18 +126,23 @@ def test_each_rank_samples_its_own_share_of_the_prompts():
         rank_share(prompts, Rank(0, 3))
 
 
-@pytest.mark.parametrize("method, samples", [("grpo", "num_generations=4"), ("ppo", "samples_per_prompt=4")])
+@pytest.mark.parametrize("method, samples", [("grpo", "num_generations=4"), ("ppo", "samples_per_prompt=4"),
+                                             ("grpo", "num_generations=4 lora_r=4")])
 def test_rl_runs_on_two_processes_with_sharded_rollouts(tmp_path, tiny_model_dir, method, samples):
-    """Each rank samples and updates on its own rollouts (packed, with PPO's value head beside the policy)."""
+    """Each rank samples and updates on its own rollouts (packed, with PPO's value head beside the policy; with
+    LoRA, the reference is the policy with its adapters off, through DDP's wrapper)."""
     args = ["-m", "posttrain", method, "--model", str(tiny_model_dir), "difficulties=2", "steps=2",
-            "prompts_per_step=4", samples, "batch_size=16", "eval_every=0", "eval_problems=8",
+            "prompts_per_step=4", *samples.split(), "batch_size=16", "eval_every=0", "eval_problems=8",
             "kl_problems=4", "--output-dir", str(tmp_path / "multi")]
     launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                                *args], capture_output=True, text=True)
     assert launched.returncode == 0, launched.stderr[-2000:]
     steps = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]  # one line per step, written once (rank 0)
-    assert json.loads((tmp_path / "multi" / "summary.json").read_text())["method"] == method
+    summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    assert summary["method"] == method
+    if "lora_r" in samples:  # only the adapters trained
+        assert 0 < summary["params"]["trainable"] < 0.5 * summary["params"]["total"]
 
 
 def test_rl_updates_on_two_processes_equal_one_on_the_union_of_their_rollouts(tmp_path, tiny_model_dir):
