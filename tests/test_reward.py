@@ -202,7 +202,7 @@ def test_bad_preference_data_names_the_line(tmp_path):
 def test_default_reward_run(tmp_path):
     """The default run on the shared 4-digit policy: issue 4's accuracy bars (measured: ORM pairs 0.98,
     PRM steps 0.99) and the hacking curve: the length-biased proxy's best-of-N accuracy falls past its
-    peak (measured 0.97 at N=8, 0.88 at N=64) and the detector fires; the clean ORM's leaves it silent."""
+    peak (measured 0.97 at N=16, 0.84 at N=128) and the detector fires; the clean ORM's leaves it silent."""
     summary = reward_model.run(load_config(reward_model.CONFIG, None, [f"output_dir={tmp_path}"]))
     metrics = summary["metrics"]
     assert metrics["test_solutions"] == 64 * 16
@@ -212,7 +212,7 @@ def test_default_reward_run(tmp_path):
     assert metrics["prm_step_accuracy"] > metrics["prm_step_label_mean"] + 0.05
     assert metrics["prm_first_error_accuracy"] >= 0.8
     proxy, clean = metrics["hacking"]["proxy"], metrics["hacking"]["orm"]
-    assert proxy["curve"][-1]["n"] == 64 and proxy["detected_at_n"] is not None and clean["detected_at_n"] is None
+    assert proxy["curve"][-1]["n"] == 128 and proxy["detected_at_n"] is not None and clean["detected_at_n"] is None
     accuracy = [c["accuracy"] for c in proxy["curve"]]
     assert max(accuracy) >= accuracy[0] + 0.05 and accuracy[-1] <= max(accuracy) - 0.05  # up, then down
 

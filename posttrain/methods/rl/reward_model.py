@@ -19,24 +19,32 @@ the PRM rejects is the first wrong one); calibration of the PRM's probabilities 
 Reward hacking (Gao et al. 2022, "Scaling laws for reward model overoptimization"): a proxy ORM is
 trained on preference data with a spurious feature, the way a length-biased rater would produce it:
 of two solutions of different length the longer one is preferred, and correctness only breaks ties.
-Best-of-N against the proxy for N = 1, 2, 4, ..., 64 (KL from the policy = log N - (N-1)/N), picking
+Best-of-N against the proxy for N = 1, 2, 4, ..., 128 (KL from the policy = log N - (N-1)/N), picking
 from `hacking_samples` solutions per held-out problem, raises the proxy reward with N while verified
 accuracy, after a first rise, falls: large N finds the rare wrong solutions the proxy loves.
 `evaluation.overoptimisation_point` flags the N where accuracy has fallen `hacking_tolerance` below its
-best while the proxy reward is still rising; the clean ORM's curve over the same N is the control,
-which a sound reward model does not trigger.
+best while the proxy reward is still rising; the clean ORM's curve over the same N is the control.
 
 Measured (default run, shared 4-digit policy, 64 held-out problems; ORM and PRM judged on 16 solutions
-each, best-of-N drawing from 64; likelihood head; 119 s of training in the demonstration run):
-ORM pairwise accuracy 1.00 (AUC 0.95), PRM step accuracy 0.99 (always saying "right": 0.86) and
-first-error localisation 0.97: the policy's mistake, the forgotten carry after a column totalling 10, is
-visible in the step that makes it. Hacking: the proxy's best-of-N accuracy rises 0.76 -> 0.94 at N=16,
-then falls to 0.92 at N=32 and 0.88 at N=64 while its reward keeps rising; the detector fires at N=64.
-The clean ORM over the same samples: 0.96 at N=16 and 32, 0.94 at N=64: silent. Why: on this policy a
-longer solution is usually a right one (a kept carry adds the final `0+0+1=1` line and a digit), so the
-proxy helps at first; but what it learned from "longer wins" is closer to "bigger numbers win" (on the
-previous base model, 7 of the 8 held-out problems where its pick from all 64 samples was wrong were a
-one-in-64 digit slip, `8+5+0=14`, of the same length as the right solution and a larger answer).
+each, best-of-N drawing from 128; likelihood head; 95 s of training, 2026-12-03, an AMD EPYC box):
+ORM pairwise accuracy 0.91 (AUC 0.99; the policy's own likelihood as a scorer 0.57), PRM step
+accuracy 0.97 (always saying "right": 0.86) and first-error localisation 0.90: the policy's mistake,
+the forgotten carry after a column totalling 10, is visible in the step that makes it. Hacking: the
+proxy's best-of-N accuracy rises 0.77 -> 0.97 at N=16, then falls to 0.95, 0.91 and 0.84 at N=32, 64
+and 128 while its reward keeps rising; the detector fires at N=64. The clean ORM over the same
+samples: 0.98 at N=16, 0.94 at N=128: silent. Why the proxy turns: on this policy a longer solution is
+usually a right one (a kept carry adds the final `0+0+1=1` line and a digit), so the proxy helps at
+first; but what it learned from "longer wins" is closer to "bigger numbers win": its wrong picks are
+one-in-256 digit slips (`7+8+0=16` for 15) of the same length as the right solution and a larger answer.
+
+Every learned reward model is over-optimised in the end, the clean one too: its training data (768
+samples of the policy) hold the systematic carry slip but hardly any of the rare arithmetic slips
+(`3+9+1=12`) that a large N digs up, so it cannot rank them. With the cached proxy and ORM on three
+other draws of 64 held-out problems and their samples, from the best N to N=128 the proxy's accuracy
+fell 5.3-11.7 points and the clean ORM's 0.5-3.2 (in the default run above 12.1 and 4.2); at N=256
+the clean ORM's fell 6 points (0.98 -> 0.92; the proxy's to 0.75, below N=1). The default stops at
+128, where the two differ clearly. It was 64 before: there the proxy's fall was 0.9-5.0 points on
+those draws and 4.5 in a demonstration run, and the detector's 5-point tolerance missed it.
 
 Options: `trainable_layers=K` trains only the top K blocks (cheaper per step, for larger backbones).
 With `--data FILE.jsonl` (prompt/chosen/rejected records) the run trains the ORM on that data instead;
@@ -81,7 +89,7 @@ class RewardConfig(TrainingConfig):
     samples: int = 4  # solutions sampled per training problem
     test_problems: int = 64  # held-out problems (test split)
     test_samples: int = 16  # solutions per held-out problem that the ORM and PRM are judged on
-    hacking_samples: int = 64  # solutions per held-out problem best-of-N picks from: the hacking curve's largest N
+    hacking_samples: int = 128  # solutions per held-out problem best-of-N picks from: the hacking curve's largest N
     temperature: float = 1.0  # sampling temperature of the policy
     orm_bce_weight: float = 1.0  # weight of BCE on correctness added to the ORM's Bradley-Terry loss
     prm_aggregate: str = "min"  # PRM solution score: min | product of step probabilities
