@@ -154,6 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outside a training loop (sampling, evaluation, GRPO/PPO): nothing to resume from
         print("\ninterrupted; no checkpoint was saved at this point, so run the command again", file=sys.stderr)
         return 130
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Close the torchrun process group this process joined, if any. Left open until the interpreter exits, a
+    rank aborted there in 4 of 40 two-process runs ("terminate called without an active exception"; 0 of 40
+    closed), and torchrun reports a run that had finished and saved everything as failed."""
+    dist = sys.modules.get("torch.distributed")  # torch never imported (--help, report): no group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_report(run_dir: str) -> int:

@@ -11,6 +11,7 @@ from functools import partial
 import torch
 from safetensors.torch import save_file
 
+from posttrain.cli import leave_process_group
 from posttrain.data import encode_pair, pad_batch
 from posttrain.models import load_model
 from posttrain.rl.rollouts import Rollouts, rank_share
@@ -72,6 +73,7 @@ def main(model_dir: str, out_dir: str) -> None:
         weights = update(model, tokenizer, accelerator, model_dir)
         if accelerator.is_main_process:
             save_file({k: v.detach().clone() for k, v in weights.items()}, f"{out_dir}/{method}.safetensors")
+    leave_process_group()
 
 
 if __name__ == "__main__":
