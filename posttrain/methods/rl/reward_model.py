@@ -44,7 +44,11 @@ other draws of 64 held-out problems and their samples, from the best N to N=128 
 fell 5.3-11.7 points and the clean ORM's 0.5-3.2 (in the default run above 12.1 and 4.2); at N=256
 the clean ORM's fell 6 points (0.98 -> 0.92; the proxy's to 0.75, below N=1). The default stops at
 128, where the two differ clearly. It was 64 before: there the proxy's fall was 0.9-5.0 points on
-those draws and 4.5 in a demonstration run, and the detector's 5-point tolerance missed it.
+those draws and 4.5 in a demonstration run, and the detector's 5-point tolerance missed it. On an
+Intel Xeon box (2026-12-06) the clean ORM's detector fired at N=64 in the default run (0.96 at N=16,
+0.90 at 64, 0.86 at 128; the proxy 0.90 at N=8 -> 0.52 at 128, fired at N=32), and with `samples=8`
+(twice the ORM's training solutions) as well (0.96 -> 0.88 at 64): more of the same samples do not
+teach it the rare slips.
 
 Options: `trainable_layers=K` trains only the top K blocks (cheaper per step, for larger backbones).
 With `--data FILE.jsonl` (prompt/chosen/rejected records) the run trains the ORM on that data instead;
