@@ -47,8 +47,8 @@ the clean ORM's fell 6 points (0.98 -> 0.92; the proxy's to 0.75, below N=1). Th
 those draws and 4.5 in a demonstration run, and the detector's 5-point tolerance missed it. On an
 Intel Xeon box (2026-12-06) the clean ORM's detector fired at N=64 in the default run (0.96 at N=16,
 0.90 at 64, 0.86 at 128; the proxy 0.90 at N=8 -> 0.52 at 128, fired at N=32), and with `samples=8`
-(twice the ORM's training solutions) as well (0.96 -> 0.88 at 64): more of the same samples do not
-teach it the rare slips.
+(twice the ORM's training solutions, in one run on a policy built on two threads, so other samples)
+as well (0.96 -> 0.88 at 64).
 
 Options: `trainable_layers=K` trains only the top K blocks (cheaper per step, for larger backbones).
 With `--data FILE.jsonl` (prompt/chosen/rejected records) the run trains the ORM on that data instead;
