@@ -1,7 +1,8 @@
 """What posttrain keeps in its cache, and removing what the current code can no longer reuse.
 
     <cache>/                                   $POSTTRAIN_CACHE, else ~/.cache/posttrain
-      base-models/tiny-<fingerprint>/          embedded base models (models.ensure_embedded), and
+      base-models/tiny-<fingerprint>/          embedded base models (models.ensure_embedded), converted
+                                               packaged ones (models.ensure_packaged), and
       base-models/.tiny-<fingerprint>.work/    their pretraining logs
       stages/sft-<key>/                        shared stages (stages.cached_run); stage.json holds
                                                what the key hashes, the package's source included
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from posttrain.models import EMBEDDED, cache_dir
+from posttrain.models import base_model_fingerprint, cache_dir
 from posttrain.stages import RECORD, source_fingerprint
 
 CURRENT = "current"
@@ -72,10 +73,11 @@ def _folders(parent: Path, pattern: str = "[!.]*") -> list[Path]:
 
 def _base_model(path: Path) -> Entry:
     name, _, fingerprint = path.name.rpartition("-")
-    if name not in EMBEDDED:
-        state = "stale: no embedded model of that name"
-    elif fingerprint != EMBEDDED[name].fingerprint():
-        state = "stale: built from another base-model config or world"
+    current = base_model_fingerprint(name)
+    if current is None:
+        state = "stale: no base model of that name"
+    elif fingerprint != current:
+        state = "stale: built from another base-model config, world or package version"
     else:
         state = CURRENT if (path / "config.json").exists() else "interrupted"
     return Entry("base model", path, state, _size(path) + _size(log_of(path)))

