@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random model saved as a Hugging Face folder, and the quick embedded model."""
 from __future__ import annotations
 
+import copy
 import os
 import random
 
@@ -45,3 +46,22 @@ def quick_model():
     from posttrain.models import ensure_embedded
 
     return str(ensure_embedded("tiny-quick"))
+
+
+# A ChatML-style template in the shape of SmolLM2's: a default system turn, then the messages.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}{{ 'system: You are a helpful assistant.\n' }}{% endif %}"
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory, tokenizer):
+    """A random tiny Llama whose tokenizer has a chat template: a chat model, as far as posttrain can tell."""
+    path = tmp_path_factory.mktemp("tiny-chat-model")
+    chat_tokenizer = copy.deepcopy(tokenizer)  # the session's tokenizer stays template-free
+    chat_tokenizer.chat_template = CHAT_TEMPLATE
+    random_model(tokenizer, seed=1).save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
+    return path

@@ -36,7 +36,7 @@ def eval_skill(model, tokenizer, skill: str, difficulties, n: int, fmt: str, see
 
 def headline(result: dict) -> dict:
     """An evaluation result without the per-problem lists: what summary.json keeps."""
-    return {k: v for k, v in result.items() if k not in ("completions", "correct", "prompts")}
+    return {k: v for k, v in result.items() if k not in ("completions", "correct", "prompts", "_main")}
 
 
 def world_examples(skill: str, difficulties, n: int, fmt: str, seed: int,

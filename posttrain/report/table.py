@@ -17,6 +17,9 @@ from posttrain.methods import METHODS
 
 COLUMNS = ["method", "category", "train time (s)", "tokens / problem", "s / problem", "trainable params",
            "trainable %", "accuracy before", "accuracy after", "gain", "KL"]
+# A chat model's runs also measure what it loses outside the task (chat_world.GeneralProbe): the NLL per token
+# of the start model's replies to general requests, before and after. Shown when some run has them.
+GENERAL_COLUMNS = ["NLL elsewhere before", "NLL elsewhere after"]
 
 
 def load_summaries(run_dir: str | Path) -> dict[str, dict]:
@@ -73,7 +76,14 @@ def row(name: str, summary: dict) -> dict:
         "accuracy after": after,
         "gain": after - before if before is not None and after is not None else None,
         "KL": metrics.get("kl"),
+        "NLL elsewhere before": baseline.get("general_nll"),
+        "NLL elsewhere after": metrics.get("general_nll"),
     }
+
+
+def columns(rows: list[dict]) -> list[str]:
+    """COLUMNS, and GENERAL_COLUMNS when a row has them."""
+    return COLUMNS + (GENERAL_COLUMNS if any(r[c] is not None for r in rows for c in GENERAL_COLUMNS) else [])
 
 
 def _cell(value) -> str:
@@ -89,14 +99,16 @@ def comparison_rows(summaries: dict[str, dict]) -> list[dict]:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    shown = columns(rows)
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in shown) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: list[dict]) -> str:
+    shown = columns(rows)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=shown, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows({c: "" if r[c] is None else r[c] for c in COLUMNS} for r in rows)
+    writer.writerows({c: "" if r[c] is None else r[c] for c in shown} for r in rows)
     return buffer.getvalue()

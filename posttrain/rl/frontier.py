@@ -1,7 +1,8 @@
 """Points of the reward-KL frontier: held-out accuracy, and how far the policy moved from the reference.
 
-    accuracy   greedy chain-of-thought accuracy on held-out test problems (the verifier decides), or
-               on the held-out share of a user's prompts (`--data`; rl/answers.py decides)
+    accuracy   greedy chain-of-thought accuracy on held-out test problems (the verifier decides), or,
+               asked as requests, a chat model's (world/chat.py), or on the held-out share of a user's
+               prompts (`--data`); rl/answers.py decides those two
     kl         KL(pi || ref) of whole completions, in nats: the exact per-position KL (a sum over
                the vocabulary) added up along completions the policy samples at temperature 1.
                That is an unbiased estimate of the sequence KL with less noise than sampled
@@ -17,11 +18,12 @@ from typing import Callable
 
 import torch
 
+from posttrain.data import has_chat_template
 from posttrain.evaluation import evaluate, evaluate_answers, max_new_tokens_for
 from posttrain.models import load_model
-from posttrain.records import split_records
+from posttrain.records import PromptRecord, split_records
 from posttrain.rl.kl import exact_kl
-from posttrain.rl.rollouts import cot_prompts, sample_rollouts, training_prompts
+from posttrain.rl.rollouts import chat_prompts, cot_prompts, sample_rollouts, training_prompts
 from posttrain.world import MAIN_SKILL, sample_problems
 
 
@@ -65,6 +67,16 @@ class HeldOut:
         return cls(greedy, kl_prompts, budget, reference_path, seed)
 
     @classmethod
+    def of_chat(cls, difficulties, n: int, n_kl: int, reference_path: str, seed: int, max_new_tokens: int) -> "HeldOut":
+        """World addition problems of the test split asked as a chat model's requests (world/chat.py),
+        the answers read from its replies by rl/answers.py."""
+        prompts, answers = chat_prompts(sample_problems(MAIN_SKILL, difficulties, n, "test", seed))
+        kl_prompts = chat_prompts(sample_problems(MAIN_SKILL, difficulties, n_kl, "val", seed))[0]
+        held_out = cls.of_records([PromptRecord(q, a) for q, a in zip(prompts, answers)], 0, reference_path, seed,
+                                  max_new_tokens)
+        return dataclasses.replace(held_out, kl_prompts=kl_prompts)
+
+    @classmethod
     def of_records(cls, records: list, n_kl: int, reference_path: str, seed: int, max_new_tokens: int) -> "HeldOut":
         """A user's held-out PromptRecords, their answers checked by rl/answers.py; KL on the first `n_kl`."""
         prompts, answers = [r.prompt for r in records], [r.answer for r in records]
@@ -85,13 +97,18 @@ class HeldOut:
 
 
 DATA_MAX_NEW_TOKENS = 256  # completion budget of rollouts and evaluation on a user's prompts, unless set
+CHAT_MAX_NEW_TOKENS = 32  # a chat model's reply to a world request: "48 + 80 = 128" is about 12 tokens
 
 
 def run_prompts(cfg, records: list | None, tokenizer, start_path: str) -> tuple[HeldOut, list[str], list[str]]:
     """A PPO or GRPO run's held-out measurement and its steps x prompts_per_step training (prompts, answers):
-    world addition problems, or the user's PromptRecords with a seeded tenth held out (at most eval_problems
-    of them measured)."""
+    world addition problems (asked as requests when the model is a chat model: its tokenizer has a chat template), or the
+    user's PromptRecords with a seeded tenth held out (at most eval_problems of them measured)."""
     n = cfg.steps * cfg.prompts_per_step
+    if records is None and has_chat_template(tokenizer):
+        held_out = HeldOut.of_chat(cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed,
+                                   cfg.max_new_tokens or CHAT_MAX_NEW_TOKENS)
+        return (held_out, *training_prompts(cfg.difficulties, None, n, cfg.seed, chat=True))
     if records is None:
         held_out = HeldOut.of(tokenizer, cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed,
                               cfg.max_new_tokens)

@@ -49,6 +49,12 @@ cores, the best variant within them kept 0.55). At 200 steps on that box rehears
 and kept 4% of the drop (plain: mean drop 0.83), in 122 s of training on both cores (160 s on the AMD
 box, over the 2-minute budget: the bar comes first).
 
+With a chat model and no `--data` (`--model posttrain:smollm2-135m`, the real pretrained LLM), the
+demonstrations are world additions asked in words with worked solutions in sentences (world/chat.py),
+accuracy reads the reply's answer by convention, and what the model loses is measured on requests outside
+the task (chat_world.GeneralProbe: the NLL of the start model's own replies, `general_nll`); only the first
+variant trains, as the old-skill probes and replay rows are the embedded world's.
+
 With `--data FILE.jsonl` (prompt/completion or messages records) the run fine-tunes on that data
 with the first variant only (there are no old-skill probes to compare variants on, and replay and
 rehearsal need world prompts); 10% of the records are held out and accuracy is exact match of the
@@ -67,6 +73,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from posttrain.chat_world import CHAT_WORKED_TOKENS, GeneralProbe, held_out_accuracy, training_pairs, uses_chat_world
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
 from posttrain.evaluation import max_new_tokens_for
@@ -78,6 +85,7 @@ from posttrain.models import DEFAULT_MODEL, load_model
 from posttrain.records import read_sft, split_records
 from posttrain.report.finetuning_plots import frontier, grouped_bars
 from posttrain.report.plots import training_curve
+from posttrain.rl.frontier import CHAT_MAX_NEW_TOKENS
 from posttrain.training import TrainingConfig, TrainResult, train
 from posttrain.world import EASY_DIFFICULTY, FORMATS, MAIN_SKILL, SKILLS, render, sample_problems
 
@@ -129,6 +137,13 @@ CONFIG = SFTConfig
 QUICK = {"model": "posttrain:tiny-quick", "difficulties": "2", "steps": 60, "train_examples": 1000, "eval_problems": 100,
          "old_skill_problems": 50, "variants": "plain,l2sp:0.01,replay:0.3,rehearse:0.3"}
 
+
+# The real pretrained chat model: worked 2-digit additions in sentences, the plain variant only (the
+# forgetting probe of a chat model is chat_world.GeneralProbe), sized to the real-model track's 15 minutes.
+PRESETS = {"posttrain:smollm2-135m": {
+    "difficulties": "2", "variants": "plain", "train_examples": 2000, "steps": 30, "batch_size": 16, "lr": 1e-4,
+    "warmup_steps": 3, "eval_problems": 300,
+}}
 
 REPLAYS = ("replay", "rehearse")  # variants that mix old-skill rows into the batches
 
@@ -226,6 +241,15 @@ def evaluate_records(model, tokenizer, records) -> dict:
     return {"accuracy": sum(correct) / len(correct), "n": len(correct)}
 
 
+def evaluate_chat(model, tokenizer, cfg: SFTConfig, probe: GeneralProbe) -> dict:
+    """A chat model's held-out accuracy on world additions asked as requests, and the NLL of the start model's
+    replies to general requests (chat_world.GeneralProbe: what it loses outside the task)."""
+    worked = cfg.format == "cot"
+    budget = CHAT_WORKED_TOKENS if worked else CHAT_MAX_NEW_TOKENS
+    main = held_out_accuracy(model, tokenizer, cfg.difficulties, cfg.eval_problems, cfg.seed, worked, budget)
+    return {**headline(main), **probe.nll(model, tokenizer.pad_token_id), "_main": main}
+
+
 def prompt_of(record):
     """A record's prompt: its text, or its earlier chat turns for messages-format records."""
     return record.messages if record.messages is not None else record.prompt
@@ -267,7 +291,7 @@ def train_variant(cfg: SFTConfig, spec: str, folder, target: EncodedDataset, eva
     if parse_variant(spec)[0] == "l2sp" or not cfg.data:
         anchors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     eval_fn = None
-    if headline_run and cfg.eval_every and not cfg.data:
+    if headline_run and cfg.eval_every and not cfg.data and not uses_chat_world(tokenizer, cfg.data):
         eval_fn = lambda step: {"eval_accuracy": eval_skill(  # noqa: E731
             model, tokenizer, cfg.skill, cfg.difficulties, cfg.eval_problems, cfg.format, cfg.seed)["accuracy"]}
     batches = variant_batches(cfg, spec, target, model, tokenizer)  # before training: `model` is still the base
@@ -290,10 +314,15 @@ def run(cfg: SFTConfig, resume: bool = False) -> dict:
     records = read_sft(cfg.data) if cfg.data else None  # bad data fails before anything slow
     out = prepare_output(cfg.output_dir, resume)
     model, tokenizer = load_model(cfg.model)
+    chat = uses_chat_world(tokenizer, cfg.data)
     if records:
         records, held_out = split_records(records, cfg.seed)
         pairs = [(prompt_of(r), r.completion) for r in records]
         evaluate_fn = lambda m: evaluate_records(m, tokenizer, held_out)  # noqa: E731
+    elif chat:
+        pairs = training_pairs(cfg.difficulties, cfg.train_examples, cfg.seed, worked=cfg.format == "cot")
+        probe = GeneralProbe.of(model, tokenizer)  # the start model's replies outside the task
+        evaluate_fn = lambda m: evaluate_chat(m, tokenizer, cfg, probe)  # noqa: E731
     else:
         pairs = world_examples(cfg.skill, cfg.difficulties, cfg.train_examples, cfg.format, cfg.seed, cfg.slip_rate)
         evaluate_fn = lambda m: evaluate_world(m, tokenizer, cfg)  # noqa: E731
@@ -301,7 +330,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> dict:
     baseline = evaluate_fn(model)
     baseline.pop("_main", None)
     target = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
-    variants = cfg.variants[:1] if records else cfg.variants
+    variants = cfg.variants[:1] if records or chat else cfg.variants  # old-skill probes: the embedded world's
     runs = {}
     for i, spec in enumerate(variants):  # a finished variant leaves variant.json: --resume skips it
         folder = out if i == 0 else out / "variants" / spec.replace(":", "-")
@@ -311,7 +340,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> dict:
     first = runs[variants[0]]
     metrics = {**first["after"], "train_examples": len(target), "train_tokens": target.tokens(),
                "variant_time_s": {spec: r["time_s"] for spec, r in runs.items()}}
-    if not records:
+    if not (records or chat):
         forgetting = {spec: forgetting_entry(r["after"], baseline) for spec, r in runs.items()}
         metrics["forgetting"] = forgetting
         metrics["best_mitigation"] = best_mitigation(forgetting)

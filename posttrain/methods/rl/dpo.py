@@ -55,7 +55,8 @@ import json
 import torch
 
 from posttrain import lora
-from posttrain.data import encode_pair, pad_batch
+from posttrain.chat_world import GeneralProbe, general_nll, uses_chat_world
+from posttrain.data import encode_pair, has_chat_template, pad_batch
 from posttrain.errors import UserError
 from posttrain.generation import sequence_logprobs
 from posttrain.lora import AdapterConfig
@@ -67,8 +68,10 @@ from posttrain.models import load_model
 from posttrain.records import read_preferences, split_records
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import beta_sweep_plot, draw_frontier
-from posttrain.rl.frontier import HeldOut, reference_kl
-from posttrain.rl.rollouts import cot_prompts, policy_path, sample_rollouts, training_problems
+from posttrain.rl.answers import answer_rewards
+from posttrain.rl.frontier import CHAT_MAX_NEW_TOKENS, HeldOut, reference_kl
+from posttrain.rl.rollouts import (chat_prompts, cot_prompts, policy_path, sample_rollouts, training_problems,
+                                   verifier_rewards)
 from posttrain.training import TrainingConfig, row_count, train
 
 
@@ -125,11 +128,15 @@ def bind_loss(cfg: DPOConfig, beta: float):
     return functools.partial(DPO_LOSSES[cfg.loss], beta=beta, **options)
 
 
-def policy_pairs(model, tokenizer, cfg: DPOConfig, max_new_tokens: int) -> tuple[list, dict]:
-    """(chosen, rejected) encoded rows from the policy's own samples, and how they were found."""
+def policy_pairs(model, tokenizer, cfg: DPOConfig, max_new_tokens: int, chat: bool = False) -> tuple[list, dict]:
+    """(chosen, rejected) encoded rows from the policy's own samples, and how they were found: world problems
+    as CoT prompts judged by the world's verifier, or with `chat` as a chat model's requests, the answers read
+    by convention (rl/answers.py)."""
     problems = training_problems(cfg.difficulties, cfg.pair_prompts, cfg.seed)
-    rollouts = sample_rollouts(model, tokenizer, *cot_prompts(problems), num_samples=cfg.samples_per_prompt,
-                               max_new_tokens=max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    prompts, answers = chat_prompts(problems) if chat else cot_prompts(problems)
+    rollouts = sample_rollouts(model, tokenizer, prompts, answers, num_samples=cfg.samples_per_prompt,
+                               max_new_tokens=max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                               reward_fn=answer_rewards if chat else verifier_rewards)
     pairs, G = [], cfg.samples_per_prompt
     for start in range(0, len(rollouts.texts), G):
         group = range(start, start + G)
@@ -259,18 +266,22 @@ def run(cfg: DPOConfig, resume: bool = False) -> dict:
         measure = functools.partial(measure_on_records, tokenizer=tokenizer, records=held_records, start_path=start_path,
                                     seed=cfg.seed)
     else:
-        held_out = HeldOut.of(tokenizer, cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed)
+        chat = has_chat_template(tokenizer)  # a chat model: world additions asked as requests (world/chat.py)
+        held_out = (HeldOut.of_chat(cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed,
+                                    CHAT_MAX_NEW_TOKENS) if chat else
+                    HeldOut.of(tokenizer, cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed))
         measure = functools.partial(held_out.measure, tokenizer=tokenizer)
-        pairs, pair_info = policy_pairs(model, tokenizer, cfg, held_out.max_new_tokens)
+        pairs, pair_info = policy_pairs(model, tokenizer, cfg, held_out.max_new_tokens, chat)
 
-    baseline = measure(model, kl=False)
+    probe = GeneralProbe.of(model, tokenizer) if uses_chat_world(tokenizer, cfg.data) else None  # what it loses
+    baseline = {**measure(model, kl=False), **general_nll(probe, model, tokenizer)}
     tensors = pair_tensors(pairs, tokenizer.pad_token_id)
     if cfg.precompute_ref_logps:
         tensors["ref_logps"] = all_pair_logps(model, tensors)  # the start policy is the reference
     del model  # a fresh copy is trained (the beta sweep starts from it again)
 
     model, tokenizer, result = train_dpo(cfg, start_path, tensors, cfg.beta, out, resume, measure)
-    after = measure(model)
+    after = {**measure(model), **general_nll(probe, model, tokenizer)}
     save_policy(model, tokenizer, out, start_path)
     if not records:
         write_samples(out / "samples.jsonl", after)

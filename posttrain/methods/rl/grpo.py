@@ -26,6 +26,14 @@ of the weights, as TRL does with a PEFT model. The run then also writes `adapter
 Measured (third box, 2026-12-02, `lora_r=8 lr=1e-3`, 32,768 trainable parameters of 935,040): 0.69 ->
 0.997 at step 15 (KL 0.51) and 1.00 at the end (KL 0.45), in 113 s of training on two threads.
 
+With a chat model and no `--data` (`--model posttrain:smollm2-135m`, the real pretrained LLM), the prompts
+are world additions asked in words ("What is 48 plus 80? Reply with just the number.", world/chat.py) and
+the reward reads the reply's answer by convention (rl/answers.py): GRPO from the instruct model itself, no
+SFT first. Its preset (`PRESETS`) departs from the defaults where a 135M-parameter model needs it:
+learning rate 1e-5, sampling at temperature 0.7 (at 1.0 the model's samples are rarely right, so most
+groups teach nothing), beta = 0 (as TRL's default: no reference in memory; the KL to the start model is
+still measured at each evaluation) and 15 rollout batches of 16 x 8.
+
 With `--data`, the prompts are the user's (`{"prompt", "answer"}` records; a tenth held out for
 the accuracy and KL measurements) and the verifier reads the completion's answer by common conventions
 (`\\boxed{}`, `####`, `A:` or "the answer is", else the last number; rl/answers.py).
@@ -34,6 +42,7 @@ the accuracy and KL measurements) and the verifier reads the completion's answer
     posttrain grpo scale_rewards=false beta=0          # Dr. GRPO without a reference model
     posttrain grpo --model Qwen/Qwen2.5-0.5B-Instruct --data math.jsonl max_new_tokens=512 precision=bf16
     posttrain grpo lora_r=8 lr=1e-3                    # train a LoRA update; the reference is the adapters off
+    posttrain grpo --model posttrain:smollm2-135m      # the real pretrained LLM (its preset applies)
 """
 from __future__ import annotations
 
@@ -44,6 +53,8 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain import lora
+from posttrain.chat_world import GeneralProbe, general_nll, uses_chat_world
+from posttrain.data import has_chat_template
 from posttrain.errors import UserError
 from posttrain.io import JsonlWriter
 from posttrain.lora import AdapterConfig
@@ -105,6 +116,12 @@ CONFIG = GRPOConfig
 # --quick: the smoke-sized twin policy on 2-digit addition.
 QUICK = {"model": "sft-policy-quick", "difficulties": "2", "steps": 8, "eval_every": 0, "eval_problems": 100,
          "kl_problems": 32}
+# The real pretrained chat model, from the instruct model itself: 2-digit additions asked in words, one update
+# per rollout batch of 128 completions, sized to the real-model track's 15 minutes on 2 CPU cores.
+PRESETS = {"posttrain:smollm2-135m": {
+    "difficulties": "2", "steps": 15, "prompts_per_step": 16, "num_generations": 8, "batch_size": 128,
+    "temperature": 0.7, "lr": 1e-5, "beta": 0.0, "warmup_steps": 2, "eval_every": 5, "kl_problems": 32,
+}}
 
 
 def run(cfg: GRPOConfig, resume: bool = False) -> dict:
@@ -113,13 +130,15 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     records = read_prompts(cfg.data) if cfg.data else None  # bad data fails before anything slow
     out = prepare_output(cfg.output_dir, resume)
     start_path = policy_path(cfg.model)
-    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None)
     model, tokenizer = load_model(start_path)
+    answers_read_by_convention = records is not None or has_chat_template(tokenizer)  # not world CoT's `A:` line
+    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=answers_read_by_convention)
     if cfg.lora_r:  # the reference is then the policy with its adapters off: no second model
         lora.inject(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed)
     reference = load_model(start_path)[0].requires_grad_(False) if cfg.beta and not cfg.lora_r else None
     held_out, prompts, answers = run_prompts(cfg, records, tokenizer, start_path)
-    baseline = held_out.measure(model, tokenizer, kl=False)
+    probe = GeneralProbe.of(model, tokenizer) if uses_chat_world(tokenizer, cfg.data) else None  # what it loses
+    baseline = {**held_out.measure(model, tokenizer, kl=False), **general_nll(probe, model, tokenizer)}
     frontier = [{"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0}]
 
     accelerator = make_accelerator(cfg.precision)
@@ -163,7 +182,7 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
         writer.close()
     elapsed = time.perf_counter() - t0
 
-    after = held_out.measure(policy, tokenizer, reference)
+    after = {**held_out.measure(policy, tokenizer, reference), **general_nll(probe, policy, tokenizer)}
     frontier.append({"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]})
     save_policy(policy, tokenizer, out, start_path)
     write_samples(out / "samples.jsonl", after)

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from posttrain import lora
+from posttrain.data import has_chat_template
 from posttrain.errors import UserError
 from posttrain.generation import labelled_token_logprobs, target_logprobs
 from posttrain.io import JsonlWriter
@@ -145,8 +146,9 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     records = read_prompts(cfg.data) if cfg.data else None  # bad data fails before anything slow
     out = prepare_output(cfg.output_dir, resume)
     start_path = policy_path(cfg.model)
-    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None)
     model, tokenizer = load_model(start_path)
+    answers_read_by_convention = records is not None or has_chat_template(tokenizer)  # not world CoT's `A:` line
+    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=answers_read_by_convention)
     if cfg.lora_r:  # the reference is then the policy with its adapters off: no second model
         lora.inject(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed)
     reference = None if cfg.lora_r else load_model(start_path)[0].requires_grad_(False)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from posttrain.data import has_chat_template
 from posttrain.evaluation import evaluate, evaluate_answers, max_new_tokens_for
 from posttrain.generation import generate
+from posttrain.records import PromptRecord
 from posttrain.rl.answers import completion_key, reference_key
+from posttrain.rl.rollouts import chat_prompts
 from posttrain.world import MAIN_SKILL, extract_answer, render, sample_problems
 from posttrain.world.skills import Problem
 
@@ -48,8 +51,12 @@ class Questions:
 
 
 def held_out_questions(cfg, records: list | None, tokenizer) -> Questions:
-    """A run's questions: `cfg.problems` world problems of `cfg.difficulties` from the test split, or the
-    first `cfg.problems` of the user's records, answered within `cfg.max_new_tokens`."""
+    """A run's questions: `cfg.problems` world problems of `cfg.difficulties` from the test split (asked as
+    requests, world/chat.py, when the model is a chat model), or the first `cfg.problems` of the user's
+    records; a chat model's replies and the records' answers within `cfg.max_new_tokens`."""
+    if records is None and has_chat_template(tokenizer):  # a chat model: world additions asked as requests
+        prompts, answers = chat_prompts(sample_problems(MAIN_SKILL, cfg.difficulties, cfg.problems, "test", cfg.seed))
+        return Questions.of_records([PromptRecord(q, a) for q, a in zip(prompts, answers)], cfg.max_new_tokens)
     if records is None:
         return Questions.world(tokenizer, cfg.difficulties, cfg.problems, cfg.seed)
     return Questions.of_records(records[: cfg.problems], cfg.max_new_tokens)

@@ -16,6 +16,9 @@ voting gains where errors scatter. Measured on an AMD EPYC box (2026-12-03): gre
 8, 16 = 0.72, 0.72, 0.73, 0.72, 0.71 on 300 problems, while the first 100 of them gave maj@16 0.69, a
 tie (0.71-0.72 on 100 on two other boxes). Hence 300 problems by default: the gain is a few of them.
 
+With a chat model and no `--data` (`--model posttrain:smollm2-135m`), the questions are world additions
+asked in words (world/chat.py) and the answers are read from the replies as rl/answers.py reads them.
+
 With `--data`, the questions are the user's `{"prompt", "answer"}` records (the first `problems` of
 them) and answers are read as rl/answers.py reads them, numbers voted and compared by value.
 
@@ -45,7 +48,7 @@ class SelfConsistencyConfig:
     output_dir: str = "runs/self-consistency"  # where summary.json and the plots go
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
     problems: int = 300  # held-out test problems
-    max_new_tokens: int = 256  # completion budget with data (world problems: their longest solution + 8)
+    max_new_tokens: int = 256  # reply budget with data or a chat model (world CoT: its longest solution + 8)
     k: int = 16  # samples per problem (maj@k is the headline)
     temperature: float = 1.0  # sampling temperature
     subsets: int = 200  # random n-subsets per problem for maj@n with n < k
@@ -58,6 +61,9 @@ class SelfConsistencyConfig:
 
 CONFIG = SelfConsistencyConfig
 QUICK = {"model": "sft-policy-quick", "difficulties": "2", "problems": 40, "k": 8}
+# The real pretrained chat model: 2-digit additions asked in words, its short replies, and the temperature its
+# GRPO preset samples at.
+PRESETS = {"posttrain:smollm2-135m": {"difficulties": "2", "k": 16, "temperature": 0.7, "max_new_tokens": 32}}
 
 
 def confidence_halves(shares: list[float], right: list[bool]) -> dict:
