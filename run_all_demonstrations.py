@@ -4,6 +4,7 @@
     python run_all_demonstrations.py                         # every method
     python run_all_demonstrations.py --category fine-tuning  # fine-tuning | rl | test-time
     python run_all_demonstrations.py --method sft --quick    # one method, small and fast
+    python run_all_demonstrations.py --model posttrain:smollm2-135m --output-dir runs/demo-real   # the real-model track
 """
 import argparse
 import sys

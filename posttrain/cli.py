@@ -89,16 +89,20 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", action="append", choices=list(METHODS), help="run only this method (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small, fast runs of every selected method")
     parser.add_argument("--output-dir", default="runs/demo", help="one subfolder per method (default: runs/demo)")
+    parser.add_argument("--model", help="run the methods that have settings for this model (e.g. "
+                        "posttrain:smollm2-135m, the real-model track) instead of the embedded default")
     parser.add_argument("--jobs", type=_positive_int, default=None,
                         help="stages run side by side after the first (default: 2 on a CPU with 2+ cores, 1 on a GPU)")
 
 
 def method_config(method, args):
-    """The method's config: defaults, then --quick, then --config YAML, then flags and key=value."""
+    """The method's config: defaults, then the --config YAML, then --quick, the preset of --model (the module's
+    `PRESETS`), the flags and key=value, each overriding the ones before."""
     from posttrain.config import load_config
 
     module = method.load()
     overrides = method.quick_overrides() if args.quick else []
+    overrides += method.preset_overrides(getattr(args, "model", None))
     overrides += list(args.overrides)
     overrides += [f"{k}={v}" for k in ("output_dir", "model", "data") if (v := getattr(args, k, None)) is not None]
     return module, load_config(module.CONFIG, args.config, overrides)

@@ -1,6 +1,8 @@
 """The demonstration runner behind `posttrain demo` and `run_all_demonstrations.py`.
 
-Runs the selected methods on the embedded default model and writes, into `--output-dir`:
+Runs the selected methods on the embedded default model (or, with `--model`, the methods that have
+settings for that model, e.g. the real-model track on posttrain:smollm2-135m) and writes, into
+`--output-dir`:
 one folder per method (its summary.json, metrics, plots), `comparison.md` / `comparison.csv`
 (the measured method comparison table), `report.html`, and `run.json` (command and machine).
 
@@ -42,14 +44,18 @@ EXPECTED_SECONDS = {"sft": 300, "lora": 170, "cot-ft": 75, "instruction": 80, "d
                     "dpo": 75, "ppo": 140, "grpo": 165, "best-of-n": 45, "self-consistency": 20, "cot-prompt": 110,
                     "tree-search": 35}
 QUICK_FACTOR = 0.25
+REAL_MODEL_SECONDS = 900  # a method's budget on the real-model track (its presets are sized to it)
 # A one-thread worker runs a stage at about this share of its speed on two threads (a second thread
 # speeds a training step up 1.6x, measured): how fast a running stage fills its part of the progress bar.
 ONE_THREAD_SPEED = 1 / 1.6
 
 
-def selected_methods(category: str | None, names: list[str] | None) -> list:
+def selected_methods(category: str | None, names: list[str] | None, model: str | None = None) -> list:
+    """The methods of `category` (or named), and with a `model` only those that have settings for it
+    (their `PRESETS`): the real-model track runs what fits that model."""
     chosen = [METHODS[n] for n in names] if names else list(METHODS.values())
-    return [m for m in chosen if category is None or m.category == category]
+    chosen = [m for m in chosen if category is None or m.category == category]
+    return [m for m in chosen if model is None or m.preset_overrides(model)]
 
 
 def default_jobs() -> int:
@@ -81,19 +87,24 @@ def machine_description() -> str:
 
 
 def run_demo(args) -> int:
-    methods = selected_methods(args.category, args.method)
+    model = getattr(args, "model", None)
+    methods = selected_methods(args.category, args.method, model)
+    if not methods:
+        raise UserError(f"no selected method has settings for --model {model} (methods with them: "
+                        f"{', '.join(m.name for m in selected_methods(None, None, model))})")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = args.jobs or default_jobs()
+    jobs = 1 if model else args.jobs or default_jobs()  # a real model keeps both cores busy on its own
     started = time.perf_counter()
     if jobs == 1 or len(methods) == 1:
-        run_in_turn(methods, out, args.quick, started)
+        run_in_turn(methods, out, args.quick, started, model=model)
     else:
         run_side_by_side(methods, out, args.quick, jobs, started)
     total = time.perf_counter() - started
     write_json(out / "run.json", {"command": " ".join(["run_all_demonstrations.py", *sys.argv[1:]]),
                                   "machine": machine_description(), "time_s": total, "jobs": jobs,
-                                  "methods": [m.name for m in methods], "quick": args.quick})
+                                  "methods": [m.name for m in methods], "quick": args.quick,
+                                  "model": model or DEFAULT_MODEL})
     report = build_report(out)
     print("\n" + (out / "comparison.md").read_text())
     print(f"done in {total:.0f}s; report: {report}")
@@ -102,8 +113,12 @@ def run_demo(args) -> int:
     return 0
 
 
-def stage_overrides(name: str, quick: bool) -> list[str]:
-    return METHODS[name].quick_overrides() if quick else []
+def stage_overrides(name: str, quick: bool, model: str | None = None) -> list[str]:
+    """A stage's settings: --quick's, or with a `model` that model and its preset (cli.method_config's order)."""
+    overrides = METHODS[name].quick_overrides() if quick else []
+    if model:
+        overrides += [*METHODS[name].preset_overrides(model), f"model={model}"]
+    return overrides
 
 
 def collect(name: str, stage: Path, out: Path) -> None:
@@ -112,13 +127,15 @@ def collect(name: str, stage: Path, out: Path) -> None:
         shutil.copytree(stage, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint", "*.lock"))
 
 
-def run_in_turn(methods: list, out: Path, quick: bool, started: float, of: list | None = None) -> None:
+def run_in_turn(methods: list, out: Path, quick: bool, started: float, of: list | None = None,
+                model: str | None = None) -> None:
     """One stage after the other, each with every CPU thread, its progress bars on the terminal
-    (`of`: the whole run's stages, for the announcement's count and estimate)."""
+    (`of`: the whole run's stages, for the announcement's count and estimate; `model`: the model every
+    stage runs, with its preset, instead of the embedded default)."""
     of = of or methods
     for method in methods:
-        _announce(of.index(method), of, started, quick)
-        collect(method.name, cached_run(method.name, stage_overrides(method.name, quick)), out)
+        _announce(of.index(method), of, started, quick, model)
+        collect(method.name, cached_run(method.name, stage_overrides(method.name, quick, model)), out)
 
 
 def run_side_by_side(methods: list, out: Path, quick: bool, jobs: int, started: float) -> None:
@@ -170,10 +187,12 @@ def run_side_by_side(methods: list, out: Path, quick: bool, jobs: int, started: 
                                       "checkpointed; the same command continues") from None
 
 
-def expected_seconds(name: str, quick: bool) -> float:
+def expected_seconds(name: str, quick: bool, model: str | None = None) -> float:
     """A stage's expected seconds on two cores; 1 if the cache holds it already (it is only copied)."""
-    if (stage_dir(name, stage_overrides(name, quick)) / "summary.json").exists():
+    if (stage_dir(name, stage_overrides(name, quick, model)) / "summary.json").exists():
         return 1.0
+    if model:
+        return REAL_MODEL_SECONDS
     return EXPECTED_SECONDS.get(name, 120) * (QUICK_FACTOR if quick else 1.0)
 
 
@@ -216,9 +235,9 @@ def build_stage(name: str, quick: bool, log: str) -> tuple[str, float]:
     return str(stage), time.perf_counter() - start
 
 
-def _announce(i: int, methods: list, started: float, quick: bool) -> None:
+def _announce(i: int, methods: list, started: float, quick: bool, model: str | None = None) -> None:
     """One line per stage: which, how far along, elapsed and an estimate of what is left."""
-    left = sum(expected_seconds(m.name, quick) for m in methods[i:])
+    left = sum(expected_seconds(m.name, quick, model) for m in methods[i:])
     elapsed = time.perf_counter() - started
     method = methods[i]
     print(f"\n=== stage {i + 1}/{len(methods)}: [{method.category}] {method.name} ({method.title}) | "

@@ -1,7 +1,8 @@
 """The methods, in the survey's taxonomy: fine-tuning, reinforcement learning, test-time scaling.
 
 Each method is one module exposing `CONFIG` (its dataclass), `QUICK` (overrides for a smoke-sized
-run) and `run(cfg, resume=False) -> summary`.
+run), optionally `PRESETS` (overrides for a named model, e.g. the settings a 135M-parameter chat model
+needs where the defaults are the embedded model's) and `run(cfg, resume=False) -> summary`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ class Method:
     def quick_overrides(self) -> list[str]:
         """The module's `QUICK` settings as `key=value` overrides (what `--quick` adds)."""
         return [f"{k}={v}" for k, v in self.load().QUICK.items()]
+
+    def preset_overrides(self, model: str | None) -> list[str]:
+        """The module's `PRESETS[model]` settings as `key=value` overrides (none for other models)."""
+        preset = getattr(self.load(), "PRESETS", {}).get(model, {})
+        return [f"{k}={v}" for k, v in preset.items()]
 
 
 SFT_RECORDS = "prompt/completion (or messages) records"
