@@ -38,6 +38,10 @@ each having passed 0.96-1.00 at step 10).
     posttrain dpo loss=ipo beta=0.5
     posttrain dpo --model ./my-policy --data pairs.jsonl
     posttrain dpo lora_r=8 lr=1e-3                   # train a LoRA update (adapter/ in PEFT's format)
+    posttrain dpo --model posttrain:smollm2-135m     # the real pretrained LLM, on its own replies (its preset)
+
+With a chat model and no `--data` (`--model posttrain:smollm2-135m`), the pairs come from its own replies to
+world additions asked in words (world/chat.py), right and wrong read by convention (rl/answers.py).
 
 With `lora_r` > 0 only a LoRA update of `lora_targets` trains; a reference that is not precomputed is
 then the policy with its adapters switched off (`lora.disabled`), never a second model. Measured
@@ -118,6 +122,13 @@ CONFIG = DPOConfig
 # --quick: the smoke-sized twin policy on 2-digit addition.
 QUICK = {"model": "sft-policy-quick", "difficulties": "2", "pair_prompts": 64, "steps": 20, "warmup_steps": 10,
          "eval_every": 0, "eval_problems": 100, "kl_problems": 32}
+
+# The real pretrained chat model: pairs from its own replies to 2-digit additions asked in words, sampled at
+# the temperature its GRPO preset uses (at 1.0 few replies are right, so few prompts give a pair).
+PRESETS = {"posttrain:smollm2-135m": {
+    "difficulties": "2", "pair_prompts": 128, "samples_per_prompt": 8, "temperature": 0.7, "steps": 16,
+    "batch_size": 16, "lr": 1e-5, "warmup_steps": 2, "eval_every": 8, "kl_problems": 32,
+}}
 
 LOSS_OPTIONS = {"cdpo": ("label_smoothing",), "simpo": ("simpo_gamma",)}  # config fields a loss needs
 
