@@ -34,9 +34,10 @@ def lora(s: dict) -> str | None:
     m = s["metrics"]
     if "full_ft" not in m:
         return None
+    compared = (f"{_f(m['accuracy'])} vs {_f(m['full_ft']['accuracy'])} for full fine-tuning on the same data and steps"
+                if m["full_ft"] else _change(s["baseline"]["accuracy"], m["accuracy"]))  # full_ft=false: no comparison
     return (f"LoRA r={s['config']['r']}: {100 * m['trainable_fraction']:.1f}% of the parameters trained, held-out "
-            f"accuracy {_f(m['accuracy'])} vs {_f(m['full_ft']['accuracy'])} for full fine-tuning on the same data "
-            f"and steps; merged and adapter logits differ by at most {m['merge_max_abs_diff']:.1e}.")
+            f"accuracy {compared}; merged and adapter logits differ by at most {m['merge_max_abs_diff']:.1e}.")
 
 
 def cot_ft(s: dict) -> str | None:
@@ -101,7 +102,7 @@ def policy_optimisation(name: str):
         m, b = s["metrics"], s["baseline"]
         if m.get("accuracy") is None or b.get("accuracy") is None:
             return None
-        kl = f" at KL {m['kl']:.3f} nats from the SFT policy" if m.get("kl") is not None else ""
+        kl = f" at KL {m['kl']:.3f} nats from the policy it started from" if m.get("kl") is not None else ""
         return f"{name}: held-out accuracy {_change(b['accuracy'], m['accuracy'])}{kl}."
     return sentence
 
@@ -158,5 +159,14 @@ def insights(summaries: dict) -> list[str]:
         text = SPECIFIC[name](summary) if name in SPECIFIC else None
         text = text or generic(name, summary)
         if text:
-            sentences.append(text)
+            sentences.append(text + elsewhere(summary))
     return sentences
+
+
+def elsewhere(summary: dict) -> str:
+    """What a chat model's run cost it outside the task (chat_world.GeneralProbe), where it measured that."""
+    before, after = summary.get("baseline", {}).get("general_nll"), summary.get("metrics", {}).get("general_nll")
+    if before is None or after is None:
+        return ""
+    return (f" Outside the task, the NLL per token of the start model's own replies went {before:.2f} -> {after:.2f}"
+            f" ({'more' if after > before else 'no more'} surprised by what it used to say).")

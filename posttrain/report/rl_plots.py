@@ -38,9 +38,11 @@ def reward_kl_frontier(summaries: dict[str, dict], path) -> None:
         points = sorted(summary["metrics"]["frontier"], key=lambda p: p["step"])
         ax.plot([p["kl"] for p in points], [p["accuracy"] for p in points], "o-", color=COLOURS.get(method),
                 label=f"{method.upper()} ({points[0]['accuracy']:.2f} -> {points[-1]['accuracy']:.2f})")
-    ax.set_xlabel("KL(policy || SFT reference), nats per completion")
+    first = next(iter(summaries.values()), {}).get("config", {})
+    digits = "/".join(map(str, first.get("difficulties", []))) or "?"
+    ax.set_xlabel(f"KL(policy || the policy it started from, {first.get('model', '?')}), nats per completion")
     ax.set_ylabel("held-out accuracy (greedy)")
-    ax.set_title("Reward-KL frontier on 4-digit addition")
+    ax.set_title(f"Reward-KL frontier on {digits}-digit addition")
     ax.legend()
     fig.tight_layout()
     save_figure(fig, path)
