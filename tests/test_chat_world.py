@@ -113,3 +113,22 @@ def test_the_real_model_track_runs_the_methods_with_a_preset_for_that_model():
     assert {"grpo", "sft"} <= {m.name for m in chosen} and "tree-search" not in {m.name for m in chosen}
     overrides = stage_overrides("grpo", False, SMOLLM2)
     assert overrides[-1] == f"model={SMOLLM2}" and "lr=1e-05" in overrides
+
+
+def test_the_comparison_table_shows_what_a_chat_model_loses_only_when_a_run_measured_it():
+    from posttrain.report.table import comparison_rows, to_csv, to_markdown
+
+    measured = {"metrics": {"accuracy": 0.9, "general_nll": 0.95}, "baseline": {"accuracy": 0.1, "general_nll": 0.72},
+                "params": {"trainable": 10, "total": 10}, "time_s": 5.0}
+    plain = {"metrics": {"accuracy": 0.5}, "baseline": {"accuracy": 0.4}, "params": {}, "time_s": 1.0}
+    table = to_markdown(comparison_rows({"sft": measured, "grpo": plain}))
+    assert "NLL elsewhere before | NLL elsewhere after |" in table and "| 0.720 | 0.950 |" in table
+    assert "NLL elsewhere" not in to_markdown(comparison_rows({"grpo": plain}))
+    assert to_csv(comparison_rows({"grpo": plain})).splitlines()[0].endswith(",KL")
+
+
+def test_a_demo_with_a_model_no_selected_method_fits_says_which_do(tmp_path, capsys):
+    code = main(["demo", "--model", SMOLLM2, "--method", "tree-search", "--output-dir", str(tmp_path / "demo")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "no selected method has settings for --model posttrain:smollm2-135m" in error and "grpo" in error
