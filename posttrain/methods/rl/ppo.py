@@ -54,6 +54,7 @@ from posttrain.records import read_prompts
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import gae, masked_mean, whiten
+from posttrain.rl.answers import answer_rewards
 from posttrain.rl.frontier import run_prompts
 from posttrain.rl.kl import kl_k1
 from posttrain.rl.rollouts import (completion_stats, on_completion_grid, policy_path, reference_logprobs,
@@ -146,9 +147,10 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     records = read_prompts(cfg.data) if cfg.data else None  # bad data fails before anything slow
     out = prepare_output(cfg.output_dir, resume)
     start_path = policy_path(cfg.model)
+    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None)
     model, tokenizer = load_model(start_path)
-    answers_read_by_convention = records is not None or has_chat_template(tokenizer)  # not world CoT's `A:` line
-    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=answers_read_by_convention)
+    if cfg.reward == "verifier" and has_chat_template(tokenizer):  # a chat model's reply: not world CoT's `A:` line
+        reward_fn = answer_rewards
     if cfg.lora_r:  # the reference is then the policy with its adapters off: no second model
         lora.inject(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed)
     reference = None if cfg.lora_r else load_model(start_path)[0].requires_grad_(False)
