@@ -40,7 +40,8 @@ def evaluate(model, tokenizer, problems: list[Problem], *, fmt: str = "direct", 
     start = time.perf_counter()
     prompts = [render(p, fmt, style)[0] for p in problems]
     budget = max_new_tokens or max_new_tokens_for(tokenizer, problems, "cot", style)
-    samples = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
+    samples = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size,
+                       desc=f"greedy answers to {len(prompts)} held-out problems")
     correct = [verify(q, c, p.answer) for q, c, p in zip(prompts, samples.texts, problems)]
     labels = [check_steps(p, c) for p, c in zip(problems, samples.texts)]
     steps_written = sum(len(ls) for ls in labels)
@@ -63,7 +64,8 @@ def evaluate_answers(model, tokenizer, prompts: list, answers: list[str], max_ne
     """Greedy accuracy on a user's prompts, each completion's answer checked against its reference by
     rl/answers.py; with the completions, verdicts and prompts."""
     start = time.perf_counter()
-    samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                       desc=f"greedy answers to {len(prompts)} held-out prompts")
     correct = answer_rewards(prompts, samples.texts, answers)
     return {"accuracy": sum(correct) / len(correct), "n": len(correct), "completions": samples.texts,
             "correct": correct, "prompts": prompts, "generated_tokens": samples.num_tokens,

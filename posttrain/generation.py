@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 
@@ -99,13 +100,15 @@ def generate(
     batch_size: int = 256,
     stop_ids: tuple[int, ...] = (),
     decode: str = "dynamic",
+    desc: str | None = None,
 ) -> Samples:
     """Sample `num_samples` completions for each prompt; see the module docstring.
 
     A row also stops after emitting any token in `stop_ids` (kept in its output, like EOS).
     `decode` picks the KV cache of the decoding steps: "dynamic" grows by one column a step (the
     default); "static" is preallocated for the whole chunk (`StaticDecoder`); "compiled" is static
-    with the step run by torch.compile, as one CUDA graph on a GPU (each new shape compiles once)."""
+    with the step run by torch.compile, as one CUDA graph on a GPU (each new shape compiles once).
+    With a `desc`, a progress bar of decoding steps (max_new_tokens per chunk of prompts) says how far it is."""
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {', '.join(DECODES)}, got '{decode}'")
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
@@ -114,13 +117,18 @@ def generate(
     model.eval()
     out = Samples([], [], [], [])
     prompts_per_chunk = max(1, batch_size // num_samples)
-    for start in range(0, len(encoded), prompts_per_chunk):
+    starts = range(0, len(encoded), prompts_per_chunk)
+    bar = tqdm(total=len(starts) * max_new_tokens, desc=desc, unit="step", disable=desc is None, leave=False,
+               dynamic_ncols=True)
+    for k, start in enumerate(starts):
         chunk = encoded[start : start + prompts_per_chunk]
         ids, stopped = _generate_chunk(model, tokenizer, chunk, max_new_tokens, temperature, top_p, num_samples, generator,
-                                       (tokenizer.eos_token_id, *stop_ids), decode)
+                                       (tokenizer.eos_token_id, *stop_ids), decode, bar.update)
+        bar.update((k + 1) * max_new_tokens - bar.n)  # a chunk whose rows all stopped early ends its share
         out.token_ids += ids
         out.stopped += stopped
         out.prompt_ids += [p for p in chunk for _ in range(num_samples)]
+    bar.close()
     out.texts = tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
     model.train(was_training)
     return out
@@ -135,7 +143,8 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_p, num_samples, generator, stops, decode):
+def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_p, num_samples, generator, stops, decode,
+                    on_step=lambda n: None):
     device, pad = _device(model), tokenizer.pad_token_id
     width = max(len(p) for p in prompts)
     if decode != "dynamic":  # fewer distinct cache shapes, so fewer compiles
@@ -156,7 +165,7 @@ def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_
     # (rows that are done emit padding meanwhile).
     check_every = 16 if device.type == "cuda" else 1
     tokens = _decode(step, logits, mask.sum(-1, keepdim=True), max_new_tokens, temperature, top_p, generator,
-                     torch.tensor(stops, device=device), pad, check_every).tolist()  # (R, steps)
+                     torch.tensor(stops, device=device), pad, check_every, on_step).tolist()  # (R, steps)
     ids, stopped = [], []
     for row in tokens:
         cut = next((i + 1 for i, t in enumerate(row) if t in stops), None)
@@ -165,8 +174,10 @@ def _generate_chunk(model, tokenizer, prompts, max_new_tokens, temperature, top_
     return ids, stopped
 
 
-def _decode(step, logits, next_pos, max_new_tokens, temperature, top_p, generator, stop_set, pad, check_every):
+def _decode(step, logits, next_pos, max_new_tokens, temperature, top_p, generator, stop_set, pad, check_every,
+            on_step=lambda n: None):
     """Sample a token per row, feed it back through `step(token, position) -> logits`, repeat; (R, steps).
+    `on_step(1)` after each step (a progress bar's update).
 
     A decoder that can drop rows (`keep_rows(index)`, the dynamic cache's) is given only the unfinished
     ones once at most SHRINK_AT of its batch is unfinished: the steps left then cost what those rows
@@ -188,6 +199,7 @@ def _decode(step, logits, next_pos, max_new_tokens, temperature, top_p, generato
         token = sample_next(logits, temperature, top_p, uniform).masked_fill(done, pad)
         tokens[live, i] = token
         done |= torch.isin(token, stop_set)
+        on_step(1)
         if i + 1 == max_new_tokens:
             break
         if (i + 1) % check_every == 0:  # reading `done` on the host waits for the device

@@ -191,3 +191,14 @@ def test_compiled_decoding_equals_the_dynamic_cache(tokenizer):
         want = generate(model, tokenizer, prompts, max_new_tokens=12, **kwargs)
         got = generate(model, tokenizer, prompts, max_new_tokens=12, decode="compiled", **kwargs)
         assert got.token_ids == want.token_ids
+
+
+def test_a_described_generation_shows_its_progress_and_a_plain_one_is_silent(tokenizer, capsys):
+    model = random_model(tokenizer)
+    prompts = ["Q: 12+34\n", "Q: 5+6\n", "Q: 7+8\n"]
+    plain = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2)
+    assert capsys.readouterr().err == ""
+    shown = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, desc="greedy answers to 3")
+    err = capsys.readouterr().err
+    assert "greedy answers to 3" in err and "/10 " in err  # two chunks (batch 2) of 5 decoding steps each
+    assert shown.texts == plain.texts
