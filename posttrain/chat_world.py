@@ -25,7 +25,7 @@ from posttrain.evaluation import evaluate_answers
 from posttrain.generation import generate, labelled_token_logprobs
 from posttrain.losses.sft import IGNORE
 from posttrain.world import MAIN_SKILL, sample_problems
-from posttrain.world.chat import REPLY, WORKED_REPLY, chat_question, worked_solution
+from posttrain.world.chat import REPLY, WORKED_REPLY, chat_question, chat_requests, worked_solution
 
 # Requests outside the task, none of them arithmetic on two numbers: a model trained only on sums should
 # still answer these as it did.
@@ -52,6 +52,7 @@ GENERAL_PROMPTS = (
     "Spell the word 'garden' backwards.",
 )
 GENERAL_MAX_NEW_TOKENS = 48
+CHAT_MAX_NEW_TOKENS = 32  # a reply with the bare number: "48 + 80 = 128" is about 12 tokens
 CHAT_WORKED_TOKENS = 96  # a worked 2-digit addition is 55-80 tokens, a 3-digit one up to about 95
 
 
@@ -72,9 +73,8 @@ def held_out_accuracy(model, tokenizer, difficulties, n: int, seed: int, worked:
     """Greedy accuracy on `n` test-split world additions asked as requests (a worked solution asked for if
     `worked`), with the completions, verdicts and prompts (evaluate_answers' keys)."""
     problems = sample_problems(MAIN_SKILL, difficulties, n, "test", seed)
-    reply = WORKED_REPLY if worked else REPLY
-    prompts = [chat_question(p, reply=reply) for p in problems]
-    return evaluate_answers(model, tokenizer, prompts, [p.answer for p in problems], max_new_tokens)
+    prompts, answers = chat_requests(problems, WORKED_REPLY if worked else REPLY)
+    return evaluate_answers(model, tokenizer, prompts, answers, max_new_tokens)
 
 
 @dataclasses.dataclass

@@ -60,7 +60,7 @@ CHAT_TEMPLATE = (
 def tiny_chat_model_dir(tmp_path_factory, tokenizer):
     """A random tiny Llama whose tokenizer has a chat template: a chat model, as far as posttrain can tell."""
     path = tmp_path_factory.mktemp("tiny-chat-model")
-    chat_tokenizer = copy.deepcopy(tokenizer)  # the session's tokenizer stays template-free
+    chat_tokenizer = copy.deepcopy(tokenizer)  # the shared tokenizer fixture stays template-free
     chat_tokenizer.chat_template = CHAT_TEMPLATE
     random_model(tokenizer, seed=1).save_pretrained(path)
     chat_tokenizer.save_pretrained(path)

@@ -18,13 +18,15 @@ from typing import Callable
 
 import torch
 
+from posttrain.chat_world import CHAT_MAX_NEW_TOKENS
 from posttrain.data import has_chat_template
 from posttrain.evaluation import evaluate, evaluate_answers, max_new_tokens_for
 from posttrain.models import load_model
 from posttrain.records import PromptRecord, split_records
 from posttrain.rl.kl import exact_kl
-from posttrain.rl.rollouts import chat_prompts, cot_prompts, sample_rollouts, training_prompts
+from posttrain.rl.rollouts import cot_prompts, sample_rollouts, training_prompts
 from posttrain.world import MAIN_SKILL, sample_problems
+from posttrain.world.chat import chat_requests
 
 
 @torch.no_grad()
@@ -70,8 +72,8 @@ class HeldOut:
     def of_chat(cls, difficulties, n: int, n_kl: int, reference_path: str, seed: int, max_new_tokens: int) -> "HeldOut":
         """World addition problems of the test split asked as a chat model's requests (world/chat.py),
         the answers read from its replies by rl/answers.py."""
-        prompts, answers = chat_prompts(sample_problems(MAIN_SKILL, difficulties, n, "test", seed))
-        kl_prompts = chat_prompts(sample_problems(MAIN_SKILL, difficulties, n_kl, "val", seed))[0]
+        prompts, answers = chat_requests(sample_problems(MAIN_SKILL, difficulties, n, "test", seed))
+        kl_prompts = chat_requests(sample_problems(MAIN_SKILL, difficulties, n_kl, "val", seed))[0]
         held_out = cls.of_records([PromptRecord(q, a) for q, a in zip(prompts, answers)], 0, reference_path, seed,
                                   max_new_tokens)
         return dataclasses.replace(held_out, kl_prompts=kl_prompts)
@@ -97,13 +99,12 @@ class HeldOut:
 
 
 DATA_MAX_NEW_TOKENS = 256  # completion budget of rollouts and evaluation on a user's prompts, unless set
-CHAT_MAX_NEW_TOKENS = 32  # a chat model's reply to a world request: "48 + 80 = 128" is about 12 tokens
 
 
 def run_prompts(cfg, records: list | None, tokenizer, start_path: str) -> tuple[HeldOut, list[str], list[str]]:
     """A PPO or GRPO run's held-out measurement and its steps x prompts_per_step training (prompts, answers):
-    world addition problems (asked as requests when the model is a chat model: its tokenizer has a chat template), or the
-    user's PromptRecords with a seeded tenth held out (at most eval_problems of them measured)."""
+    world addition problems (asked as requests when its tokenizer has a chat template), or the user's
+    PromptRecords with a seeded tenth held out (at most eval_problems of them measured)."""
     n = cfg.steps * cfg.prompts_per_step
     if records is None and has_chat_template(tokenizer):
         held_out = HeldOut.of_chat(cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed,

@@ -25,7 +25,7 @@ from posttrain.generation import generate, labelled_token_logprobs
 from posttrain.losses.sft import IGNORE
 from posttrain.rl.answers import answer_rewards
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
-from posttrain.world.chat import chat_question
+from posttrain.world.chat import chat_requests
 from posttrain.world.skills import Problem
 
 # The shared chain-of-thought SFT policy (posttrain.stages.policy) by name, so configs can say it.
@@ -62,7 +62,7 @@ def training_prompts(difficulties, records: list | None, n: int, seed: int,
     user's PromptRecords, each pass over them in a new seeded order."""
     if records is None:
         problems = training_problems(difficulties, n, seed)
-        return chat_prompts(problems) if chat else cot_prompts(problems)
+        return chat_requests(problems) if chat else cot_prompts(problems)
     rng = random.Random(seed + PROMPT_STREAM)
     order = []
     while len(order) < n:
@@ -73,12 +73,6 @@ def training_prompts(difficulties, records: list | None, n: int, seed: int,
 def cot_prompts(problems: list[Problem]) -> tuple[list[str], list[str]]:
     """(chain-of-thought prompts, reference answers) of world problems."""
     return [render(p, "cot")[0] for p in problems], [p.answer for p in problems]
-
-
-def chat_prompts(problems: list[Problem]) -> tuple[list[str], list[str]]:
-    """(a chat model's requests, reference answers) of world problems (world/chat.py); the answers are read
-    from its replies by rl/answers.py."""
-    return [chat_question(p) for p in problems], [p.answer for p in problems]
 
 
 def verifier_rewards(prompts: list[str], completions: list[str], answers: list[str]) -> list[float]:

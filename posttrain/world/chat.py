@@ -8,7 +8,7 @@ followed by one sentence saying how to answer:
     I have 48 apples and get 80 more. How many apples do I have? Reply with just the number.
 
 The model's chat template turns it into a user turn (data.encode_prompt). Its answer is read by the
-conventions of any model's output (world/answers.py: `\\boxed{}`, `####`, "the answer is", else the
+conventions of any model's output (rl/answers.py: `\\boxed{}`, `####`, "the answer is", else the
 last number) and compared with the reference by value, so "48 + 80 = 128" and "128." both count.
 
 Asked for a worked solution instead (`WORKED_REPLY`), the reference is the column steps of
@@ -29,6 +29,11 @@ def chat_question(problem: Problem, style: str = "question", reply: str = REPLY)
     if problem.skill not in CHAT_SKILLS:
         raise ValueError(f"chat questions cover {', '.join(CHAT_SKILLS)}, not {problem.skill!r}")
     return f"{fill(PHRASINGS[problem.skill][style], problem)} {reply}"
+
+
+def chat_requests(problems: list[Problem], reply: str = REPLY) -> tuple[list[str], list[str]]:
+    """(requests, reference answers) of `problems`, each asked in the "question" style with `reply`."""
+    return [chat_question(p, reply=reply) for p in problems], [p.answer for p in problems]
 
 
 def worked_solution(problem: Problem) -> str:

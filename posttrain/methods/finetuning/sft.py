@@ -73,8 +73,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from posttrain.chat_world import CHAT_WORKED_TOKENS, GeneralProbe, held_out_accuracy, training_pairs, uses_chat_world
-from posttrain.data import EncodedDataset, encode_pair
+from posttrain.chat_world import (CHAT_MAX_NEW_TOKENS, CHAT_WORKED_TOKENS, GeneralProbe, held_out_accuracy,
+                                  training_pairs, uses_chat_world)
+from posttrain.data import EncodedDataset, encode_pair, has_chat_template
 from posttrain.errors import UserError
 from posttrain.evaluation import max_new_tokens_for
 from posttrain.generation import generate
@@ -85,7 +86,6 @@ from posttrain.models import DEFAULT_MODEL, load_model
 from posttrain.records import read_sft, split_records
 from posttrain.report.finetuning_plots import frontier, grouped_bars
 from posttrain.report.plots import training_curve
-from posttrain.rl.frontier import CHAT_MAX_NEW_TOKENS
 from posttrain.training import TrainingConfig, TrainResult, train
 from posttrain.world import EASY_DIFFICULTY, FORMATS, MAIN_SKILL, SKILLS, render, sample_problems
 
@@ -291,7 +291,7 @@ def train_variant(cfg: SFTConfig, spec: str, folder, target: EncodedDataset, eva
     if parse_variant(spec)[0] == "l2sp" or not cfg.data:
         anchors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     eval_fn = None
-    if headline_run and cfg.eval_every and not cfg.data and not uses_chat_world(tokenizer, cfg.data):
+    if headline_run and cfg.eval_every and not cfg.data and not has_chat_template(tokenizer):  # world runs only
         eval_fn = lambda step: {"eval_accuracy": eval_skill(  # noqa: E731
             model, tokenizer, cfg.skill, cfg.difficulties, cfg.eval_problems, cfg.format, cfg.seed)["accuracy"]}
     batches = variant_batches(cfg, spec, target, model, tokenizer)  # before training: `model` is still the base

@@ -59,7 +59,7 @@ import json
 import torch
 
 from posttrain import lora
-from posttrain.chat_world import GeneralProbe, general_nll, uses_chat_world
+from posttrain.chat_world import CHAT_MAX_NEW_TOKENS, GeneralProbe, general_nll, uses_chat_world
 from posttrain.data import encode_pair, has_chat_template, pad_batch
 from posttrain.errors import UserError
 from posttrain.generation import sequence_logprobs
@@ -73,10 +73,10 @@ from posttrain.records import read_preferences, split_records
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import beta_sweep_plot, draw_frontier
 from posttrain.rl.answers import answer_rewards
-from posttrain.rl.frontier import CHAT_MAX_NEW_TOKENS, HeldOut, reference_kl
-from posttrain.rl.rollouts import (chat_prompts, cot_prompts, policy_path, sample_rollouts, training_problems,
-                                   verifier_rewards)
+from posttrain.rl.frontier import HeldOut, reference_kl
+from posttrain.rl.rollouts import cot_prompts, policy_path, sample_rollouts, training_problems, verifier_rewards
 from posttrain.training import TrainingConfig, row_count, train
+from posttrain.world.chat import chat_requests
 
 
 @dataclasses.dataclass
@@ -144,7 +144,7 @@ def policy_pairs(model, tokenizer, cfg: DPOConfig, max_new_tokens: int, chat: bo
     as CoT prompts judged by the world's verifier, or with `chat` as a chat model's requests, the answers read
     by convention (rl/answers.py)."""
     problems = training_problems(cfg.difficulties, cfg.pair_prompts, cfg.seed)
-    prompts, answers = chat_prompts(problems) if chat else cot_prompts(problems)
+    prompts, answers = chat_requests(problems) if chat else cot_prompts(problems)
     rollouts = sample_rollouts(model, tokenizer, prompts, answers, num_samples=cfg.samples_per_prompt,
                                max_new_tokens=max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                reward_fn=answer_rewards if chat else verifier_rewards)

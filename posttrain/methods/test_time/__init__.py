@@ -11,8 +11,8 @@ from posttrain.evaluation import evaluate, evaluate_answers, max_new_tokens_for
 from posttrain.generation import generate
 from posttrain.records import PromptRecord
 from posttrain.rl.answers import completion_key, reference_key
-from posttrain.rl.rollouts import chat_prompts
 from posttrain.world import MAIN_SKILL, extract_answer, render, sample_problems
+from posttrain.world.chat import chat_requests
 from posttrain.world.skills import Problem
 
 
@@ -55,7 +55,7 @@ def held_out_questions(cfg, records: list | None, tokenizer) -> Questions:
     requests, world/chat.py, when the model is a chat model), or the first `cfg.problems` of the user's
     records; a chat model's replies and the records' answers within `cfg.max_new_tokens`."""
     if records is None and has_chat_template(tokenizer):  # a chat model: world additions asked as requests
-        prompts, answers = chat_prompts(sample_problems(MAIN_SKILL, cfg.difficulties, cfg.problems, "test", cfg.seed))
+        prompts, answers = chat_requests(sample_problems(MAIN_SKILL, cfg.difficulties, cfg.problems, "test", cfg.seed))
         return Questions.of_records([PromptRecord(q, a) for q, a in zip(prompts, answers)], cfg.max_new_tokens)
     if records is None:
         return Questions.world(tokenizer, cfg.difficulties, cfg.problems, cfg.seed)
