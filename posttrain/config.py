@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
@@ -154,9 +155,53 @@ def _unknown_key(key: str, source: str, valid: list[str]) -> str:
 def _convert_field(value: Any, tp: Any, what: str) -> Any:
     """Convert a YAML value or override string to `tp`, or raise a `UserError` saying what was expected."""
     try:
-        return _convert(value, tp)
+        converted = _convert(value, tp)
     except ValueError:
         raise UserError(f"{what}: expected {_describe(tp)}, got {value!r}") from None
+    if not _all_finite(converted):
+        raise UserError(f"{what}: expected a finite number, got {value!r}")
+    return converted
+
+
+def _all_finite(value: Any) -> bool:
+    """False when `value` is, or a list of it holds, a NaN or infinite float: no setting means those."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(item) for item in value)
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric config key allows: `low` and `high` bounds (None: unbounded), each closed
+    unless marked open. `str()` writes it for messages: `>= 1`, `> 0`, `in [0, 1]`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = (bound if not isinstance(bound, float) else f"{bound:g}" for bound in (self.low, self.high))
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def check_ranges(cfg: Any, ranges: dict[str, Range]) -> None:
+    """Raise a `UserError` naming the first key of `ranges` whose value in `cfg` lies outside its range."""
+    for key, allowed in ranges.items():
+        value = getattr(cfg, key)
+        if value is not None and value not in allowed:
+            raise UserError(f"config key {key!r} must be {allowed}, got {value!r}")
 
 
 def _list_items(text: str) -> list[str]:

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from posttrain import packing
+from posttrain.config import Range, check_ranges
 from posttrain.errors import TrainingInterrupted, UserError
 from posttrain.io import JsonlWriter, atomic_dir, read_json, write_json
 from posttrain.losses.sft import DEFAULT_LOGITS_MB, budget_logits, labelled_token_count
@@ -67,6 +68,7 @@ class TrainingConfig:
     compile: bool = False  # torch.compile the training steps' forward and GRPO/PPO's decode step: GPU levers
     packing: bool = True  # run padded batches packed (posttrain/packing.py): no layer computes on padding
     loss_logits_mb: float = DEFAULT_LOGITS_MB  # losses hold at most this many MB of float32 logits, else chunk (0: no limit)
+    keep_checkpoint: bool = False  # keep checkpoint/ after the run finishes (removed by default: it would mark the folder as an interrupted run)
 
     @property
     def rollout_decode(self) -> str:
@@ -74,14 +76,21 @@ class TrainingConfig:
         return "compiled" if self.compile else "dynamic"
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise UserError("steps, batch_size and grad_accum must be >= 1")
+        check_ranges(self, TRAINING_RANGES)
         if self.batch_size % self.grad_accum:
             raise UserError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
-        if self.loss_logits_mb < 0:
-            raise UserError(f"loss_logits_mb must be >= 0 (0: no limit), got {self.loss_logits_mb}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"precision must be auto, fp32 or bf16, got '{self.precision}'")
+
+
+# What each shared key means bounds it: a negative max_grad_norm would clip by a negative factor (gradient
+# ascent), a negative min_lr_ratio turns the cosine's tail into a negative learning rate.
+TRAINING_RANGES = {
+    "steps": Range(1), "batch_size": Range(1), "grad_accum": Range(1),
+    "lr": Range(0.0, low_open=True), "min_lr_ratio": Range(0.0, 1.0), "warmup_steps": Range(0),
+    "weight_decay": Range(0.0), "max_grad_norm": Range(0.0), "log_every": Range(1), "checkpoint_every": Range(0),
+    "seed": Range(0, 2**32 - 1), "loss_logits_mb": Range(0.0),
+}
 
 
 @dataclasses.dataclass

@@ -110,5 +110,5 @@ def test_a_negative_logits_budget_is_refused_with_the_key_named():
     from posttrain.training import TrainingConfig
 
     assert load_config(TrainingConfig, overrides=["loss_logits_mb=0"]).loss_logits_mb == 0  # 0: no limit
-    with pytest.raises(UserError, match="loss_logits_mb must be >= 0"):
+    with pytest.raises(UserError, match="'loss_logits_mb' must be >= 0"):
         load_config(TrainingConfig, overrides=["loss_logits_mb=-1"])
