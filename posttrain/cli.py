@@ -13,7 +13,7 @@ import json
 import sys
 
 from posttrain import __version__
-from posttrain.errors import TrainingInterrupted, UserError
+from posttrain.errors import TrainingInterrupted, UserError, exit_status, sigterm_as_interrupt
 from posttrain.methods import CATEGORIES, METHODS, methods_overview
 
 EPILOG = f"""methods:
@@ -133,33 +133,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command is None:
-            parser.print_help()
-            return 0
-        if args.command == "pretrain":
-            return run_pretrain(args)
-        if args.command == "demo":
-            from posttrain.demo import run_demo
-
-            return run_demo(args)
-        if args.command == "report":
-            return run_report(args.run_dir)
-        if args.command == "cache":
-            from posttrain.cache import run_cache
-
-            return run_cache(args.prune, args.clear)
-        return run_method(args.command, args)
+        with sigterm_as_interrupt():  # `kill` and job schedulers stop a run as Ctrl-C does: checkpoint, one line
+            return run_command(parser, args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:  # outside a training loop (sampling, evaluation, GRPO/PPO): nothing to resume from
+        return exit_status(exc)
+    except KeyboardInterrupt as exc:  # outside a training loop (sampling, evaluation, GRPO/PPO): nothing to resume from
         print("\ninterrupted; no checkpoint was saved at this point, so run the command again", file=sys.stderr)
-        return 130
+        return exit_status(exc)
     finally:
         leave_process_group()
+
+
+def run_command(parser: argparse.ArgumentParser, args) -> int:
+    """Run the chosen command; `main` turns what it raises into one line and an exit status."""
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "pretrain":
+        return run_pretrain(args)
+    if args.command == "demo":
+        from posttrain.demo import run_demo
+
+        return run_demo(args)
+    if args.command == "report":
+        return run_report(args.run_dir)
+    if args.command == "cache":
+        from posttrain.cache import run_cache
+
+        return run_cache(args.prune, args.clear)
+    return run_method(args.command, args)
 
 
 def leave_process_group() -> None:

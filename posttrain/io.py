@@ -138,6 +138,32 @@ def atomic_dir(final_path: PathLike) -> Iterator[Path]:
         raise
 
 
+def recover_dir(final_path: PathLike) -> None:
+    """Finish what a killed `atomic_dir` left next to `final_path`: its partial `.tmp-*` folders are removed, and
+    a `.old-*` folder left alone (killed between moving the old folder aside and moving the new one in) becomes
+    `final_path` again; one left beside a complete `final_path` is removed. For a folder one process owns (a
+    run's checkpoint): another process's write in progress would look the same."""
+    final = os.fspath(final_path).rstrip(os.sep)
+    for tmp in _siblings(final, "tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    olds = sorted(_siblings(final, "old"), key=os.path.getmtime)
+    if olds and not os.path.exists(final):
+        os.rename(olds.pop(), final)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _siblings(path: str, kind: str) -> list[str]:
+    """The folders `_sibling(path, kind)` may have named."""
+    head, tail = os.path.split(path)
+    prefix = f".{tail}.{kind}-"
+    try:
+        names = os.listdir(head or ".")
+    except FileNotFoundError:
+        return []
+    return [os.path.join(head, name) for name in names if name.startswith(prefix)]
+
+
 def _sibling(path: str, kind: str) -> str:
     """A unique hidden name next to `path`, so a rename to `path` stays on one filesystem."""
     head, tail = os.path.split(path)

@@ -11,8 +11,8 @@ Accelerate places the model and data (CPU, one GPU, or several processes under t
 `accelerate launch`, where each rank takes its share of every global batch). A checkpoint holds
 the model, optimizer and scheduler state and the step; with batches a pure function of the step,
 a run killed and resumed ends where an uninterrupted run ends. Ctrl-C saves a checkpoint before
-stopping (held while a step updates the weights, so the checkpoint counts exactly the updates it
-holds); a NaN or infinite loss stops the run and keeps the last good checkpoint.
+stopping, and so does SIGTERM (held while a step updates the weights, so the checkpoint counts exactly the
+updates it holds; the metrics of its last step are written); a NaN or infinite loss stops the run and keeps the last good checkpoint.
 
 A loss is a mean: over the labelled tokens (SFT, distillation: `labelled_token_count`) or over the
 rows (DPO's pairs, reward models: `row_count`). Split over micro-batches and processes, the step's
@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from posttrain import packing
 from posttrain.config import Range, check_ranges
-from posttrain.errors import TrainingInterrupted, UserError
-from posttrain.io import JsonlWriter, atomic_dir, read_json, write_json
+from posttrain.errors import Interrupted, TrainingInterrupted, UserError, sigterm_as_interrupt
+from posttrain.io import JsonlWriter, atomic_dir, read_json, recover_dir, write_json
 from posttrain.losses.sft import DEFAULT_LOGITS_MB, budget_logits, labelled_token_count
 
 CHECKPOINT = "checkpoint"
@@ -212,14 +212,43 @@ def _untie(state: dict) -> dict:
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> int:
-    """Restore a checkpoint into the live objects; returns the number of steps already done."""
-    missing, unexpected = model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
-    if unexpected:
-        raise UserError(f"checkpoint {directory} does not match this model (unexpected keys: {unexpected[:3]})")
-    saved = torch.load(directory / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    return int(read_json(directory / "state.json")["step"])
+    """Restore a checkpoint into the live objects; returns the number of steps already done. A damaged file or
+    another model's checkpoint is a `UserError` naming it, raised before the model changes; the checkpoint's
+    files are only read."""
+    weights = _read_checkpoint_file(directory / "model.safetensors", lambda path: load_file(str(path)))
+    _check_weights_fit(directory, model, weights)
+    saved = _read_checkpoint_file(directory / "optimizer.pt", lambda path: torch.load(path, weights_only=True))
+    step = _read_checkpoint_file(directory / "state.json", lambda path: int(read_json(path)["step"]))
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{directory / 'optimizer.pt'} does not fit this run's optimizer ({_first_line(exc)}); "
+                        "the checkpoint is from another run or model") from None
+    model.load_state_dict(weights, strict=False)
+    return step
+
+
+def _read_checkpoint_file(path: Path, read: Callable[[Path], object]):
+    """`read(path)`, with whatever a truncated, garbage or refused file raises turned into one line."""
+    try:
+        return read(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors, pickle and JSON readers each fail their own way
+        raise UserError(f"checkpoint file {path} cannot be read ({type(exc).__name__}: {_first_line(exc)}); "
+                        "it was left as it is: move the checkpoint away to train from the start") from None
+
+
+def _check_weights_fit(directory: Path, model, weights: dict) -> None:
+    """The checkpoint holds exactly the model's trainable weights and buffers, each of the model's shape."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if _trainable_or_buffer(model, k)}
+    foreign = sorted(set(weights) ^ set(expected)) or sorted(k for k in weights if weights[k].shape != expected[k])
+    if foreign:
+        raise UserError(f"checkpoint {directory} does not match this model ({len(foreign)} weight(s) missing, "
+                        f"unexpected or of another shape, e.g. {foreign[:3]}); it is another model's or run's")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def train(
@@ -245,6 +274,7 @@ def train(
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     ckpt = output_dir / CHECKPOINT
+    recover_dir(ckpt)  # a checkpoint write killed part-way
     start = 0
     if resume:
         if not (ckpt / "state.json").exists():
@@ -256,48 +286,53 @@ def train(
     unwrapped = accelerator.unwrap_model(model)
     compiled = compiled_forward(unwrapped, cfg.compile)
 
-    history, last_metrics, tokens, completed = [], {}, 0, start
+    history, last_metrics, tokens, completed, logged = [], {}, 0, start, start
     main_process = accelerator.is_main_process  # only rank 0 writes files
     writer = JsonlWriter(output_dir / "metrics.jsonl", resume_step=start) if main_process else None
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not main_process, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        for step in range(start, cfg.steps):
-            global_batch = batch_fn(step)
-            _check_enough_rows(row_count(global_batch), accelerator.num_processes, cfg.grad_accum)
-            batch = _shard(global_batch, accelerator.process_index, accelerator.num_processes)
-            with forward_as(unwrapped, compiled), interrupts_held():
-                metrics = _optimizer_step(model, optimizer, batch, loss_fn, cfg, accelerator,
-                                          averages_over, averages_over(global_batch))
-                scheduler.step()
-                completed = step + 1
-            if not math.isfinite(metrics["loss"]):
-                where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
-                raise UserError(
-                    f"training diverged: loss is {metrics['loss']} at step {step + 1}; {where}. "
-                    "Try a lower lr or a smaller max_grad_norm."
-                )
-            tokens += metrics.pop("_tokens")
-            last_metrics = {"step": step + 1, **metrics, "lr": scheduler.get_last_lr()[0]}
-            evaluated = bool(eval_fn and eval_every and (step + 1) % eval_every == 0)
-            if evaluated:
-                last_metrics.update(eval_fn(step + 1))
-                model.train()
-            if evaluated or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                history.append(last_metrics)
-                if main_process:
-                    writer.log(last_metrics)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and main_process:
-                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, step + 1)
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
-            bar.update(1)
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():
+            for step in range(start, cfg.steps):
+                global_batch = batch_fn(step)
+                _check_enough_rows(row_count(global_batch), accelerator.num_processes, cfg.grad_accum)
+                batch = _shard(global_batch, accelerator.process_index, accelerator.num_processes)
+                with forward_as(unwrapped, compiled), interrupts_held():
+                    metrics = _optimizer_step(model, optimizer, batch, loss_fn, cfg, accelerator,
+                                              averages_over, averages_over(global_batch))
+                    scheduler.step()
+                    completed = step + 1
+                    tokens += metrics.pop("_tokens")
+                    last_metrics = {"step": completed, **metrics, "lr": scheduler.get_last_lr()[0]}
+                if not math.isfinite(metrics["loss"]):
+                    where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
+                    raise UserError(
+                        f"training diverged: loss is {metrics['loss']} at step {step + 1}; {where}. "
+                        "Try a lower lr or a smaller max_grad_norm."
+                    )
+                evaluated = bool(eval_fn and eval_every and (step + 1) % eval_every == 0)
+                if evaluated:
+                    last_metrics.update(eval_fn(step + 1))
+                    model.train()
+                if evaluated or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                    history.append(last_metrics)
+                    if main_process:
+                        writer.log(last_metrics)
+                    logged = completed
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and main_process:
+                    save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, step + 1)
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+                bar.update(1)
+    except KeyboardInterrupt as exc:
         if main_process:
+            if logged < completed:  # the metrics of the step the checkpoint ends with
+                writer.log(last_metrics)
             save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, completed)
+        signum = getattr(exc, "signum", signal.SIGINT)
         raise TrainingInterrupted(
-            f"interrupted after step {completed}; checkpoint saved in {ckpt}. "
-            "Run the same command with --resume to continue."
+            f"interrupted ({signal.Signals(signum).name}) after step {completed}; checkpoint saved in {ckpt}. "
+            "Run the same command with --resume to continue.", signum
         ) from None
     finally:
         bar.close()
@@ -308,22 +343,27 @@ def train(
     return TrainResult(history, last_metrics, elapsed, tokens / max(elapsed, 1e-9))
 
 
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def interrupts_held():
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: an optimizer step, the scheduler's and the
-    count of steps done move together, so a checkpoint saved on Ctrl-C never holds a step its count misses
-    (resuming would apply it twice). Outside the main thread, where signals cannot be caught, a no-op."""
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then raise the first as `Interrupted`: an optimizer
+    step, the scheduler's and the count of steps done move together, so a checkpoint saved on an interrupt never
+    holds a step its count misses (resuming would apply it twice). Outside the main thread, where signals cannot
+    be caught, a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if received:
-        raise KeyboardInterrupt
+        raise Interrupted(received[0])
 
 
 def prepare_for_losses(model, cfg: TrainingConfig, *frozen) -> None:

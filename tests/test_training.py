@@ -96,7 +96,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tokenizer, tmp_path, m
     for p, q in zip(straight.parameters(), resumed.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()]
-    assert steps == [5, 10, 15, 20, 25, 30]  # no step logged twice
+    assert steps == [5, 10, 12, 15, 20, 25, 30]  # the checkpoint's last step logged, no step logged twice
 
 
 @pytest.mark.parametrize("when", ["in the step, after its update", "in the evaluation after the step"])

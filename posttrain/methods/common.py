@@ -5,27 +5,53 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 from posttrain import lora
 from posttrain.config import config_to_dict
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate
-from posttrain.io import JsonlWriter, atomic_dir, read_json, write_json
+from posttrain.io import JsonlWriter, atomic_dir, read_json, recover_dir, write_json
 from posttrain.models import count_params
+from posttrain.training import CHECKPOINT
 from posttrain.world import render, sample_problems
 from posttrain.world.flaws import demonstration
 
 
 def prepare_output(output_dir: str, resume: bool) -> Path:
-    """Create the output folder; refuse to mix a fresh run into an older run's files."""
+    """Check the output folder before anything slow; refuse to mix a fresh run into an older run's files.
+
+    The folder is not created here: the run's first file creates it, so a run that fails while loading its
+    model leaves no empty folder behind. Whether one can be created is tried now, beside where it will be."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output dir '{out}' is a file (expected a folder)")
-    if not resume and (out / "checkpoint").exists():
+    recover_dir(out / CHECKPOINT)  # a checkpoint write killed part-way
+    if not resume and (out / CHECKPOINT).exists():
         raise UserError(f"'{out}' holds an interrupted run; add --resume to continue it, or choose another --output-dir")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Create and remove a scratch folder in `out`, or in its nearest existing parent: a read-only place
+    (/proc, /sys, another user's folder, a full disk) fails here in one line."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".posttrain-write-check-").cleanup()
+    except OSError as exc:
+        raise UserError(f"output dir '{out}' cannot be created or written in '{existing}' ({exc.strerror})") from None
+
+
+def remove_checkpoints(out: Path, cfg) -> None:
+    """A finished run's checkpoints (its own and its variants'), unless `keep_checkpoint`: left behind, one would
+    mark the folder as holding an interrupted run."""
+    if getattr(cfg, "keep_checkpoint", False) or not out.is_dir():
+        return
+    for checkpoint in [p for p in out.rglob(CHECKPOINT) if p.is_dir()]:
+        shutil.rmtree(checkpoint)
 
 
 def eval_skill(model, tokenizer, skill: str, difficulties, n: int, fmt: str, seed: int, split: str = "test") -> dict:
@@ -111,5 +137,6 @@ def write_summary(out: Path, method: str, cfg, metrics: dict, baseline: dict, mo
     }
     if is_main_process():
         write_json(out / "summary.json", summary)
+        remove_checkpoints(out, cfg)
     return summary
 
