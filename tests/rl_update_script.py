@@ -32,10 +32,11 @@ def rollouts_of(groups, tokenizer) -> Rollouts:
                     rewards=torch.tensor([r for _, _, r in rows]), batch=batch, stopped=[True] * len(rows))
 
 
-def grpo_update(model, tokenizer, accelerator, model_dir: str, aggregation: str = "token") -> dict:
+def grpo_update(model, tokenizer, accelerator, model_dir: str, aggregation: str = "token", grad_accum: int = 1) -> dict:
     from posttrain.methods.rl.grpo import GRPOConfig, optimise
 
-    cfg = GRPOConfig(num_generations=4, batch_size=8, beta=0.0, max_grad_norm=0.0, loss_aggregation=aggregation)
+    cfg = GRPOConfig(num_generations=4, batch_size=8, beta=0.0, max_grad_norm=0.0, loss_aggregation=aggregation,
+                     grad_accum=grad_accum)
     prepare_for_losses(model, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from posttrain import lora
 from posttrain.config import load_config
@@ -15,7 +16,15 @@ from posttrain.methods.rl import grpo
 from posttrain.models import load_model
 from posttrain.reward_models import new_reward_model
 from posttrain.rl.advantages import group_advantages
-from posttrain.rl.rollouts import cot_prompts, forward_logprobs, policy_path, sample_rollouts, training_problems
+from posttrain.rl.rollouts import (
+    cot_prompts,
+    forward_logprobs,
+    policy_path,
+    sample_rollouts,
+    training_problems,
+)
+from posttrain.training import make_accelerator
+from tests import rl_update_script
 
 HALF, QUARTER = math.log(0.5), math.log(0.25)
 
@@ -111,6 +120,26 @@ def test_a_grpo_step_moves_probability_toward_the_better_completions():
     torch.optim.SGD(model.parameters(), lr=0.03).step()  # a small step: the first-order effect shows
     change = completion_logps() - before
     assert change[advantages > 0].mean() > 0 > change[advantages < 0].mean()
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_accumulated_micro_batches_give_the_minibatchs_update(tiny_model_dir, aggregation):
+    """grad_accum splits a minibatch into micro-batches (fewer activations alive at once) with unequal token
+    counts; weighted by their share of the minibatch, their summed gradients are the whole minibatch's."""
+    accelerator = make_accelerator("fp32")
+    start = load_file(tiny_model_dir / "model.safetensors")
+    steps, forwards = {}, {}
+    for grad_accum in (1, 4):
+        model, tokenizer = load_model(str(tiny_model_dir))
+        calls = []
+        model.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+        after = rl_update_script.grpo_update(model, tokenizer, accelerator, str(tiny_model_dir), aggregation, grad_accum)
+        steps[grad_accum] = {name: after[name] - start[name] for name in start}  # minus the gradient (SGD, lr 1)
+        forwards[grad_accum] = sum(calls)  # the passes that keep activations for a backward
+    assert forwards == {1: 1, 4: 4}
+    assert max(step.abs().max() for step in steps[1].values()) > 1e-4
+    for name, step in steps[1].items():
+        torch.testing.assert_close(steps[4][name], step, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_grpo_run_output_contract(tmp_path):

@@ -46,6 +46,7 @@ the accuracy and KL measurements) and the verifier reads the completion's answer
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -118,9 +119,10 @@ CONFIG = GRPOConfig
 QUICK = {"model": "sft-policy-quick", "difficulties": "2", "steps": 8, "eval_every": 0, "eval_problems": 100,
          "kl_problems": 32}
 # The real pretrained chat model, from the instruct model itself: 2-digit additions asked in words, one update
-# per rollout batch of 128 completions, sized to the real-model track's 15 minutes on 2 CPU cores.
+# per rollout batch of 128 completions (in 4 micro-batches, to hold the memory of their activations down),
+# sized to the real-model track's 15 minutes on 2 CPU cores.
 PRESETS = {"posttrain:smollm2-135m": {
-    "difficulties": "2", "steps": 15, "prompts_per_step": 16, "num_generations": 8, "batch_size": 128,
+    "difficulties": "2", "steps": 15, "prompts_per_step": 16, "num_generations": 8, "batch_size": 128, "grad_accum": 4,
     "temperature": 0.7, "lr": 1e-5, "beta": 0.0, "warmup_steps": 2, "eval_every": 5, "kl_problems": 32,
 }}
 
@@ -215,14 +217,7 @@ def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg:
     generator = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.epochs):
         for rows in torch.randperm(len(advantages), generator=generator).split(minibatch):
-            logp, entropy = forward_logprobs(model, {k: v[rows] for k, v in batch.items()}, with_entropy=True)
-            ref_rows = ref_logp[rows] if ref_logp is not None else None
-            old_rows = logp.detach() if old_logp is None else old_logp[rows]
-            loss, metrics = grpo_loss(logp, old_rows, ref_rows, advantages[rows], mask[rows],
-                                      clip_eps=cfg.clip_eps, beta=cfg.beta, aggregate=AGGREGATIONS[cfg.loss_aggregation])
-            metrics["entropy"] = masked_mean(entropy, mask[rows]).item()
-            units = mask[rows].sum() if cfg.loss_aggregation == "token" else len(rows)  # what the loss averages
-            accelerator.backward(loss * share_of_all_processes(units, accelerator))
+            metrics = accumulate_gradients(model, batch, rows, old_logp, ref_logp, advantages, mask, accelerator, cfg)
             if cfg.max_grad_norm:
                 metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
             optimizer.step()
@@ -231,6 +226,33 @@ def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg:
             totals = {k: totals.get(k, 0.0) + v for k, v in metrics.items()}
             count += 1
     return {k: v / count for k, v in totals.items()}
+
+
+def accumulate_gradients(model, batch, rows, old_logp, ref_logp, advantages, mask, accelerator, cfg) -> dict:
+    """The gradient of one minibatch's loss (`rows` of the rollout batch), summed over `cfg.grad_accum`
+    micro-batches so that only one micro-batch's activations are alive at a time. Micro-batch m's mean
+    loss L_m weighs n_m / N (its share of the minibatch's tokens, or completions for `sequence`), so the
+    sum is the gradient of the minibatch's mean, whatever the split (training.py's module docstring);
+    the metrics are weighted alike."""
+    aggregate = AGGREGATIONS[cfg.loss_aggregation]
+    units = (lambda r: mask[r].sum()) if cfg.loss_aggregation == "token" else len  # what the loss averages
+    minibatch_units = units(rows)
+    rank_share = share_of_all_processes(minibatch_units, accelerator)
+    micro_batches = [micro for micro in rows.tensor_split(cfg.grad_accum) if len(micro)]
+    totals = {}
+    for i, micro in enumerate(micro_batches):
+        weight = float(units(micro) / minibatch_units)
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):  # DDP reduces the gradients once
+            logp, entropy = forward_logprobs(model, {k: v[micro] for k, v in batch.items()}, with_entropy=True)
+            old_rows = logp.detach() if old_logp is None else old_logp[micro]
+            ref_rows = ref_logp[micro] if ref_logp is not None else None
+            loss, metrics = grpo_loss(logp, old_rows, ref_rows, advantages[micro], mask[micro],
+                                      clip_eps=cfg.clip_eps, beta=cfg.beta, aggregate=aggregate)
+            metrics["entropy"] = masked_mean(entropy, mask[micro]).item()
+            accelerator.backward(loss * weight * rank_share)
+        totals = {k: totals.get(k, 0.0) + v * weight for k, v in metrics.items()}
+    return totals
 
 
 def reward_stats(rewards: torch.Tensor, group_size: int) -> dict:
