@@ -87,6 +87,23 @@ def test_grpo_on_a_chat_model_trains_on_requests_scored_by_the_answer_they_give(
     assert summary["baseline"]["n"] == 6 and summary["metrics"]["kl"] >= 0
 
 
+def test_an_orm_on_a_chat_models_own_replies_selects_for_best_of_n(tiny_chat_model_dir, tmp_path):
+    """`reward` on a chat model labels its replies to world requests by their answer and trains an ORM alone
+    (no steps to label); best-of-N then selects with it on the same kind of request."""
+    reward_out, bon_out = tmp_path / "reward", tmp_path / "best-of-n"
+    assert main(["reward", "--model", str(tiny_chat_model_dir), "--output-dir", str(reward_out), "difficulties=1",
+                 "train_problems=6", "samples=4", "test_problems=4", "test_samples=4", "hacking_samples=4",
+                 "steps=2", "batch_size=4", "warmup_steps=1"]) == 0
+    summary = json.loads((reward_out / "summary.json").read_text())
+    assert sorted(summary["reward_models"]) == ["orm"] and (reward_out / "orm" / "head.safetensors").exists()
+    assert summary["metrics"]["test_solutions"] == 16 and summary["baseline"]["scorer"] == "policy mean token log-prob"
+    assert main(["best-of-n", "--model", str(tiny_chat_model_dir), "--output-dir", str(bon_out), "difficulties=1",
+                 f"reward_models={reward_out}", "problems=3", "max_n=4", "headline_n=2", "max_new_tokens=6"]) == 0
+    curves = json.loads((bon_out / "summary.json").read_text())["metrics"]["by_n"]
+    assert set(curves) == {"n", "orm", "majority", "oracle"} and curves["n"] == [1, 2, 4]
+    assert all(o >= m for o, m in zip(curves["oracle"], curves["orm"]))  # pass@N bounds every selector
+
+
 def test_sft_on_a_chat_model_reports_accuracy_and_what_it_loses_elsewhere(tiny_chat_model_dir, tmp_path):
     out = tmp_path / "sft"
     code = main(["sft", "--model", str(tiny_chat_model_dir), "--output-dir", str(out), "difficulties=1",

@@ -80,6 +80,10 @@ def distill(s: dict) -> str | None:
 
 def reward(s: dict) -> str | None:
     m = s["metrics"]
+    if m.get("prm_step_accuracy") is None and m.get("orm_auc") is not None:  # an ORM alone, on a chat model's replies
+        return (f"An outcome reward model on the model's own held-out replies: pair accuracy "
+                f"{_f(m['orm_pair_accuracy'])}, AUC {_f(m['orm_auc'])} (the model's own likelihood: "
+                f"{_f(s['baseline']['accuracy'])}, AUC {_f(s['baseline'].get('auc'))}).")
     if m.get("prm_step_accuracy") is None:
         return None
     text = (f"Reward models on held-out policy samples: ORM pair accuracy {_f(m['orm_pair_accuracy'])} (the policy's "

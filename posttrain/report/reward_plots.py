@@ -4,17 +4,18 @@ from __future__ import annotations
 from posttrain.report.plots import plt, save_figure
 
 
-def reward_histograms(solutions, orm_scores: list[float], prm_scores: list[float], path) -> None:
-    """ORM reward and PRM score of held-out solutions, correct vs incorrect, side by side."""
-    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6))
-    for ax, scores, title in ((axes[0], orm_scores, "ORM reward"), (axes[1], prm_scores, "PRM score")):
+def reward_histograms(solutions, scores: dict[str, list[float]], path) -> None:
+    """Each scorer's score (`scores`: its name -> a score per solution) of held-out solutions, correct vs
+    incorrect, side by side."""
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.8 * len(scores), 3.6), squeeze=False)
+    for ax, (title, values) in zip(axes[0], scores.items()):
         for label, color in ((True, "tab:green"), (False, "tab:red")):
-            values = [v for v, s in zip(scores, solutions) if s.correct == label]
-            ax.hist(values, bins=30, alpha=0.6, color=color, label="correct" if label else "incorrect")
+            ax.hist([v for v, s in zip(values, solutions) if s.correct == label], bins=30, alpha=0.6, color=color,
+                    label="correct" if label else "incorrect")
         ax.set_title(f"{title} of held-out solutions")
         ax.set_xlabel(title)
         ax.legend()
-    axes[0].set_ylabel("solutions")
+    axes[0][0].set_ylabel("solutions")
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -66,6 +66,7 @@ from pathlib import Path
 
 import torch
 
+from posttrain.chat_world import CHAT_MAX_NEW_TOKENS, uses_chat_world
 from posttrain.data import encode_pair, pad_batch
 from posttrain.errors import UserError
 from posttrain.evaluation import auc, best_of_n, calibration, max_new_tokens_for, overoptimisation_point
@@ -78,9 +79,11 @@ from posttrain.records import read_preferences
 from posttrain.report.reward_plots import hacking_plot, reliability_plot, reward_histograms
 from posttrain.reward_models import (REWARD_MODELS, RewardModel, at_last_token, at_steps, collate, encode,
                                      new_reward_model)
+from posttrain.rl.answers import answer_matches
 from posttrain.rl.rollouts import policy_path
 from posttrain.training import TrainingConfig, TrainResult, row_count, train
 from posttrain.world import MAIN_SKILL, check_steps, first_error, render, sample_problems, verify
+from posttrain.world.chat import chat_requests
 
 
 @dataclasses.dataclass
@@ -125,6 +128,12 @@ CONFIG = RewardConfig
 # --quick: the smoke-sized twin policy on 2-digit addition.
 QUICK = {"model": "sft-policy-quick", "difficulties": "2", "train_problems": 48, "test_problems": 16,
          "test_samples": 8, "hacking_samples": 8, "steps": 20, "log_every": 1}
+# The real pretrained chat model: an ORM on its own replies to 2-digit additions asked in words (sampled as
+# GRPO samples them, temperature 0.7), the outcome reward model best-of-N selects with on that model.
+PRESETS = {"posttrain:smollm2-135m": {
+    "difficulties": "2", "train_problems": 128, "samples": 8, "test_problems": 64, "test_samples": 8,
+    "hacking_samples": 8, "temperature": 0.7, "steps": 60, "batch_size": 32, "lr": 3e-5, "warmup_steps": 5,
+}}
 
 
 @dataclasses.dataclass
@@ -152,6 +161,17 @@ def sample_solutions(model, tokenizer, cfg: RewardConfig, split: str, n_problems
                      temperature=cfg.temperature, num_samples=k, seed=cfg.seed + (split == "test")).texts
     return [Solution(i // k, prompts[i // k], text, bool(verify(prompts[i // k], text, problems[i // k].answer)),
                      check_steps(problems[i // k], text)) for i, text in enumerate(texts)]
+
+
+def chat_solutions(model, tokenizer, cfg: RewardConfig, split: str, n_problems: int, k: int) -> list[Solution]:
+    """`k` replies of a chat model to each of `n_problems` world additions of `split` asked as requests
+    (world/chat.py), labelled by their answer (rl/answers.py); a bare answer has no steps to label."""
+    problems = sample_problems(MAIN_SKILL, cfg.difficulties, n_problems, split, cfg.seed + 1)
+    prompts, answers = chat_requests(problems)
+    texts = generate(model, tokenizer, prompts, max_new_tokens=CHAT_MAX_NEW_TOKENS, temperature=cfg.temperature,
+                     num_samples=k, seed=cfg.seed + (split == "test")).texts
+    return [Solution(i // k, prompts[i // k], text, bool(answer_matches(text, answers[i // k])), [])
+            for i, text in enumerate(texts)]
 
 
 def by_problem(solutions: list[Solution]) -> list[list[Solution]]:
@@ -358,6 +378,8 @@ def run(cfg: RewardConfig, resume: bool = False) -> dict:
         return run_on_preferences(cfg, read_preferences(cfg.data), resume)
     out = prepare_output(cfg.output_dir, resume)
     policy, tokenizer = load_model(policy_path(cfg.model))
+    if uses_chat_world(tokenizer, cfg.data):
+        return run_on_chat_world(cfg, policy, tokenizer, out, resume)
     train_set = sample_solutions(policy, tokenizer, cfg, "train", cfg.train_problems, cfg.samples)
     pool = sample_solutions(policy, tokenizer, cfg, "test", cfg.test_problems, cfg.hacking_samples)
     test = first_of_each(pool, cfg.test_samples)
@@ -377,7 +399,8 @@ def run(cfg: RewardConfig, resume: bool = False) -> dict:
     hacking = hacking_experiment(cfg, proxy, orm, pool)
     for rm, name in ((orm, "orm"), (prm, "prm"), (proxy, "proxy")):
         rm.save(out / name)
-    reward_histograms(test, orm_eval.pop("_scores"), prm_eval.pop("_scores"), out / "reward_distributions.png")
+    reward_histograms(test, {"ORM reward": orm_eval.pop("_scores"), "PRM score": prm_eval.pop("_scores")},
+                      out / "reward_distributions.png")
     reliability_plot(prm_eval.pop("_step_calibration"), out / "prm_reliability.png")
     hacking_plot(hacking, out / "reward_hacking.png")
 
@@ -389,6 +412,31 @@ def run(cfg: RewardConfig, resume: bool = False) -> dict:
     result = TrainResult(orm_run.history, orm_run.final_metrics, time_s, orm_run.tokens_per_s)
     return write_summary(out, "reward", cfg, metrics, baseline, orm, result,
                          reward_models={name: str(out / name) for name in ("orm", "prm", "proxy")})
+
+
+def run_on_chat_world(cfg: RewardConfig, policy, tokenizer, out: Path, resume: bool) -> dict:
+    """An ORM on a chat model's own replies to world additions asked in words, pairs labelled by the verifier
+    (the outcome reward model best-of-N selects with on that model). The replies are bare answers: no
+    steps, so no PRM, and no length-biased proxy (their lengths hardly differ)."""
+    train_set = chat_solutions(policy, tokenizer, cfg, "train", cfg.train_problems, cfg.samples)
+    test = chat_solutions(policy, tokenizer, cfg, "test", cfg.test_problems, cfg.test_samples)
+    likelihood = likelihood_scores(policy, tokenizer, test)
+    baseline = {"accuracy": pair_accuracy(likelihood, test)["accuracy"], "auc": auc(likelihood, [s.correct for s in test]),
+                "scorer": "policy mean token log-prob"}
+    del policy
+    pairs = [((c.prompt, c.completion, c.correct), (r.prompt, r.completion, r.correct))
+             for c, r in correctness_pairs(train_set)]
+    orm, orm_run = train_orm(cfg, pairs, "orm", out, resume, cfg.orm_bce_weight)
+    orm_eval = evaluate_orm(orm, test)
+    orm.save(out / "orm")
+    orm_scores = orm_eval.pop("_scores")
+    reward_histograms(test, {"ORM reward": orm_scores, "policy mean token log-prob": likelihood},
+                      out / "reward_distributions.png")
+    correct = [s.correct for s in test]
+    metrics = {**orm_eval, "accuracy": orm_eval["orm_pair_accuracy"], "train_pairs": len(pairs),
+               "train_solutions": len(train_set), "train_solution_accuracy": sum(s.correct for s in train_set) / len(train_set),
+               "test_solutions": len(test), "test_solution_accuracy": sum(correct) / len(correct)}
+    return write_summary(out, "reward", cfg, metrics, baseline, orm, orm_run, reward_models={"orm": str(out / "orm")})
 
 
 def run_on_preferences(cfg: RewardConfig, records: list, resume: bool) -> dict:
@@ -417,9 +465,13 @@ def run_on_preferences(cfg: RewardConfig, records: list, resume: bool) -> dict:
                          reward_models={"orm": str(out / "orm")})
 
 
-def trained_reward_models(quick: bool = False) -> Path:
-    """The cached reward stage on the shared policy (orm/, prm/, proxy/ inside); runs it on first use."""
+def trained_reward_models(quick: bool = False, model: str | None = None) -> Path:
+    """The cached reward stage (orm/, prm/, proxy/ inside) on the shared policy, or on `model` with its preset
+    (the stage the real-model track runs); runs it on first use."""
     from posttrain.methods import METHODS
     from posttrain.stages import cached_run
 
-    return cached_run("reward", METHODS["reward"].quick_overrides() if quick else [])
+    method = METHODS["reward"]
+    if model:
+        return cached_run("reward", [*method.preset_overrides(model), f"model={model}"])
+    return cached_run("reward", method.quick_overrides() if quick else [])

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from posttrain.errors import UserError
 from posttrain.evaluation import best_of_n, majority_at_n, pass_at_k
+from posttrain.methods import METHODS
 from posttrain.methods.common import prepare_output, write_summary
 from posttrain.methods.rl.reward_model import trained_reward_models
 from posttrain.methods.test_time import greedy_baseline, held_out_questions, sample_solutions
@@ -73,15 +74,22 @@ class BestOfNConfig:
 CONFIG = BestOfNConfig
 # --quick: the 2-digit twin policy and its reward models.
 QUICK = {"model": "sft-policy-quick", "difficulties": "2", "problems": 16, "max_n": 16, "headline_n": 8}
+# The real pretrained chat model on 2-digit additions asked in words, selecting with the ORM `posttrain reward`
+# trains on its own replies; 150 problems x 32 samples fit the real-model track's 15 minutes.
+PRESETS = {"posttrain:smollm2-135m": {"difficulties": "2", "problems": 150, "max_n": 32, "headline_n": 16,
+                                      "temperature": 0.7, "max_new_tokens": 32}}
 
 
 def reward_model_dir(cfg) -> Path:
-    """Where orm/ and prm/ are: the given folder, or the cached reward stage of the shared policy."""
+    """Where orm/ and prm/ are: the given folder, the cached reward stage of the shared policy, or that of a
+    model `posttrain reward` has a preset for (an ORM on the model's own replies)."""
     if cfg.reward_models:
         return Path(cfg.reward_models)
-    if cfg.model not in POLICIES:
-        raise UserError(f"model '{cfg.model}' is not the shared policy: give reward_models=DIR (a `posttrain reward` output)")
-    return trained_reward_models(quick=POLICIES[cfg.model])
+    if cfg.model in POLICIES:
+        return trained_reward_models(quick=POLICIES[cfg.model])
+    if METHODS["reward"].preset_overrides(cfg.model):
+        return trained_reward_models(model=cfg.model)
+    raise UserError(f"model '{cfg.model}' is not the shared policy: give reward_models=DIR (a `posttrain reward` output)")
 
 
 def selector_curves(samples, scores: dict, ns: list[int], subsets: int, seed: int) -> dict:
