@@ -17,10 +17,11 @@ import time
 
 import torch
 
-SIZES = ("tiny", "110m")
+SIZES = ("tiny", "smollm2", "110m")
 # The GPU size runs DESIGN.md's reference shapes (its H100 table): SFT rows of 1024 tokens, DPO sides of
 # 512 tokens in batches of 8 pairs, GRPO 64 completions of 256 tokens, rollouts of 256 new tokens.
-SEQ_LEN = {"tiny": None, "110m": 1024}  # None: the world's examples as they are (60-90 tokens)
+# smollm2 is the real pretrained LLM (posttrain:smollm2-135m) on the world's text as it is, on the CPU.
+SEQ_LEN = {"tiny": None, "smollm2": None, "110m": 1024}  # None: the world's examples as they are (60-90 tokens)
 
 
 def device() -> str:
@@ -33,10 +34,16 @@ def sync() -> None:
 
 
 def load(size: str):
-    """(model, tokenizer): the embedded tiny model, or a random-init ~110M Llama sharing its tokenizer
-    but with a 32k vocabulary (the reference figures' shape; token ids beyond the tokenizer's are unused)."""
+    """(model, tokenizer): the embedded tiny model; SmolLM2-135M-Instruct with its chat template set aside
+    (TRL reads a string prompt as raw text, posttrain would render it as a chat turn: both sides then see
+    the same tokens); or a random-init ~110M Llama sharing the tiny model's tokenizer but with a 32k
+    vocabulary (the reference figures' shape; token ids beyond the tokenizer's are unused)."""
     from posttrain.models import load_model
 
+    if size == "smollm2":
+        model, tokenizer = load_model("posttrain:smollm2-135m")
+        tokenizer.chat_template = None
+        return model.to(device()), tokenizer
     model, tokenizer = load_model("posttrain:tiny")
     if size == "110m":
         from transformers import LlamaConfig, LlamaForCausalLM

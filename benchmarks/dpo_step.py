@@ -23,7 +23,7 @@ from posttrain.data import encode_pair
 from posttrain.world import MAIN_SKILL, render, sample_problems
 from posttrain.world.skills import Problem
 
-BATCH = {"tiny": 16, "110m": 8}  # pairs per step
+BATCH = {"tiny": 16, "smollm2": 8, "110m": 8}  # pairs per step
 
 
 def misread(problem: Problem, rng: random.Random) -> Problem:

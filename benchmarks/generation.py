@@ -1,6 +1,6 @@
 """Rollout generation: posttrain's sampler vs `model.generate` (new tokens/s).
 
-Every side samples (temperature 1) exactly NEW_TOKENS tokens for each of BATCH prompts of world
+Every side samples (temperature 1) exactly 256 new tokens (48 on smollm2) for each of BATCH prompts of world
 questions: posttrain's sampler ignores EOS here, `generate` gets min_new_tokens. Sides: posttrain
 (its default dynamic cache), posttrain-compiled (`decode="compiled"`: a static cache and the decode
 step compiled, one CUDA graph a token on a GPU), HF generate with cache_implementation="static"
@@ -8,7 +8,8 @@ step compiled, one CUDA graph a token on a GPU), HF generate with cache_implemen
 the compiling.
 
     python -m benchmarks.generation                       # tiny model, batch 64
-    python -m benchmarks.generation --size 110m --batch 256
+    python -m benchmarks.generation --size smollm2        # the real pretrained 135M LLM, 48 new tokens
+    BENCH_BATCH=256 python -m benchmarks.generation --size 110m
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from benchmarks.common import device, load, main, timed_steps
 from posttrain.generation import generate
 from posttrain.world import render, sample_problems
 
-NEW_TOKENS = 256
 BATCH = int(os.environ.get("BENCH_BATCH", "64"))
+NEW_TOKENS = {"smollm2": 48}  # a real 135M model on the CPU: a short reply's length; other sizes 256
 
 
 class NeverStops:
@@ -46,10 +47,10 @@ def prompts() -> list[str]:
 def run_side(args) -> dict:
     model, tokenizer = load(args.size)
     model.eval()
-    texts = prompts()
+    texts, new_tokens = prompts(), NEW_TOKENS.get(args.size, 256)
     if args.side.startswith("posttrain"):
         never, decode = NeverStops(tokenizer), "compiled" if args.side.endswith("-compiled") else "dynamic"
-        step = lambda i: generate(model, never, texts, max_new_tokens=NEW_TOKENS, temperature=1.0,  # noqa: E731
+        step = lambda i: generate(model, never, texts, max_new_tokens=new_tokens, temperature=1.0,  # noqa: E731
                                   seed=i, batch_size=BATCH, decode=decode)
     else:
         tokenizer.padding_side = "left"
@@ -58,9 +59,9 @@ def run_side(args) -> dict:
 
         @torch.no_grad()
         def step(i):
-            model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=True,
+            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
                            temperature=1.0, top_p=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id, **extra)
-    return {"times": timed_steps(step, args.warmup, args.steps), "new_tokens": BATCH * NEW_TOKENS}
+    return {"times": timed_steps(step, args.warmup, args.steps), "new_tokens": BATCH * new_tokens}
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ include the compiling. posttrain updates on packed rollouts (`packing=true`, the
 but attention computes on padding); the posttrain-padded side without.
 
     python -m benchmarks.grpo_step                 # embedded tiny model (CPU or GPU)
+    python -m benchmarks.grpo_step --size smollm2  # the real pretrained 135M LLM (CPU or GPU)
     python -m benchmarks.grpo_step --size 110m     # random-init ~110M Llama, bf16 (GPU)
 """
 from __future__ import annotations

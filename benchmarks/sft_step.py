@@ -12,6 +12,7 @@ prompt, `common.with_context`), DESIGN.md's reference length.
 
     python -m benchmarks.sft_step                 # embedded tiny model (CPU or GPU)
     python -m benchmarks.sft_step --data mixed    # rows of very different lengths
+    python -m benchmarks.sft_step --size smollm2  # the real pretrained 135M LLM, batch 16 (CPU or GPU)
     python -m benchmarks.sft_step --size 110m     # random-init ~110M Llama, bf16 (GPU)
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from posttrain.data import EncodedDataset, encode_pair
 from posttrain.losses.sft import causal_lm_loss
 from posttrain.methods.common import world_examples
 
-BATCH = {"tiny": 32, "110m": 16}
+BATCH = {"tiny": 32, "smollm2": 16, "110m": 16}
 
 
 def examples(size: str, data: str, tokenizer) -> list[tuple[str, str]]:
