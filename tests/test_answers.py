@@ -54,3 +54,45 @@ def test_a_reference_in_compared_form_compares_as_itself(reference):
     against the reference."""
     for completion in ("A: 72", "#### 1000", "so -5.", "A: 1 1 3 4", "Answer: paris", "\\boxed{\\frac{1}{2}}", "none"):
         assert answer_matches(completion, reference_key(reference)) == answer_matches(completion, reference)
+
+
+GSM8K_SOLUTION = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+                  "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+
+
+@pytest.mark.parametrize("reference", [
+    GSM8K_SOLUTION, "#### 1,234", "#### -7", "so \\boxed{3.50}", "The answer is Paris.", "1 1 3 4", "72", "-0.5",
+])
+def test_a_reference_copied_as_the_completion_scores_one(reference):
+    assert answer_matches(reference, reference) == 1.0
+
+
+@pytest.mark.parametrize("completion, reward", [
+    ("The clips: 48 + 24 = 72.\n#### 72", 1.0),
+    ("so the answer is 72", 1.0),
+    ("\\boxed{72.0}", 1.0),
+    ("#### 24", 0.0),  # an intermediate number of the solution is not its answer
+    ("48+24=72, minus 48", 0.0),
+])
+def test_a_gsm8k_solution_as_reference_is_judged_by_its_final_answer(completion, reward):
+    assert answer_matches(completion, GSM8K_SOLUTION) == reward
+
+
+@pytest.mark.parametrize("completion, reference, reward", [
+    ("#### 3.50", "3.5", 1.0),
+    ("A: 3.5", "#### 3.50", 1.0),
+    ("It costs 1,234 dollars", "#### 1234", 1.0),
+    ("A: 1234", "1,234", 1.0),
+    ("A: -12", "#### -12", 1.0),
+    ("A: \u221212", "-12", 1.0),  # a typeset minus sign
+    ("A: 12", "#### -12", 0.0),
+    ("A: 0.0", "-0", 1.0),
+    ("counts 1,2,3", "3", 1.0),  # a list of numbers is not one number with separators
+    ("A: 12345678901234567890123456789012", "12345678901234567890123456789013", 0.0),  # no float rounding
+])
+def test_numbers_compare_by_value(completion, reference, reward):
+    assert answer_matches(completion, reference) == reward
+
+
+def test_a_gsm8k_reference_in_compared_form_is_the_number():
+    assert reference_key(GSM8K_SOLUTION) == "72" and reference_key(reference_key(GSM8K_SOLUTION)) == "72"
