@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +30,13 @@ ROLES = ("system", "user", "assistant")
 _SFT_EXPECTED = "'prompt' and 'completion' strings, or 'messages'"
 _MESSAGE_EXPECTED = "'role' and 'content' strings"
 _PREFERENCE_EXPECTED = "'prompt', 'chosen' and 'rejected' strings"
-_PROMPT_EXPECTED = "a 'prompt' string and an 'answer' string or integer"
+_PROMPT_EXPECTED = "the prompt in {prompt!r}, a string, and the answer in {answer!r}, a string or number"
+# The longest JSONL line read (bytes). A record this long is far past any model's context, so a longer
+# line is a file that is not JSONL (a binary file, a device, a dump on one line) rather than data.
+MAX_LINE_BYTES = 16 * 2**20
+# Fields that, in public datasets, hold what posttrain calls the prompt or the answer: hinted at when missing.
+PROMPT_ALIASES = ("question", "problem", "query", "input", "instruction")
+ANSWER_ALIASES = ("solution", "final_answer", "target", "output", "label", "response")
 
 
 @dataclass(frozen=True)
@@ -58,10 +66,12 @@ class PreferenceRecord:
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """A prompt whose sampled completions are scored by comparing their extracted answer to `answer`."""
+    """A prompt whose sampled completions are scored by comparing their extracted answer to `answer`;
+    `columns` holds the record's other fields (a user's reward function receives them)."""
 
     prompt: str
     answer: str
+    columns: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
 def read_rows(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -102,6 +112,9 @@ def _saved_dataset(path: Path):
     except FileNotFoundError:
         raise UserError(f"{path} is a folder but not a dataset saved with `save_to_disk`; give --data a JSONL or "
                         "Parquet file, or such a folder") from None
+    except (OSError, ValueError) as exc:  # unreadable, or a damaged dataset folder
+        raise UserError(f"{path}: not a readable saved dataset ({_one_line(exc)}); give --data a JSONL or "
+                        "Parquet file, or a folder written by `save_to_disk`") from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise UserError(f"{path} holds the splits {', '.join(loaded)} and no 'train'; give --data one split's "
@@ -117,20 +130,49 @@ def read_jsonl(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     except FileNotFoundError:
         raise UserError(f"data file not found: {os.fspath(path)}") from None
     except OSError as exc:
-        raise UserError(f"cannot read data file {os.fspath(path)}: {exc.strerror}") from None
+        raise UserError(f"cannot read data file {os.fspath(path)}: {exc.strerror or exc}") from None
     with f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where(path, number)}: invalid JSON ({exc.msg}, column {exc.colno})") from None
-            except UnicodeDecodeError:
-                raise UserError(f"{where(path, number)}: not valid UTF-8 text") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{where(path, number)}: expected a JSON object, got {_type(obj)}")
-            yield number, obj
+        for number, line in _numbered_lines(f, path):
+            if line.strip():
+                yield number, _json_object(line, path, number)
+
+
+def _numbered_lines(f, path: PathLike) -> Iterator[tuple[int, bytes]]:
+    """The file's lines numbered from 1, each at most MAX_LINE_BYTES long: a longer one, or a file that
+    cannot be read (a device, /proc/self/mem), is a UserError rather than a hang or a traceback."""
+    number = 0
+    while True:
+        number += 1
+        try:
+            line = f.readline(MAX_LINE_BYTES + 2)
+        except OSError as exc:
+            raise UserError(f"{where(path, number)}: cannot read the file ({exc.strerror or exc}); give --data a "
+                            "JSONL or Parquet file, or a folder written by `save_to_disk`") from None
+        if not line:
+            return
+        if len(line.rstrip(b"\r\n")) > MAX_LINE_BYTES:
+            raise UserError(f"{where(path, number)}: line longer than {MAX_LINE_BYTES // 2**20} MiB: not a JSONL "
+                            "record (one JSON object per line); shorten the record, or raise "
+                            "posttrain.records.MAX_LINE_BYTES if one is really this long")
+        yield number, line
+
+
+def _json_object(line: bytes, path: PathLike, number: int) -> dict[str, Any]:
+    """One JSONL line as a dict, every way it can fail named in one line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where(path, number)}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{where(path, number)}: not valid UTF-8 text") from None
+    except RecursionError:
+        raise UserError(f"{where(path, number)}: JSON nested too deeply to read (expected a flat record "
+                        "object)") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise UserError(f"{where(path, number)}: invalid JSON ({_one_line(exc)})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where(path, number)}: expected a JSON object, got {_type(obj)}")
+    return obj
 
 
 def read_sft(path: PathLike) -> list[SFTRecord]:
@@ -143,9 +185,12 @@ def read_preferences(path: PathLike) -> list[PreferenceRecord]:
     return _read_all(path, _parse_preference, _PREFERENCE_EXPECTED)
 
 
-def read_prompts(path: PathLike) -> list[PromptRecord]:
-    """Read prompts with reference answers: `{"prompt", "answer"}`; an integer answer is turned into text."""
-    return _read_all(path, _parse_prompt, _PROMPT_EXPECTED)
+def read_prompts(path: PathLike, prompt_field: str = "prompt", answer_field: str = "answer") -> list[PromptRecord]:
+    """Read prompts with reference answers: `{"prompt", "answer"}`, or the fields named `prompt_field` and
+    `answer_field` (GSM8K's `question`); a number as answer is turned into its text. The other fields are
+    kept as the record's `columns`."""
+    parse = functools.partial(_parse_prompt, fields=(prompt_field, answer_field))
+    return _read_all(path, parse, _PROMPT_EXPECTED.format(prompt=prompt_field, answer=answer_field))
 
 
 def split_records(records: list, seed: int) -> tuple[list, list]:
@@ -192,15 +237,38 @@ def _parse_preference(obj: dict[str, Any], at: At) -> PreferenceRecord:
     return PreferenceRecord(prompt, chosen, rejected)
 
 
-def _parse_prompt(obj: dict[str, Any], at: At) -> PromptRecord:
-    answer = obj.get("answer")
-    if isinstance(answer, int) and not isinstance(answer, bool):  # JSON numbers like 42 are fine answers
-        obj = {**obj, "answer": str(answer)}
-    return PromptRecord(_string(obj, "prompt", at, _PROMPT_EXPECTED), _string(obj, "answer", at, _PROMPT_EXPECTED))
+def _parse_prompt(obj: dict[str, Any], at: At, fields: tuple[str, str]) -> PromptRecord:
+    prompt_field, answer_field = fields
+    expected = _PROMPT_EXPECTED.format(prompt=prompt_field, answer=answer_field)
+    for key, aliases, option in ((prompt_field, PROMPT_ALIASES, "prompt_field"),
+                                 (answer_field, ANSWER_ALIASES, "answer_field")):
+        _require(obj, key, at, expected, aliases, option)
+    answer = obj[answer_field]
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):  # JSON numbers like 42 or 3.5
+        obj = {**obj, answer_field: _number_text(answer, at(answer_field))}
+    columns = {key: value for key, value in obj.items() if key not in fields}
+    return PromptRecord(_string(obj, prompt_field, at, expected), _string(obj, answer_field, at, expected), columns)
+
+
+def _require(obj: dict[str, Any], key: str, at: At, expected: str, aliases: tuple[str, ...], option: str) -> None:
+    """A missing field's error, hinting at the config key that names the field this record does have."""
+    if key in obj:
+        return
+    present = [alias for alias in aliases if isinstance(obj.get(alias), str)]
+    hint = f"; this record has {present[0]!r}: give {option}={present[0]}" if present else ""
+    raise UserError(f"{at()}: missing field {key!r} (expected {expected}{hint})")
+
+
+def _number_text(value: float, name: str) -> str:
+    """A JSON number as answer text, without exponent (1e+20 -> 100000000000000000000)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number or a string, got {value}")
+    return str(value) if isinstance(value, int) else format(Decimal(repr(value)), "f")
 
 
 def _string(obj: dict[str, Any], key: str, at: At, expected: str, name: str | None = None) -> str:
-    """Return `obj[key]` if it is a non-blank string; `name` is how the field is called in messages."""
+    """Return `obj[key]` if it is a non-blank string of valid Unicode; `name` is how the field is called in
+    messages. (JSON may escape a lone surrogate, "\\ud800", which no tokenizer can encode.)"""
     name = name or key
     if key not in obj:
         raise UserError(f"{at()}: missing field {name!r} (expected {expected})")
@@ -209,7 +277,16 @@ def _string(obj: dict[str, Any], key: str, at: At, expected: str, name: str | No
         raise UserError(f"{at(name)} must be a string, got {_type(value)}")
     if not value.strip():
         raise UserError(f"{at(name)} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"{at(name)} holds an unpaired surrogate ({value[exc.start]!r} at character {exc.start}), "
+                        "which is not text; fix the \\u escape in the file") from None
     return value
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _type(value: Any) -> str:

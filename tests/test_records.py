@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from posttrain import records
 from posttrain.errors import UserError
 from posttrain.records import (
     PreferenceRecord,
@@ -134,7 +135,18 @@ def test_prompts_accept_int_answer(tmp_path):
     assert read_prompts(path) == [PromptRecord("2+2?", "4"), PromptRecord("name?", "Ada")]
 
 
-@pytest.mark.parametrize("answer,got", [(1.5, "float"), (True, "bool"), (None, "null"), ([4], "list")])
+@pytest.mark.parametrize("answer,text", [(3.5, "3.5"), (-0.25, "-0.25"), (1e20, "100000000000000000000"), (-7, "-7")])
+def test_prompts_accept_float_answers_as_their_text(tmp_path, answer, text):
+    assert read_prompts(write(tmp_path, {"prompt": "p", "answer": answer}))[0].answer == text
+
+
+@pytest.mark.parametrize("answer", ["NaN", "Infinity", "-Infinity"])
+def test_prompts_reject_non_finite_numbers(tmp_path, answer):
+    path = write(tmp_path, '{"prompt": "p", "answer": ' + answer + '}')
+    assert error(read_prompts, path).startswith(f"{path}:1: field 'answer' must be a finite number")
+
+
+@pytest.mark.parametrize("answer,got", [(True, "bool"), (None, "null"), ([4], "list")])
 def test_prompts_reject_other_answer_types(tmp_path, answer, got):
     path = write(tmp_path, {"prompt": "p", "answer": answer})
     assert error(read_prompts, path) == f"{path}:1: field 'answer' must be a string, got {got}"
@@ -143,7 +155,74 @@ def test_prompts_reject_other_answer_types(tmp_path, answer, got):
 def test_prompts_missing_answer(tmp_path):
     path = write(tmp_path, {"prompt": "p"})
     assert error(read_prompts, path) == (
-        f"{path}:1: missing field 'answer' (expected a 'prompt' string and an 'answer' string or integer)")
+        f"{path}:1: missing field 'answer' (expected the prompt in 'prompt', a string, and the answer in 'answer', a string or number)")
+
+
+GSM8K = {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+         "answer": "Natalia sold 48/2 = 24 clips in May.\n#### 72", "source": "gsm8k"}
+
+
+def test_a_missing_prompt_hints_at_the_field_the_record_has(tmp_path):
+    path = write(tmp_path, GSM8K)
+    assert error(read_prompts, path) == (f"{path}:1: missing field 'prompt' (expected the prompt in 'prompt', a string, "
+                                         "and the answer in 'answer', a string or number; this record has "
+                                         "'question': give prompt_field=question)")
+
+
+def test_field_mapping_reads_other_names_and_keeps_the_other_columns(tmp_path):
+    path = write(tmp_path, GSM8K, {"question": "q2", "answer": 5, "source": "mine", "level": 2})
+    records = read_prompts(path, prompt_field="question")
+    assert [(r.prompt, r.answer) for r in records] == [(GSM8K["question"], GSM8K["answer"]), ("q2", "5")]
+    assert records[1].columns == {"source": "mine", "level": 2}
+    renamed = write(tmp_path, {"q": "p", "gold": 4}, name="renamed.jsonl")
+    assert read_prompts(renamed, prompt_field="q", answer_field="gold") == [PromptRecord("p", "4")]
+    assert error(lambda p: read_prompts(p, answer_field="gold"), renamed) == (
+        f"{renamed}:1: missing field 'prompt' (expected the prompt in 'prompt', a string, and the answer in 'gold', a string or number)")
+
+
+def one_line_error(reader, path):
+    """The UserError's message, checked to be one line naming the file."""
+    message = error(reader, path)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_deep_nesting_is_one_line(tmp_path):
+    path = write(tmp_path, '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "answer": "1"}')
+    assert one_line_error(read_prompts, path).startswith(f"{path}:1: JSON nested too deeply")
+
+
+def test_a_lone_surrogate_is_refused_at_read_time(tmp_path):
+    path = write(tmp_path, {"prompt": "ok", "answer": "1"}, '{"prompt": "bad \\ud800 text", "answer": "1"}')
+    assert one_line_error(read_prompts, path).startswith(f"{path}:2: field 'prompt' holds an unpaired surrogate")
+    sft = write(tmp_path, '{"messages": [{"role": "user", "content": "\\udfff"}, '
+                          '{"role": "assistant", "content": "x"}]}', name="sft.jsonl")
+    assert one_line_error(read_sft, sft).startswith(f"{sft}:1: field 'messages[0].content' holds an unpaired")
+
+
+def test_a_line_over_the_limit_is_refused_with_how_to_fix_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(records, "MAX_LINE_BYTES", 1000)
+    path = write(tmp_path, {"prompt": "x" * 2000, "answer": "1"})
+    message = one_line_error(read_prompts, path)
+    assert message.startswith(f"{path}:1: line longer than") and "MAX_LINE_BYTES" in message
+    fits = write(tmp_path, {"prompt": "x" * (1000 - 30), "answer": "1"}, name="fits.jsonl")
+    assert len(read_prompts(fits)) == 1
+
+
+def test_an_integer_too_long_to_convert_is_one_line(tmp_path):
+    path = write(tmp_path, '{"prompt": "p", "answer": ' + "9" * 5000 + "}")
+    assert one_line_error(read_prompts, path).startswith(f"{path}:1: invalid JSON")
+
+
+@pytest.mark.parametrize("special", ["/proc/self/mem", "/dev/zero"])
+def test_files_that_are_not_data_are_one_line(special, monkeypatch):
+    monkeypatch.setattr(records, "MAX_LINE_BYTES", 4096)  # /dev/zero: one endless line
+    assert one_line_error(read_prompts, special).startswith(f"{special}:1: ")
+
+
+def test_a_folder_that_is_not_a_dataset_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert "not a dataset saved with `save_to_disk`" in one_line_error(read_prompts, tmp_path)
 
 
 ROWS = [{"prompt": "Q: 1+2\n", "completion": "A: 3"},
