@@ -57,7 +57,7 @@ def write_json(path: PathLike, obj: Any) -> None:
 
 
 def read_json(path: PathLike) -> Any:
-    """Read a JSON file, turning a missing file or invalid JSON into a `UserError`."""
+    """Read a JSON file, turning a missing or unreadable file or invalid JSON into a `UserError`."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -65,6 +65,12 @@ def read_json(path: PathLike) -> Any:
         raise UserError(f"file not found: {os.fspath(path)}") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{where(path, exc.lineno)}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{os.fspath(path)}: invalid JSON (not UTF-8 text)") from None
+    except RecursionError:
+        raise UserError(f"{os.fspath(path)}: invalid JSON (nested too deeply to read)") from None
+    except OSError as exc:
+        raise UserError(f"{os.fspath(path)}: cannot be read ({exc.strerror})") from None
 
 
 class JsonlWriter:

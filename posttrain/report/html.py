@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 from posttrain.errors import UserError
-from posttrain.io import write_text
+from posttrain.io import read_json, write_text
 from posttrain.methods import METHODS
 from posttrain.report.insights import insights
 from posttrain.report.table import comparison_rows, load_summaries, to_csv, to_markdown
@@ -64,7 +63,7 @@ def build_report(run_dir: str | Path) -> Path:
     if not summaries:
         raise UserError(f"'{run_dir}' holds no method runs (expected <method>/summary.json folders)")
     rows = comparison_rows(summaries)
-    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    run_info = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
     caveat = QUICK_CAVEAT if run_info.get("quick") else ""
     write_text(run_dir / "comparison.md", (f"{caveat}\n\n" if caveat else "") + to_markdown(rows))
     write_text(run_dir / "comparison.csv", to_csv(rows))

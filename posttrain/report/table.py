@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
+from posttrain.errors import UserError
+from posttrain.io import read_json
 from posttrain.methods import METHODS
 
 COLUMNS = ["method", "category", "train time (s)", "tokens / problem", "s / problem", "trainable params",
@@ -29,8 +30,23 @@ def load_summaries(run_dir: str | Path) -> dict[str, dict]:
     for name in METHODS:
         path = run_dir / name / "summary.json"
         if path.exists():
-            found[name] = json.loads(path.read_text())
+            found[name] = read_summary(path)
     return found
+
+
+def read_summary(path: Path) -> dict:
+    """A run's summary.json, refused in one line naming the file when it is not JSON or lacks what a run writes
+    (its `metrics` and `baseline` objects)."""
+    summary = read_json(path)
+    if not isinstance(summary, dict):
+        raise UserError(f"{path}: expected a run summary (a JSON object), got {type(summary).__name__}")
+    for key in ("metrics", "baseline"):
+        if not isinstance(summary.get(key), dict):
+            raise UserError(f"{path}: not a run summary: '{key}' should be an object, got {summary.get(key)!r:.60}")
+        accuracy = summary[key].get("accuracy")
+        if accuracy is not None and not isinstance(accuracy, (int, float)):
+            raise UserError(f"{path}: '{key}.accuracy' should be a number, got {accuracy!r:.60}")
+    return summary
 
 
 def _per_problem(metrics: dict, key: str):
