@@ -34,19 +34,16 @@ from posttrain.models import DEFAULT_MODEL, resolve_model_path
 from posttrain.report.html import build_report
 from posttrain.stages import cached_run, stage_dir
 
-# Seconds per stage measured on 2 CPU cores, one stage at a time (the full run before stages ran side by
-# side; the first run also pretrains the base model, 4-8 minutes), except lora, cot-prompt and sft: their
-# measured times scaled to their new defaults (100 -> 150 steps, 100 -> 200 problems, 4 variants of 100
-# steps -> 5 of 200), not measured as stages, and distill: 99 s measured with its teacher cached, plus
-# about 60 s for building the teacher. Only the estimates of what is left and the weights of the
-# side-by-side progress bar use them.
+# Expected seconds per stage on 2 CPU cores, one stage at a time, its base model already built (the first
+# run also pretrains the base model, minutes); distill's includes building its teacher. Only the estimates
+# of what is left and the weights of the side-by-side progress bar use them.
 EXPECTED_SECONDS = {"sft": 300, "lora": 170, "cot-ft": 75, "instruction": 80, "distill": 160, "reward": 180,
                     "dpo": 75, "ppo": 140, "grpo": 165, "best-of-n": 45, "self-consistency": 20, "cot-prompt": 110,
                     "tree-search": 35}
 QUICK_FACTOR = 0.25
 REAL_MODEL_SECONDS = 900  # a method's budget on the real-model track (its presets are sized to it)
 # A one-thread worker runs a stage at about this share of its speed on two threads (a second thread
-# speeds a training step up 1.6x, measured): how fast a running stage fills its part of the progress bar.
+# speeds a training step up about 1.6x): how fast a running stage fills its part of the progress bar.
 ONE_THREAD_SPEED = 1 / 1.6
 
 
@@ -143,7 +140,7 @@ def run_side_by_side(methods: list, out: Path, quick: bool, jobs: int, started: 
     worker processes, each on cores/jobs threads, take the stages in order.
 
     At this model size one process cannot keep two cores busy (a second thread speeds a training step
-    up 1.6x, measured), so two single-thread stages side by side finish sooner. Stages that need the
+    up about 1.6x), so two single-thread stages side by side finish sooner. Stages that need the
     same artefact (the shared policy, the reward models) wait for one build: the cache locks it.
     Workers write their output to `<output-dir>/logs/<method>.log`; the terminal shows a progress bar
     weighted by each stage's expected time, the stages running, elapsed and left."""

@@ -11,7 +11,7 @@ Sampling, per batch of prompts:
 
 By default the decoding cache grows by one column a step, written in place into room reserved after
 the prefill (`GrowingLayer`; transformers' DynamicCache copies the whole cache with torch.cat at
-every token instead, which made 256-token rollouts on the CPU ~1.5x slower). `decode="compiled"`
+every token instead, which slows long rollouts on the CPU; docs/PERFORMANCE.md). `decode="compiled"`
 preallocates the whole chunk's cache (StaticCache) so that every step has the same shapes, and runs
 the step through torch.compile: on a GPU one CUDA graph replay per token (`StaticDecoder`). All of
 them give the same tokens for the same seed.

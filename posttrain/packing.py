@@ -172,7 +172,7 @@ def enable(model) -> bool:
     if not enabled(model):
         gap = packing_gap(model)
         # float rounding differs between the two layouts' kernels; sequences that see each other differ by far
-        # more (the embedded model: 0.14 of its largest logit)
+        # more (the embedded model: over a tenth of its largest logit)
         if gap > rounding_tolerance(next(model.parameters()).dtype):
             print(f"note: {type(model).__name__} gave different logits packed and padded (max |diff| {gap:.3g} of "
                   "the largest logit); training on padded batches", file=sys.stderr)

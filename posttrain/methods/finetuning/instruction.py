@@ -23,59 +23,40 @@ Problems are at each skill's easy difficulty, where the base model is good when 
 symbolic accuracy before and after as the ceiling and as a forgetting probe. The headline accuracy
 is the hardest group, the held-out styles; before and after use the same test problems.
 
-Measured (second box, defaults, 120-139 s): seen 0.26 -> 0.84, held-out wordings 0.10 -> 0.83
-(0.98 x seen: the project's bar of 0.8 x seen is met on new sentences), held-out combination 0.22 ->
-0.94, held-out styles 0.01 -> 0.41 (0.48 x seen: not met, below). After a change that only reorders
-the loss's floating-point sums (logits for labelled positions only), the same run gave seen 0.84,
-wordings 0.80, styles 0.41 and the combination 0.70: one cell can move by 0.2 on rounding alone.
-New sentences fail where they echo a seen frame of another skill: "Please take {b} away from {a}."
-0.06 (the seen "Subtract {b} from {a}." 0.08: both need the second number copied first), "Reverse
-{xs}, please." 0.40.
+Reordering the loss's floating-point sums alone can move one skill-and-phrasing cell by 0.2: read
+single cells with care. New sentences fail where they echo a seen frame of another skill: "Please take {b}
+away from {a}." and the seen "Subtract {b} from {a}." both need the second number copied first.
 
-Design choices, each measured while building this (seed 0, 400 steps, held-out styles / seen):
+Design choices, each compared with its alternative on held-out styles and seen phrasings:
 - The answer first restates the request as the world's symbolic question, then reasons (`restate`).
-  Answering directly (`A: 92`) leaves 2-digit addition out of reach of the tiny model (add: 0.0 on
-  every phrasing); plain chains of thought reach 0.83 on seen phrasings but copy operands by their
-  position in the seen templates, which fails on new templates; restating makes skill choice and
-  operand copying one short line, which the base's own chain of thought then follows.
+  Answering directly (`A: 92`) leaves 2-digit addition out of reach of the tiny model; plain chains
+  of thought do well on seen phrasings but copy operands by their position in the seen templates,
+  which fails on new templates; restating makes skill choice and operand copying one short line,
+  which the base's own chain of thought then follows.
 - A fifth of the examples are asked symbolically (`symbolic_fraction`): without them the model
-  forgets its native format (symbolic accuracy 0.77 -> 0.68 and 0.36 on two seeds) and the
-  held-out combination stays at 0.56; with them symbolic stays at 0.97 and sort-politely reaches
-  0.80, because "sort" in `sort 3 1 4 1` keeps the verb tied to its skill.
-- Held-out phrasings need three things (seed 0, held-out styles before -> after, seen after):
-  the base model must know their words, so its pretraining corpus has prose statements
-  (`world/corpus.py`: "Ann has 34 apples and gets 58 more, so Ann has 34+58=92.", never a request);
-  the training requests sit among random words (`surround`), so operands are copied by what they
-  are rather than where they are; and each skill has more seen wordings (`PARAPHRASES`), so no
-  single frame stands for a skill. All three: 0.00 -> 0.53 (seen 0.90); without `surround` 0.22
-  (seen 0.94); without `PARAPHRASES` 0.27 (seen 0.93). The world before all three reached 0.17.
+  forgets its native format and the held-out combination falls behind; with them "sort" in
+  `sort 3 1 4 1` keeps the verb tied to its skill.
+- Held-out phrasings need three things: the base model must know their words, so its pretraining
+  corpus has prose statements (`world/corpus.py`: "Ann has 34 apples and gets 58 more, so Ann has
+  34+58=92.", never a request); the training requests sit among random words (`surround`), so
+  operands are copied by what they are rather than where they are; and each skill has more seen
+  wordings (`PARAPHRASES`), so no single frame stands for a skill. Each of the three adds to the
+  held-out accuracy.
 
-What it cannot do here: reach the bar of 0.8 x seen on the held-out styles (0.53 vs 0.90 when the
-design choices above were measured, 0.41 vs 0.84 with the defaults now). The formal
-phrasings mostly work (sum 1.00, minus 0.96); the misses are requests whose deciding words occur
-only in pretraining prose, and the tuned model reads them by the frame, not by those words: "I have
-99 apples and get 98 more. How many apples do I have?" becomes `99-98` (0.00), "Determine the order
-relation between 62 and 55." becomes `62-55` (0.00; "between" is in the seen "Find the difference
-between"), and "Cards 1 0 3 1 lie in a row. Order them from smallest to largest." becomes `reverse 1
-0 3 1` (0.00; the reverse story shares its first sentence). The knowledge is there: the same tuned
-model restates the bare statement "I have 99 apples and get 98 more." (`Q: ` and all) as `99+98`;
-the question sentence after it is what tips it. Tried and not kept (each a base model rebuilt where
-the corpus changed, seed 0, held-out / seen): prose as a statement with its symbolic form on the
-next line, the shape of the restate line (0.40 / 0.93; with seen words in the prose too 0.55 /
-0.92); shared request frames across skills ("Tell me {a} plus {b}.") 0.59 / 0.91 on that base and
-0.55 / 0.81 on the default one; generic questions in the surrounding words ("What do you get?") on
-top, 0.56 / 0.91 and 0.52 / 0.85. Which held-out cells succeed changes from one variant to the next;
-their mean stays between 0.40 and 0.59. One seen cell is missed as well: "Subtract {b} from {a}."
-(0.04; its restate line must copy the second number first). The optimisation is not the limit either:
-on the second box (where this default gives held-out 0.41, seen 0.84), seed 0, held-out / seen: lr
-2e-3 0.48 / 0.90, lr 3e-4 0.15 / 0.40; 200 steps 0.17 / 0.39, 800 steps 0.49 / 0.95; LoRA r = 8 on
-every linear layer (lr 3e-3) 0.29 / 0.59; a fifth of the batch replaying pretraining documents 0.23 /
-0.49, replaying prose only 0.40 / 0.80; keeping what pretraining gave the words by freezing the
-embeddings (tied with the output layer) 0.36 / 0.86, and with them the lower two blocks 0.07 / 0.21;
-30-44 seen wordings per skill instead of 7-8 (frames such as "Could you ...?" or "Tell me ..." times
-cores such as "take {b} away from {a}", seen words only) 0.45 / 0.80, "the order relation" now read
-as comparison (0.74) but formal subtraction lost (0.18). Held-out and seen accuracy rise and fall
-together; their ratio stays between 0.32 and 0.56.
+What it cannot do here: reach the bar of 0.8 x seen on the held-out styles (docs/RESULTS.md has the
+figures). The formal phrasings mostly work; the misses are requests whose deciding words occur only
+in pretraining prose, and the tuned model reads them by the frame, not by those words: "I have 99
+apples and get 98 more. How many apples do I have?" becomes `99-98`, "Determine the order relation
+between 62 and 55." becomes `62-55` ("between" is in the seen "Find the difference between"), and
+"Cards 1 0 3 1 lie in a row. Order them from smallest to largest." becomes `reverse 1 0 3 1` (the
+reverse story shares its first sentence). The knowledge is there: the same tuned model restates the
+bare statement "I have 99 apples and get 98 more." (`Q: ` and all) as `99+98`; the question sentence
+after it is what tips it. Neither changes to the corpus (prose with its symbolic form on the next
+line, request frames shared across skills, generic questions among the surrounding words) nor to the
+optimisation (learning rate, steps, LoRA on every linear layer, replaying pretraining documents,
+freezing the embeddings, four times as many seen wordings per skill) close the gap: which held-out
+cells succeed changes from one variant to the next, and held-out and seen accuracy rise and fall
+together.
 
     posttrain instruction --output-dir runs/instruction
 """
@@ -138,8 +119,7 @@ class InstructionConfig(TrainingConfig):
 
 CONFIG = InstructionConfig
 # --quick: a smoke-sized run for tests, on the quick base model, without the surrounding words (they
-# lengthen every example and the quick model follows no held-out phrasing either way). Measured: seen
-# phrasings 0.10 -> 0.53 in 49 s of training (with surrounding words 0.42 in 67 s; at 240 steps 0.26).
+# lengthen every example and the quick model follows no held-out phrasing either way).
 QUICK = {"model": "posttrain:tiny-quick", "train_examples": 2000, "eval_per_cell": 20, "steps": 300, "lr": 3e-3,
          "surround": False}
 

@@ -25,29 +25,21 @@ adds 1-2 digit numbers step by step; plain SFT nevertheless moves the weights fa
 takes steps of about the learning rate on every weight whose gradient is non-zero, however small and
 noisy, and the drift accumulates into "everything is addition". L2-SP gives each weight a pull back
 to its base value that outweighs those small gradients, so mostly the weights the target needs
-move. Its strength sets a point on the frontier. The 200-step run on the second box of the README
-(target accuracy / mean old-skill drop / `weight_shift`): plain 1.00 / 0.85 / 11.1; l2sp:0.003
-1.00 / 0.48 / 1.7; l2sp:0.01 0.87 / 0.32 / 1.1 (l2sp:0.03, run beside them: 0.14 / 0.22 / 0.3, too
-strong for the target). No strength keeps list reversal (0.96 -> 0.06-0.14). Replay attacks the cause instead: the
-batches show that other prompts still want other procedures; at F=0.4 it keeps the target (1.00)
-and most old skills (mean drop 0.16), but which ones survive depends on its rows: reverse kept
-0.29 here, and 0.75 with the same reverse rows when the comparison and sorting rows (the same
-problems) were shown in the other format. The failures are
+move. Its strength sets a point on the frontier: a stronger pull keeps more of the old skills and
+shifts the weights less, until it is too strong for the target to be learned. No strength keeps list
+reversal. Replay attacks the cause instead: the batches show that other prompts still want other
+procedures; it keeps the target and most old skills, but which ones survive depends on its rows:
+reverse survives far better when the comparison and sorting rows (the same problems) are shown in
+the other format. The failures are
 the model's own: after SFT on CoT addition it answers a direct `reverse` prompt with worked steps
 and copies digits wrongly in them. Rehearsing the base's own answers removes that mismatch: the
 rows ask for exactly what the base did (its format, its mistakes), and rehearse:0.4 keeps the
-target (1.00) and every old skill (mean drop -0.01 in two runs).
+target and every old skill.
 
-Why 200 steps: a 100-step run of plain SFT only just learns the target (0.96), and anything that
-competes for the updates delays it; at 100 steps replay:0.4 reached 0.66 and rehearse:0.4 0.49 on
-the second box (replay 1.00 on the first). 150 steps sufficed on a fourth box (AMD EPYC, 2026-12-03:
-with seeds 0, 1 and 2 the best mitigation kept 0-1% of plain SFT's drop at full target accuracy) but
-not on the first (Intel Xeon, 2026-12-06): in the demonstration's run there replay:0.4 reached 0.97
-and rehearse:0.4 0.95 on the target, more than the 3 points the bar allows below plain SFT's 1.00,
-and L2-SP 0.003, within them, kept 0.56 of subtraction's 0.79 drop (in the slow test, on both
-cores, the best variant within them kept 0.55). At 200 steps on that box rehearse:0.4 reached 1.00
-and kept 4% of the drop (plain: mean drop 0.83), in 122 s of training on both cores (160 s on the AMD
-box, over the 2-minute budget: the bar comes first).
+Why 200 steps: 100 steps of plain SFT only just learn the target, and anything that competes for the
+updates delays it, so the defences fall short of the target at 100 steps. At 150 steps whether they
+reach it within the bar (3 points below plain SFT) depends on the CPU, as the base model does; at 200
+they do on every CPU tried, at some cost in time: the bar comes first.
 
 With a chat model and no `--data` (`--model posttrain:smollm2-135m`, the real pretrained LLM), the
 demonstrations are world additions asked in words with worked solutions in sentences (world/chat.py),
@@ -132,8 +124,7 @@ class SFTConfig(TrainingConfig):
 
 CONFIG = SFTConfig
 # --quick: a smoke-sized run for tests and the quick demonstration. Its L2-SP strength is 0.01: in 60 steps
-# the quick model learns the target slowly, and at 0.03 it did not learn it at all on one box (0.03 from 0.01;
-# plain 0.19, l2sp:0.01 0.13, l2sp:0.02 0.11 there).
+# the quick model learns the target slowly, and a stronger pull (0.03) can keep it from learning the target at all.
 QUICK = {"model": "posttrain:tiny-quick", "difficulties": "2", "steps": 60, "train_examples": 1000, "eval_problems": 100,
          "old_skill_problems": 50, "variants": "plain,l2sp:0.01,replay:0.3,rehearse:0.3"}
 

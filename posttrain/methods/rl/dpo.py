@@ -14,24 +14,19 @@ reward model: the implicit reward of a completion is beta * log(pi(y|x) / ref(y|
 
 Unlike the paper, which uses human preference data and a separately trained SFT model, the pairs here
 are on-policy samples of the shared chain-of-thought SFT policy (posttrain.stages.policy: 4-digit
-addition, held-out greedy accuracy 0.69) judged by the world's verifier. Held-out accuracy and the KL
+addition, right about two times in three) judged by the world's verifier. Held-out accuracy and the KL
 to the reference are measured every `eval_every` steps: the run's points on the reward-KL frontier
 (reward_kl_frontier.png, with sibling PPO/GRPO runs). `beta_sweep=0.03,0.3,1` retrains on the same
 pairs at each beta and plots accuracy and KL against beta (beta_sweep.png).
 
 Why the defaults are what they are: the policy's own pairs are few (only prompts with both a right
-and a wrong sample give one) and a chosen and a rejected completion share most of their tokens. On
-an earlier policy (0.49, errors in misread digits) plain DPO (rpo_alpha=0, 100 steps, lr 1e-4: ~20
-epochs over its 165 pairs) showed the likelihood displacement of Razin et al. 2024: the log-prob of
-the chosen completions fell with the rejected ones (-2.4 -> -14 nats) and held-out accuracy collapsed
-0.49 -> 0.01 at a KL of 39 nats. The defaults keep the chosen completions' NLL in the loss (RPO, Pang
-et al. 2024) and train 12 steps at 5e-5, about 2.6 epochs over the 146 pairs of the default run on
-the README's second box (the count depends on the policy's samples). Even with RPO, more epochs
-over-optimise: with 60 steps (the default until 2026-12-01) held-out accuracy peaked and then fell
-as the chosen log-probs drifted down (-0.45 -> -1.2 nats), on that box 0.69 -> 0.93 at step 20 (KL
-1.8) -> 0.73 at step 60 (KL 4.8). At 12 steps, on that box: 0.69 -> 0.98 at a KL of 0.66 nats with
-seed 0, 0.71 -> 1.00 at 0.46 with seed 1 (with 20 steps, seeds 0-2: 0.95, 0.92, 0.90 at KL 1.2-2.0,
-each having passed 0.96-1.00 at step 10).
+and a wrong sample give one) and a chosen and a rejected completion share most of their tokens. Many
+epochs of plain DPO over so few pairs show the likelihood displacement of Razin et al. 2024: the
+log-prob of the chosen completions falls with the rejected ones, and held-out accuracy collapses at a
+large KL. The defaults keep the chosen completions' NLL in the loss (RPO, Pang et al. 2024) and train
+12 steps at 5e-5, a few epochs over the pairs (their count depends on the policy's samples). Even with
+RPO, more epochs over-optimise: held-out accuracy peaks and then falls as the chosen log-probs drift
+down and the KL grows; 12 steps stop near the peak at a small KL.
 
     posttrain dpo --output-dir runs/dpo
     posttrain dpo rpo_alpha=0 steps=100 lr=1e-4      # plain DPO: watch logps/chosen fall
@@ -44,11 +39,9 @@ With a chat model and no `--data` (`--model posttrain:smollm2-135m`), the pairs 
 world additions asked in words (world/chat.py), right and wrong read by convention (rl/answers.py).
 
 With `lora_r` > 0 only a LoRA update of `lora_targets` trains; a reference that is not precomputed is
-then the policy with its adapters switched off (`lora.disabled`), never a second model. Measured
-(third box, 2026-12-02, r = 8, 32,768 trainable parameters, held-out accuracy / KL at steps 4, 8, 12):
-lr 5e-4 0.69 / 0.01, 0.70 / 0.05, 0.73 / 0.10 (too slow for 12 steps); lr 1e-3 0.70 / 0.04, 0.99 /
-0.65, 0.95 / 1.64; lr 2e-3 0.98 / 0.33, then 0.66 / 4.3 (over-optimised). Full-weight DPO the same
-day: 0.73, 1.00, 1.00 at KL 0.06, 0.33, 0.50.
+then the policy with its adapters switched off (`lora.disabled`), never a second model. LoRA
+needs a higher learning rate than full-weight DPO (1e-3 with r = 8: 5e-4 is too slow for 12 steps,
+2e-3 over-optimises).
 """
 from __future__ import annotations
 

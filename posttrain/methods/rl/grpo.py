@@ -8,9 +8,8 @@ No value model: the baseline of a completion is the other completions of the sam
         old log-probs (and the reference's, when beta > 0), then `epochs` passes of minibatches:
             loss = clipped surrogate with A_i on every token + beta * k3 KL to the reference (losses/grpo.py)
 
-The start is the shared chain-of-thought SFT policy (posttrain.stages.policy: 4-digit addition, held-out
-greedy accuracy 0.69, its errors the sloppy demonstrator's forgotten carry; measured on the default run:
-1.00 after 15 rollout batches at KL 0.66 nats, 0.99 at KL 0.73 after 45); by default the verifier's 1/0 outcome
+The start is the shared chain-of-thought SFT policy (posttrain.stages.policy: 4-digit addition, right
+about two times in three, its errors the sloppy demonstrator's forgotten carry); by default the verifier's 1/0 outcome
 reward is the only signal. Groups whose completions all agree (all right or all wrong) carry no
 advantage and are logged as `frac_reward_zero_std`. Departures from the paper: the loss is averaged per
 token by default (DAPO, `loss_aggregation=token`; `sequence` is the paper's Eq. 3); with beta = 0 no
@@ -23,8 +22,8 @@ held-out accuracy and the KL to the SFT reference: its points on the reward-KL f
 With `lora_r` > 0 the policy trains a LoRA update of `lora_targets` (posttrain/lora.py) and the KL
 term's reference is the same model with its adapters switched off (`lora.disabled`): no second copy
 of the weights, as TRL does with a PEFT model. The run then also writes `adapter/` (PEFT format).
-Measured (third box, 2026-12-02, `lora_r=8 lr=1e-3`, 32,768 trainable parameters of 935,040): 0.69 ->
-0.997 at step 15 (KL 0.51) and 1.00 at the end (KL 0.45), in 113 s of training on two threads.
+LoRA needs a higher learning rate than full-weight training (`lora_r=8 lr=1e-3`: 32,768 trainable
+parameters of 935,040).
 
 With a chat model and no `--data` (`--model posttrain:smollm2-135m`, the real pretrained LLM), the prompts
 are world additions asked in words ("What is 48 plus 80? Reply with just the number.", world/chat.py) and

@@ -25,30 +25,22 @@ accuracy, after a first rise, falls: large N finds the rare wrong solutions the 
 `evaluation.overoptimisation_point` flags the N where accuracy has fallen `hacking_tolerance` below its
 best while the proxy reward is still rising; the clean ORM's curve over the same N is the control.
 
-Measured (default run, shared 4-digit policy, 64 held-out problems; ORM and PRM judged on 16 solutions
-each, best-of-N drawing from 128; likelihood head; 95 s of training, 2026-12-03, an AMD EPYC box):
-ORM pairwise accuracy 0.91 (AUC 0.99; the policy's own likelihood as a scorer 0.57), PRM step
-accuracy 0.97 (always saying "right": 0.86) and first-error localisation 0.90: the policy's mistake,
-the forgotten carry after a column totalling 10, is visible in the step that makes it. Hacking: the
-proxy's best-of-N accuracy rises 0.77 -> 0.97 at N=16, then falls to 0.95, 0.91 and 0.84 at N=32, 64
-and 128 while its reward keeps rising; the detector fires at N=64. The clean ORM over the same
-samples: 0.98 at N=16, 0.94 at N=128: silent. Why the proxy turns: on this policy a longer solution is
-usually a right one (a kept carry adds the final `0+0+1=1` line and a digit), so the proxy helps at
-first; but what it learned from "longer wins" is closer to "bigger numbers win": its wrong picks are
-one-in-256 digit slips (`7+8+0=16` for 15) of the same length as the right solution and a larger answer.
+What the default run shows (docs/RESULTS.md has its figures): the ORM ranks right above wrong far
+better than the policy's own likelihood does, and the PRM finds the first wrong step: the policy's
+mistake, the forgotten carry after a column totalling 10, is visible in the step that makes it.
+Hacking: the proxy's best-of-N accuracy rises, then falls while its reward keeps rising, and the
+detector fires; the clean ORM over the same samples stays silent. Why the proxy turns: on this policy
+a longer solution is usually a right one (a kept carry adds the final `0+0+1=1` line and a digit), so
+the proxy helps at first; but what it learned from "longer wins" is closer to "bigger numbers win":
+its wrong picks are rare digit slips (`7+8+0=16` for 15) of the same length as the right solution
+and a larger answer.
 
 Every learned reward model is over-optimised in the end, the clean one too: its training data (768
 samples of the policy) hold the systematic carry slip but hardly any of the rare arithmetic slips
-(`3+9+1=12`) that a large N digs up, so it cannot rank them. With the cached proxy and ORM on three
-other draws of 64 held-out problems and their samples, from the best N to N=128 the proxy's accuracy
-fell 5.3-11.7 points and the clean ORM's 0.5-3.2 (in the default run above 12.1 and 4.2); at N=256
-the clean ORM's fell 6 points (0.98 -> 0.92; the proxy's to 0.75, below N=1). The default stops at
-128, where the two differ clearly. It was 64 before: there the proxy's fall was 0.9-5.0 points on
-those draws and 4.5 in a demonstration run, and the detector's 5-point tolerance missed it. On an
-Intel Xeon box (2026-12-06) the clean ORM's detector fired at N=64 in the default run (0.96 at N=16,
-0.90 at 64, 0.86 at 128; the proxy 0.90 at N=8 -> 0.52 at 128, fired at N=32), and with `samples=8`
-(twice the ORM's training solutions, in one run on a policy built on two threads, so other samples)
-as well (0.96 -> 0.88 at 64).
+(`3+9+1=12`) that a large N digs up, so it cannot rank them. The clean ORM falls much less than the
+proxy by N=128 and further by N=256; the default stops at 128, where the two differ clearly (at 64
+the proxy's fall is often within the detector's 5-point tolerance). How far the clean ORM falls by
+N=64-128 depends on the draw of problems and samples, so on some CPUs its detector fires as well.
 
 Options: `trainable_layers=K` trains only the top K blocks (cheaper per step, for larger backbones).
 With `--data FILE.jsonl` (prompt/chosen/rejected records) the run trains the ORM on that data instead;

@@ -12,7 +12,7 @@
 The reward models are those of `posttrain reward` on the same policy (the cached stage, trained once),
 or any folder holding its orm/ and prm/, or either (`reward_models=DIR`; `posttrain reward --data`
 trains an ORM only). Cost against N: generated tokens and
-sampling seconds per problem grow linearly with N (sampling k once and sharing it out is the measured
+sampling seconds per problem grow linearly with N (sampling k once and sharing it out is the recorded
 cost times N/k). The summary says, with numbers, whether PRM selection beats ORM selection and majority
 voting as N grows, the ordering "Let's Verify Step by Step" reports, whichever way it comes out here.
 

@@ -8,8 +8,8 @@
 Exemplars are solved problems of the world's train split, joined with the tokenizer's EOS text: the
 pretraining corpus chains examples exactly so, and a model continues such a prompt with one answer
 and EOS. Each style runs greedily on the base model (3-digit problems) and on a fine-tuned model (the
-shared CoT SFT policy, on the 4-digit problems it was trained for: at 3 digits it scores 0 in every
-style, measured); reported per style: accuracy, and the step accuracy of any reasoning written.
+shared CoT SFT policy, on the 4-digit problems it was trained for: it fails 3-digit problems in every
+style); reported per style: accuracy, and the step accuracy of any reasoning written.
 For each model's few-shot CoT answers, two confidence estimates: the mean token probability of the
 answer (teacher-forced on the greedy completion) and the agreement of `samples` temperature-1 samples
 with the greedy answer; reliability plots and ECE.
@@ -48,11 +48,11 @@ class CoTPromptConfig:
     output_dir: str = "runs/cot-prompt"  # where summary.json and the plots go
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [3])  # digits of the base model's problems
     finetuned_difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # the fine-tuned model's (its task)
-    # held-out test problems per model. The base model's few-shot CoT gain is about 12 points: with 100
-    # problems one draw measured 0.09 vs 0.01, with 200 0.125 vs 0.01 and with 300 0.127 vs 0.01
+    # held-out test problems per model: the base model's few-shot CoT gain is about a tenth of them, and
+    # with fewer problems one draw's gain is mostly noise
     problems: int = 200
     # exemplars in the few-shot prompts; the prompt must fit the base model's 256-token pretraining window
-    # (measured at 3 digits, few-shot CoT: 0.15, 0.14, 0.09, 0.00 with 1, 2, 3, 4 shots)
+    # (at 3 digits each further shot leaves less room, and four shots no longer fit)
     shots: int = 2
     samples: int = 5  # temperature-1 samples per problem for the agreement confidence
     seed: int = 0  # seeds the test problems and the sampling

@@ -12,9 +12,8 @@ No reward model and no training: the only signal is agreement between samples. T
 What to expect from the shared SFT policy: little. Its samples are right a little more often than its
 greedy answers, but its errors are one systematic slip (the carry of a column totalling 10, written
 right in about a tenth of its samples), and on those problems the majority is the slip, as greedy is:
-voting gains where errors scatter. Measured on an AMD EPYC box (2026-12-03): greedy 0.69; maj@1, 2, 4,
-8, 16 = 0.72, 0.72, 0.73, 0.72, 0.71 on 300 problems, while the first 100 of them gave maj@16 0.69, a
-tie (0.71-0.72 on 100 on two other boxes). Hence 300 problems by default: the gain is a few of them.
+voting gains where errors scatter. The gain over greedy is a few problems in a hundred, within the
+noise of 100 problems: hence 300 problems by default.
 
 With a chat model and no `--data` (`--model posttrain:smollm2-135m`), the questions are world additions
 asked in words (world/chat.py) and the answers are read from the replies as rl/answers.py reads them.
