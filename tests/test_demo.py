@@ -57,7 +57,7 @@ def test_a_running_stage_counts_its_time_at_the_workers_speed_up_to_most_of_its_
     assert demo.stage_progress(100, 3600, demo.ONE_THREAD_SPEED) == pytest.approx(90)
 
 
-def test_a_cached_stage_is_expected_to_take_a_second_and_others_their_measured_time(tmp_path, monkeypatch):
+def test_a_cached_stage_is_expected_to_take_a_second_and_others_their_listed_time(tmp_path, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
     assert demo.expected_seconds("sft", quick=False) == demo.EXPECTED_SECONDS["sft"]
     assert demo.expected_seconds("sft", quick=True) == demo.EXPECTED_SECONDS["sft"] * demo.QUICK_FACTOR

@@ -146,9 +146,7 @@ def test_distill_on_records_trains_every_student_on_them_and_scores_exact_matche
     """A wiring test (the learning bars are the world runs'): 2-digit CoT additions written as records. The
     quick teacher writes every held-out completion exactly (1.00), the student base none (0.00); sequence-level
     KD trains on the teacher's completions of the 90 training prompts, which equal the references here
-    but for a slip or two (88 of 90 on the third box: the quick teacher is not perfect on every prompt).
-    (Measured with the default 150 steps: students sft 1.00, seq_kd 1.00, soft_kd 0.86, on_policy 0.86 on
-    the 22 held-out of 220 records, 107 s.)"""
+    but for a slip or two (the quick teacher is not perfect on every prompt)."""
     data = tmp_path / "records.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
                             for p, c in world_examples(MAIN_SKILL, [2], 100, "cot", 1)))
@@ -175,9 +173,8 @@ def test_distill_reads_its_records_before_loading_a_model(tmp_path):
 
 @pytest.mark.slow
 def test_default_distillation(tmp_path):
-    """Issue 3's bar: a student of <= 1/4 of the teacher's parameters, every student reported, and the
-    distilled (on-policy) student closing >= 30% of the SFT student's gap to the teacher (measured 50-73%
-    over seeds 0-2; soft targets alone 13-49%)."""
+    """The bar: a student of <= 1/4 of the teacher's parameters, every student reported, and the
+    distilled (on-policy) student closing >= 30% of the SFT student's gap to the teacher."""
     summary = distill.run(load_config(distill.DistillConfig, None, [f"output_dir={tmp_path}"]))
     metrics = summary["metrics"]
     assert metrics["student_to_teacher_params"] <= 0.25

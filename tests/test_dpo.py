@@ -192,9 +192,9 @@ def test_unknown_loss_is_refused():
 
 
 @pytest.mark.slow
-def test_default_dpo_meets_issue_5s_bar(tmp_path):
-    """From the shared policy (0.69: it learned the sloppy demonstrator's forgotten carry), DPO on its own
-    verifier-labelled pairs gains >= 10 points (measured 0.69 -> 0.98, KL 0.66 nats, on the second box)."""
+def test_default_dpo_gains_ten_points_over_the_shared_policy(tmp_path):
+    """From the shared policy (it learned the sloppy demonstrator's forgotten carry), DPO on its own
+    verifier-labelled pairs gains >= 10 points of held-out accuracy."""
     summary = dpo.run(load_config(dpo.DPOConfig, None, [f"output_dir={tmp_path}"]))
     assert summary["metrics"]["accuracy"] >= summary["baseline"]["accuracy"] + 0.10
     assert 0 < summary["metrics"]["kl"] < 10

@@ -116,7 +116,7 @@ def test_rehearsal_with_no_finished_answer_is_a_user_error(monkeypatch, tokenize
 
 @pytest.mark.slow
 def test_default_sft_meets_the_forgetting_bar(tmp_path):
-    """Issue 3, section 1: plain SFT forgets >= 5 points of some old skill; the best mitigation keeps
+    """Plain SFT forgets >= 5 points of some old skill; the best mitigation keeps
     at most half of that drop (on every skill plain SFT forgot) and loses at most 3 points of target."""
     summary = sft.run(load_config(sft.SFTConfig, None, [f"output_dir={tmp_path}"]))
     forgetting = summary["metrics"]["forgetting"]

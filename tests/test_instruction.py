@@ -92,7 +92,7 @@ def quick_run(tmp_path_factory):
 
 
 def test_instruction_tuning_raises_seen_phrasings(quick_run):
-    """Measured on the quick run: seen phrasings 0.10 -> 0.53."""
+    """The quick run raises accuracy on the phrasings it trained on."""
     out, summary = quick_run
     before, after = summary["baseline"], summary["metrics"]
     assert after["seen"] >= before["seen"] + 0.3
@@ -111,7 +111,7 @@ def default_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_default_instruction_tuning_follows_seen_phrasings_and_the_held_out_combination(default_run):
-    """Issue 3, section 4, the part this world allows: seen phrasings and the held-out skill-style
+    """The part of the bar this world allows: seen phrasings and the held-out skill-style
     combination rise >= 20 points, and the symbolic share keeps the base model's own format."""
     before, after = default_run["baseline"], default_run["metrics"]
     assert after["seen"] >= before["seen"] + 0.2
@@ -121,7 +121,7 @@ def test_default_instruction_tuning_follows_seen_phrasings_and_the_held_out_comb
 
 @pytest.mark.slow
 def test_default_instruction_tuning_generalises_to_held_out_wordings(default_run):
-    """Issue 3, section 4's Done-when, on new sentences of known words: >= 0.8 x seen, and >= 20 points over
+    """The bar on new sentences of known words: >= 0.8 x seen, and >= 20 points over
     the base model."""
     before, after = default_run["baseline"], default_run["metrics"]
     assert after["held_out_wordings"] >= 0.8 * after["seen"]
@@ -130,13 +130,13 @@ def test_default_instruction_tuning_generalises_to_held_out_wordings(default_run
 
 @pytest.mark.slow
 def test_default_instruction_tuning_lifts_held_out_styles_by_twenty_points(default_run):
-    """Issue 3, section 4: the held-out styles rise >= 20 points over the base model too."""
+    """The held-out styles rise >= 20 points over the base model too."""
     assert default_run["metrics"]["held_out_styles"] >= default_run["baseline"]["held_out_styles"] + 0.2
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="held-out requests whose deciding words occur only in pretraining prose are read "
-                   "by their frame (see the instruction module docstring); measured 0.41 against seen 0.84")
+                   "by their frame (see the instruction module docstring)")
 def test_default_instruction_tuning_generalises_to_held_out_styles(default_run):
-    """Issue 3, section 4's bar on the harder held-out phrasings, new words: >= 0.8 x seen."""
+    """The bar on the harder held-out phrasings, new words: >= 0.8 x seen."""
     assert default_run["metrics"]["held_out_styles"] >= 0.8 * default_run["metrics"]["seen"]

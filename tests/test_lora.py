@@ -210,7 +210,7 @@ def test_quick_run_merges_exactly_and_its_adapter_loads_in_peft(quick_run, quick
 
 @pytest.mark.slow
 def test_default_lora_matches_full_fine_tuning_at_rank_8(tmp_path):
-    """The issue's bar: r = 8 trains <= 5% of the parameters and lands within 5 points of full fine-tuning."""
+    """The bar: r = 8 trains <= 5% of the parameters and lands within 5 points of full fine-tuning."""
     summary = lora_method.run(load_config(lora_method.LoRAConfig, None, [f"output_dir={tmp_path}"]))
     metrics = summary["metrics"]
     assert metrics["trainable_fraction"] <= 0.05

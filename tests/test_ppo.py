@@ -129,8 +129,8 @@ def test_reward_choices_are_checked():
 
 
 @pytest.mark.slow
-def test_default_ppo_meets_issue_5s_bar(tmp_path):
-    """From the shared policy (0.69), PPO with the verifier's reward gains >= 15 points (measured 0.69 -> 1.00)."""
+def test_default_ppo_gains_fifteen_points_over_the_shared_policy(tmp_path):
+    """From the shared policy, PPO with the verifier's reward gains >= 15 points of held-out accuracy."""
     summary = ppo.run(load_config(ppo.PPOConfig, None, [f"output_dir={tmp_path}"]))
     assert summary["metrics"]["accuracy"] >= summary["baseline"]["accuracy"] + 0.15
     assert 0 < summary["metrics"]["kl"] < 5
@@ -153,7 +153,7 @@ def test_ppo_with_lora_penalises_the_distance_from_the_adapters_off(tmp_path):
                                                                f"output_dir={tmp_path}"]))
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # the logged KL is the sampled k1 estimate, sum_t log pi/ref over the sampled tokens: an estimate of a
-    # small KL can fall below 0 (-0.02 on one box), so the test asks only that it left 0
+    # small KL can fall below 0 (slightly, on some CPUs), so the test asks only that it left 0
     assert lines[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6) and abs(lines[-1]["objective/kl"]) > 1e-6
     assert summary["params"]["trainable"] < 0.1 * summary["params"]["total"]
     for name in ("adapter/adapter_model.safetensors", "model/config.json", "model/value_head.safetensors"):

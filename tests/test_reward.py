@@ -200,15 +200,15 @@ def test_bad_preference_data_names_the_line(tmp_path):
 
 @pytest.mark.slow
 def test_default_reward_run(tmp_path):
-    """The default run on the shared 4-digit policy: issue 4's accuracy bars (measured: ORM pairs 0.98,
-    PRM steps 0.99) and the hacking curve: the length-biased proxy's best-of-N accuracy falls past its
-    peak (measured 0.97 at N=16, 0.84 at N=128) and the detector fires; the clean ORM's leaves it silent."""
+    """The default run on the shared 4-digit policy: ORM pair and PRM step accuracy >= 0.85, and the
+    hacking curve: the length-biased proxy's best-of-N accuracy falls past its peak and the detector
+    fires; the clean ORM's leaves it silent."""
     summary = reward_model.run(load_config(reward_model.CONFIG, None, [f"output_dir={tmp_path}"]))
     metrics = summary["metrics"]
     assert metrics["test_solutions"] == 64 * 16
     assert metrics["orm_pair_accuracy"] >= 0.85 and metrics["prm_step_accuracy"] >= 0.85
-    # most steps are right (always saying "right" scores 0.89), so also: better than that, and the first
-    # wrong step found (measured 0.97)
+    # most steps are right (always saying "right" scores high), so also: better than that, and the first
+    # wrong step found
     assert metrics["prm_step_accuracy"] > metrics["prm_step_label_mean"] + 0.05
     assert metrics["prm_first_error_accuracy"] >= 0.8
     proxy, clean = metrics["hacking"]["proxy"], metrics["hacking"]["orm"]

@@ -53,12 +53,10 @@ def test_sft_output_contract(straight_run):
 
 
 def test_plain_sft_forgets_what_l2sp_and_replay_keep(straight_run):
-    """On the quick model only comparison is an old skill worth the name (base 0.70); plain SFT on
+    """On the quick model only comparison is an old skill worth the name; plain SFT on
     addition takes it down, replay and rehearsal of the base's own answers keep most of it, and every
-    defence still learns the target. Measured on the third box (target / comparison): plain 0.19 / 0.42,
-    l2sp:0.01 0.13 / 0.50, replay:0.3 0.16 / 0.84, rehearse:0.3 0.17 / 0.80, from 0.01 / 0.70. L2-SP holds
-    the weights close to the base (0.37 of plain SFT's shift) but, on this weaker model, keeps less of
-    comparison: the default run's frontier (slow test) is where its effect is measured."""
+    defence still learns the target. L2-SP holds the weights close to the base (well under plain SFT's
+    shift) but, on this weaker model, keeps less of comparison: the default run's frontier (slow test) is where its effect is measured."""
     summary = straight_run[1]
     forgetting, base = summary["metrics"]["forgetting"], summary["baseline"]
     plain = forgetting["plain"]
@@ -108,7 +106,7 @@ def test_rerun_into_an_interrupted_run_without_resume_is_refused(tmp_path, quick
 
 @pytest.mark.slow
 def test_default_sft_on_the_embedded_model(tmp_path):
-    """The foundation issue's bar: +20 points on >= 500 held-out problems (about a minute, model cached)."""
+    """The bar: +20 points on >= 500 held-out problems (about a minute, model cached)."""
     summary = sft.run(load_config(sft.SFTConfig, None, [f"output_dir={tmp_path}"]))
     assert summary["metrics"]["n"] >= 500
     assert summary["metrics"]["accuracy"] >= summary["baseline"]["accuracy"] + 0.20

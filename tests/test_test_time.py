@@ -196,8 +196,8 @@ def default_run(module, tmp_path) -> dict:
 
 
 @pytest.mark.slow
-def test_default_best_of_n_meets_issue_6s_bar_under_the_oracle(tmp_path):
-    """Best-of-16 with the better reward model >= greedy + 15 points (measured: PRM 1.00 vs greedy 0.60),
+def test_default_best_of_n_gains_fifteen_points_under_the_oracle(tmp_path):
+    """Best-of-16 with the better reward model >= greedy + 15 points,
     and the oracle (pass@N) bounds every selector."""
     summary = default_run(bon, tmp_path)
     by_n = summary["metrics"]["by_n"]
@@ -215,8 +215,8 @@ def test_default_self_consistency_beats_greedy(tmp_path):
 
 @pytest.mark.slow
 def test_default_few_shot_cot_beats_few_shot_direct_on_the_base_model(tmp_path):
-    """Issue 6: >= 10 points. Accuracies are multiples of 1/200, so exactly 10 points (21 vs 1 right, as on
-    the fourth box) must pass: 0.105 < 0.005 + 0.1 in floating point, hence the 1e-9."""
+    """At least 10 points. Accuracies are multiples of 1/200, so exactly 10 points (21 vs 1 right, say)
+    must pass: 0.105 < 0.005 + 0.1 in floating point, hence the 1e-9."""
     summary = default_run(cot_prompting, tmp_path)
     assert summary["metrics"]["accuracy"] >= summary["baseline"]["accuracy"] + 0.10 - 1e-9
 
