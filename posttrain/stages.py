@@ -3,14 +3,16 @@
 Later methods start from earlier ones' outputs (DPO, PPO and GRPO from an SFT policy; best-of-N
 from reward models). `cached_run("sft", ["difficulties=4"])` runs that method into the cache the
 first time and returns its output folder every time after. The cache key covers everything the
-result depends on: the resolved config, the source code of the whole package (a change to a loss,
-the loop or the world counts as much as one to the method) and the embedded base model's
+result depends on: the resolved config, the code of the whole package (a change to a loss, the
+loop or the world counts as much as one to the method; docstrings and comments do not count) and the
+embedded base model's
 fingerprint, so changing any of them rebuilds the stage instead of reusing a stale one. The stage's
 folder keeps those inputs (`stage.json`), which is how `posttrain cache --prune` tells the folders
 the current code can still reuse from the stale ones.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -24,13 +26,33 @@ from posttrain.methods import METHODS
 from posttrain.models import EMBEDDED_PREFIX, base_model_fingerprint, cache_dir
 
 
+DOCSTRING_OWNERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def source_digest(text: str) -> str:
+    """A hash of a module's code alone: the `ast.dump` of its syntax tree with the module's, classes'
+    and functions' docstrings removed. Comments, docstrings, blank lines and line numbers leave it
+    unchanged (a docstring edit must not rebuild every cached stage); any change to what runs changes
+    it. The tree's form is Python's, so another Python version may give other digests. Text that does
+    not parse is hashed as it is."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return hashlib.sha256(text.encode()).hexdigest()
+    for node in ast.walk(tree):
+        if isinstance(node, DOCSTRING_OWNERS) and node.body and isinstance(node.body[0], ast.Expr) \
+                and isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str):
+            node.body = node.body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
 @functools.cache
 def source_fingerprint() -> str:
-    """A hash of every Python file of the package, read once per process."""
+    """A hash of the code of every Python file of the package (`source_digest`), read once per process."""
     digest = hashlib.sha256()
     root = Path(posttrain.__file__).parent
     for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + source_digest(path.read_text(encoding="utf-8")).encode())
     return digest.hexdigest()
 
 

@@ -121,3 +121,46 @@ def test_stale_note_counts_the_stale_entries(filled, cache):
     assert stale_note().startswith("the cache holds 4 entries (")
     assert main(["cache", "--prune"]) == 0
     assert stale_note() == ""
+
+
+def copy_package(to: Path) -> Path:
+    """The package's Python files copied under `to`; returns the copy's root."""
+    root = Path(stages.posttrain.__file__).parent
+    for path in root.rglob("*.py"):
+        target = to / "posttrain" / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    return to / "posttrain"
+
+
+def fingerprint_of(root: Path, monkeypatch) -> str:
+    monkeypatch.setattr(stages.posttrain, "__file__", str(root / "__init__.py"))
+    stages.source_fingerprint.cache_clear()
+    try:
+        return stages.source_fingerprint()
+    finally:
+        stages.source_fingerprint.cache_clear()
+
+
+def test_the_source_fingerprint_ignores_docstrings_and_comments_but_not_code(tmp_path, monkeypatch):
+    root = copy_package(tmp_path)
+    module = root / "losses" / "dpo.py"
+    text = module.read_text(encoding="utf-8")
+    before = fingerprint_of(root, monkeypatch)
+    assert before == fingerprint_of(copy_package(tmp_path / "again"), monkeypatch)
+    edited = text.replace('"""', '"""A reworded docstring. ', 1) + "\n# a new comment\n"
+    module.write_text(edited, encoding="utf-8")
+    assert fingerprint_of(root, monkeypatch) == before
+    module.write_text(edited + "\nEXTRA = 1\n", encoding="utf-8")
+    assert fingerprint_of(root, monkeypatch) != before
+
+
+def test_source_digest_sees_code_not_docstrings_comments_or_layout():
+    code = '"""Module."""\n\n\nclass A:\n    """A class."""\n\n    def f(self):\n        """Doc."""\n        return 1  # one\n'
+    same = ('"""Another module docstring,\nover two lines."""\n\nclass A:\n    """Reworded."""\n    def f(self):\n'
+            '        # a comment\n        """Changed."""\n        return 1\n')
+    assert stages.source_digest(code) == stages.source_digest(same)
+    assert stages.source_digest(code) != stages.source_digest(code.replace("return 1", "return 2"))
+    assert stages.source_digest(code) != stages.source_digest(code.replace("return 1  # one", "x = 'one'\n        return 1"))
+    only_doc = 'def g():\n    """Only a docstring."""\n'
+    assert stages.source_digest(only_doc) == stages.source_digest('def g():\n    """Reworded."""\n')
