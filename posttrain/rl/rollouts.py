@@ -23,6 +23,7 @@ from posttrain.data import pad_batch
 from posttrain.errors import UserError
 from posttrain.generation import generate, labelled_token_logprobs
 from posttrain.losses.sft import IGNORE
+from posttrain.rewards import is_user_reward, load_user_reward
 from posttrain.rl.answers import answer_rewards
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 from posttrain.world.chat import chat_requests
@@ -80,17 +81,23 @@ def verifier_rewards(prompts: list[str], completions: list[str], answers: list[s
     return [verify(q, c, a) for q, c, a in zip(prompts, completions, answers)]
 
 
-def reward_function(name: str, policy: str, reward_model: str | None = None, user_prompts: bool = False) -> RewardFn:
+def reward_function(name: str, policy: str, reward_model: str | None = None, user_prompts: bool = False,
+                    records: list | None = None, weights: tuple[float, ...] = ()) -> RewardFn:
     """The reward a run optimises: a verifier (the world's, or with `user_prompts` the answer matcher of
-    rl/answers.py), or the score of a learned reward model.
+    rl/answers.py), the score of a learned reward model, or the user's own functions.
 
     For 'orm' / 'prm' the model is `reward_model` (a folder `posttrain reward` wrote: the ORM's reward,
     or the PRM's aggregate of step probabilities); by default the one trained on the shared SFT policy.
+    `file.py:function` or `module:function` entries (comma-separated, summed with `weights`) are loaded
+    and tried on the first of `records` now, before any model loads (posttrain/rewards.py); the
+    records' other fields reach them as keyword columns.
     """
+    if is_user_reward(name):
+        return load_user_reward(name, weights, records)
     if name == "verifier":
         return answer_rewards if user_prompts else verifier_rewards
     if name not in ("orm", "prm"):
-        raise UserError(f"reward must be verifier, orm or prm, got '{name}'")
+        raise UserError(f"reward must be verifier, orm, prm or FILE.py:FUNCTION, got '{name}'")
     from posttrain.reward_models import load_reward_model
 
     scorer = load_reward_model(reward_model or default_reward_model(name, policy))

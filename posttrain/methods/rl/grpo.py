@@ -62,6 +62,7 @@ from posttrain.losses.grpo import AGGREGATIONS, grpo_loss
 from posttrain.methods.common import headline, prepare_output, save_policy, write_samples, write_summary
 from posttrain.models import load_model
 from posttrain.records import read_prompts
+from posttrain.rewards import check_reward_choice, held_out_reward, user_reward_answers, warn_if_all_zero
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import group_advantages, masked_mean
@@ -81,7 +82,10 @@ class GRPOConfig(AdapterConfig, TrainingConfig):
     output_dir: str = "runs/grpo"  # where summary.json, metrics.jsonl, plots and the model go
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
     max_new_tokens: int | None = None  # completion budget (default: the longest world solution + 8; 256 with data)
-    reward: str = "verifier"  # verifier (1/0 outcome) | prm (process reward model: min of step scores)
+    reward: str = "verifier"  # verifier (1/0) | prm (process reward model) | yours: a.py:func,pkg.module:func
+    reward_weights: list[float] = dataclasses.field(default_factory=list)  # per function of yours (default: 1 each)
+    prompt_field: str = "prompt"  # the --data field holding the prompt (GSM8K: question)
+    answer_field: str = "answer"  # the --data field holding the reference answer
     reward_model: str | None = None  # PRM folder for reward=prm (default: the cached `posttrain reward` one)
     prompts_per_step: int = 16  # training prompts per rollout batch
     num_generations: int = 8  # G: completions per prompt
@@ -103,8 +107,7 @@ class GRPOConfig(AdapterConfig, TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.reward not in ("verifier", "prm"):
-            raise UserError(f"reward must be verifier or prm, got '{self.reward}'")
+        check_reward_choice(self.reward, self.reward_weights, ("verifier", "prm"))
         if self.num_generations < 2:
             raise UserError("num_generations must be >= 2: the group is the baseline")
         if self.loss_aggregation not in AGGREGATIONS:
@@ -129,10 +132,12 @@ PRESETS = {"posttrain:smollm2-135m": {
 def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     if resume:
         raise UserError("grpo does not resume; rerun it (a default run takes about three minutes)")
-    records = read_prompts(cfg.data) if cfg.data else None  # bad data fails before anything slow
+    records = read_prompts(cfg.data, cfg.prompt_field, cfg.answer_field) if cfg.data else None  # bad data fails first
+    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None,
+                                records=records, weights=tuple(cfg.reward_weights))  # a user's: loaded and tried
+    held_answers = user_reward_answers(cfg, records)
     out = prepare_output(cfg.output_dir, resume)
     start_path = policy_path(cfg.model)
-    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None)
     model, tokenizer = load_model(start_path)
     if cfg.reward == "verifier" and has_chat_template(tokenizer):  # a chat model's reply: not world CoT's `A:` line
         reward_fn = answer_rewards
@@ -142,6 +147,7 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     held_out, prompts, answers = run_prompts(cfg, records, tokenizer, start_path)
     probe = GeneralProbe.of(model, tokenizer) if uses_chat_world(tokenizer, cfg.data) else None  # what it loses
     baseline = {**held_out.measure(model, tokenizer, kl=False), **general_nll(probe, model, tokenizer)}
+    baseline.update(held_out_reward(reward_fn, baseline, held_answers))
     frontier = [{"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0}]
 
     accelerator = make_accelerator(cfg.precision)
@@ -167,6 +173,8 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
                                  num_samples=cfg.num_generations, max_new_tokens=held_out.max_new_tokens,
                                  temperature=cfg.temperature, seed=cfg.seed, reward_fn=reward_fn,
                                  accelerator=accelerator, decode=cfg.rollout_decode)
+        if step == 0:
+            all_rewards_zero = warn_if_all_zero(rollouts.rewards.tolist(), "grpo's first rollout batch")
         with forward_as(policy, compiled):  # the updates compiled if cfg.compile (sampling: its own decode step)
             metrics = optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg)
         tokens += int(rollouts.batch["attention_mask"].sum())
@@ -186,13 +194,15 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     elapsed = time.perf_counter() - t0
 
     after = {**held_out.measure(policy, tokenizer, reference), **general_nll(probe, policy, tokenizer)}
+    after.update(held_out_reward(reward_fn, after, held_answers))
     frontier.append({"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]})
     save_policy(policy, tokenizer, out, start_path)
     write_samples(out / "samples.jsonl", after)
     if main_process:
         training_curve(history, out / "training_curve.png", "GRPO: mean reward of the rollouts", metric="reward",
                        eval_metric="eval/accuracy")
-    metrics = {**headline(after), "frontier": frontier, "completions_sampled": cfg.steps * rows}
+    metrics = {**headline(after), "all_rewards_zero": all_rewards_zero, "frontier": frontier,
+               "completions_sampled": cfg.steps * rows}
     result = TrainResult(history, history[-1], elapsed, tokens / elapsed)
     summary = write_summary(out, "grpo", cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
     if main_process:

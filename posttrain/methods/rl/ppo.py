@@ -48,6 +48,7 @@ from posttrain.losses.sft import labelled_forward
 from posttrain.methods.common import headline, prepare_output, save_policy, write_samples, write_summary
 from posttrain.models import load_model
 from posttrain.records import read_prompts
+from posttrain.rewards import check_reward_choice, held_out_reward, user_reward_answers, warn_if_all_zero
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import gae, masked_mean, whiten
@@ -68,7 +69,10 @@ class PPOConfig(AdapterConfig, TrainingConfig):
     output_dir: str = "runs/ppo"  # where summary.json, metrics.jsonl, plots and the model go
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
     max_new_tokens: int | None = None  # completion budget (default: the longest world solution + 8; 256 with data)
-    reward: str = "verifier"  # verifier (1/0 outcome) | orm (the outcome reward model)
+    reward: str = "verifier"  # verifier (1/0 outcome) | orm (the outcome reward model) | yours: a.py:func,pkg.mod:func
+    reward_weights: list[float] = dataclasses.field(default_factory=list)  # per function of yours (default: 1 each)
+    prompt_field: str = "prompt"  # the --data field holding the prompt (GSM8K: question)
+    answer_field: str = "answer"  # the --data field holding the reference answer
     reward_model: str | None = None  # ORM folder for reward=orm (default: the cached `posttrain reward` one)
     prompts_per_step: int = 32  # training prompts per rollout batch
     samples_per_prompt: int = 4  # completions per prompt (one shared prefill)
@@ -94,8 +98,7 @@ class PPOConfig(AdapterConfig, TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.reward not in ("verifier", "orm"):
-            raise UserError(f"reward must be verifier or orm, got '{self.reward}'")
+        check_reward_choice(self.reward, self.reward_weights, ("verifier", "orm"))
         if min(self.kl_coef, self.vf_coef, self.ent_coef) < 0 or self.clip_eps <= 0 or self.value_clip <= 0:
             raise UserError("kl_coef, vf_coef and ent_coef must be >= 0; clip_eps and value_clip > 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
@@ -141,10 +144,12 @@ def forward_with_values(model, head, batch: dict, entropy_grad: bool = False):
 def run(cfg: PPOConfig, resume: bool = False) -> dict:
     if resume:
         raise UserError("ppo does not resume; rerun it (a default run takes about three minutes)")
-    records = read_prompts(cfg.data) if cfg.data else None  # bad data fails before anything slow
+    records = read_prompts(cfg.data, cfg.prompt_field, cfg.answer_field) if cfg.data else None  # bad data fails first
+    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None,
+                                records=records, weights=tuple(cfg.reward_weights))  # a user's: loaded and tried
+    held_answers = user_reward_answers(cfg, records)
     out = prepare_output(cfg.output_dir, resume)
     start_path = policy_path(cfg.model)
-    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None)
     model, tokenizer = load_model(start_path)
     if cfg.reward == "verifier" and has_chat_template(tokenizer):  # a chat model's reply: not world CoT's `A:` line
         reward_fn = answer_rewards
@@ -154,6 +159,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     head = ValueHead(model.config.hidden_size)
     held_out, prompts, answers = run_prompts(cfg, records, tokenizer, start_path)
     baseline = held_out.measure(model, tokenizer, kl=False)
+    baseline.update(held_out_reward(reward_fn, baseline, held_answers))
     frontier = [{"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0}]
 
     accelerator = make_accelerator(cfg.precision)
@@ -181,6 +187,8 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
                                  num_samples=cfg.samples_per_prompt, max_new_tokens=held_out.max_new_tokens,
                                  temperature=cfg.temperature, seed=cfg.seed, reward_fn=reward_fn,
                                  accelerator=accelerator, decode=cfg.rollout_decode)
+        if step == 0:
+            all_rewards_zero = warn_if_all_zero(rollouts.rewards.tolist(), "ppo's first rollout batch")
         with forward_as(policy, compiled):  # the updates compiled if cfg.compile (sampling: its own decode step)
             metrics = optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts, cfg)
         tokens += int(rollouts.batch["attention_mask"].sum())
@@ -199,6 +207,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     elapsed = time.perf_counter() - t0
 
     after = held_out.measure(policy, tokenizer, reference)
+    after.update(held_out_reward(reward_fn, after, held_answers))
     frontier.append({"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]})
     save_policy(policy, tokenizer, out, start_path)
     if main_process:
@@ -207,7 +216,8 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     if main_process:
         training_curve(history, out / "training_curve.png", "PPO: mean verifier score of the rollouts",
                        metric="objective/scores", eval_metric="eval/accuracy")
-    metrics = {**headline(after), "frontier": frontier, "completions_sampled": cfg.steps * rows}
+    metrics = {**headline(after), "all_rewards_zero": all_rewards_zero, "frontier": frontier,
+               "completions_sampled": cfg.steps * rows}
     result = TrainResult(history, history[-1], elapsed, tokens / elapsed)
     summary = write_summary(out, "ppo", cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
     if main_process:

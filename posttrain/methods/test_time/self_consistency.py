@@ -35,6 +35,7 @@ from posttrain.methods.common import prepare_output, write_summary
 from posttrain.methods.test_time import greedy_baseline, held_out_questions, sample_solutions
 from posttrain.models import load_model
 from posttrain.records import read_prompts
+from posttrain.rewards import warn_if_all_zero
 from posttrain.report.test_time_plots import accuracy_vs_n, reliability
 from posttrain.rl.rollouts import policy_path
 from posttrain.training import TrainResult
@@ -44,6 +45,8 @@ from posttrain.training import TrainResult
 class SelfConsistencyConfig:
     model: str = "sft-policy"  # sft-policy (shared CoT SFT model), a folder or hub id
     data: str | None = None  # JSONL of prompt/answer records to answer (the first `problems`); default: world problems
+    prompt_field: str = "prompt"  # the --data field holding the prompt (GSM8K: question)
+    answer_field: str = "answer"  # the --data field holding the reference answer
     output_dir: str = "runs/self-consistency"  # where summary.json and the plots go
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
     problems: int = 300  # held-out test problems
@@ -79,13 +82,14 @@ def confidence_halves(shares: list[float], right: list[bool]) -> dict:
 def run(cfg: SelfConsistencyConfig, resume: bool = False) -> dict:
     del resume  # nothing to resume: no training
     start = time.perf_counter()
-    records = read_prompts(cfg.data) if cfg.data else None  # bad data fails before anything slow
+    records = read_prompts(cfg.data, cfg.prompt_field, cfg.answer_field) if cfg.data else None  # bad data fails first
     if records is not None and len(records) < 2:
         raise UserError(f"{cfg.data}: self-consistency needs at least 2 records (it splits them by confidence)")
     out = prepare_output(cfg.output_dir, resume=False)
     model, tokenizer = load_model(policy_path(cfg.model))
     questions = held_out_questions(cfg, records, tokenizer)
     baseline = greedy_baseline(model, tokenizer, questions)
+    all_rewards_zero = warn_if_all_zero([baseline["accuracy"]] * baseline["n"], "self-consistency's greedy baseline")
     samples = sample_solutions(model, tokenizer, questions, cfg.k, cfg.temperature, cfg.seed)
 
     ns = sorted({2**i for i in range(cfg.k.bit_length()) if 2**i <= cfg.k} | {cfg.k})
@@ -100,7 +104,7 @@ def run(cfg: SelfConsistencyConfig, resume: bool = False) -> dict:
     metrics = {"accuracy": maj[-1], "headline": f"maj@{cfg.k}", "by_k": {"k": ns, "majority": maj},
                "sample_accuracy": sum(map(sum, samples.correct)) / (len(pairs) * cfg.k),
                **confidence_halves(shares, right), "vote_share_ece": table["ece"], "reliability": table["bins"],
-               "generated_tokens": sum(map(sum, samples.tokens))}
+               "generated_tokens": sum(map(sum, samples.tokens)), "all_rewards_zero": all_rewards_zero}
     elapsed = time.perf_counter() - start
     result = TrainResult([], {}, elapsed, sum(map(sum, samples.tokens)) / samples.seconds)
     return write_summary(out, "self-consistency", cfg, metrics, baseline, model, result)
