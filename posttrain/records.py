@@ -151,7 +151,7 @@ def _numbered_lines(f, path: PathLike) -> Iterator[tuple[int, bytes]]:
         if not line:
             return
         if len(line.rstrip(b"\r\n")) > MAX_LINE_BYTES:
-            raise UserError(f"{where(path, number)}: line longer than {MAX_LINE_BYTES // 2**20} MiB: not a JSONL "
+            raise UserError(f"{where(path, number)}: line longer than {_size(MAX_LINE_BYTES)}: not a JSONL "
                             "record (one JSON object per line); shorten the record, or raise "
                             "posttrain.records.MAX_LINE_BYTES if one is really this long")
         yield number, line
@@ -283,6 +283,10 @@ def _string(obj: dict[str, Any], key: str, at: At, expected: str, name: str | No
         raise UserError(f"{at(name)} holds an unpaired surrogate ({value[exc.start]!r} at character {exc.start}), "
                         "which is not text; fix the \\u escape in the file") from None
     return value
+
+
+def _size(n: int) -> str:
+    return f"{n // 2**20} MiB" if n % 2**20 == 0 else f"{n:,} bytes"
 
 
 def _one_line(exc: Exception) -> str:
