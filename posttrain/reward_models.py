@@ -43,8 +43,10 @@ from torch import nn
 
 from posttrain.data import encode_prompt, pad_batch
 from posttrain.errors import UserError
+from posttrain.generation import labelled_token_logprobs
 from posttrain.io import atomic_dir, read_json, write_json
 from posttrain.losses.reward import AGGREGATES
+from posttrain.losses.sft import IGNORE
 from posttrain.models import default_device, resolve_model_path
 from posttrain.world import COT_TRIGGER
 
@@ -243,9 +245,13 @@ class LikelihoodRewardModel(RewardModel):
         self.head = LikelihoodHead()
 
     def forward(self, batch: dict) -> torch.Tensor:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        logits = self.backbone(input_ids=ids, attention_mask=mask, position_ids=real_positions(mask)).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        """(B, T) of a right-padded batch (`collate`). The output layer runs only where a completion token
+        follows (`labelled_token_logprobs`): a chat template's prompt costs no vocabulary-sized logits."""
+        ids = batch["input_ids"]
+        labels = ids.masked_fill(batch["completion_mask"] == 0, IGNORE)  # the completion's tokens only
+        scored = labelled_token_logprobs(self.backbone, {"input_ids": ids, "attention_mask": batch["attention_mask"],
+                                                         "labels": labels}).logp  # (M,), row by row
+        logp = scored.new_zeros(ids[:, 1:].shape).masked_scatter(labels[:, 1:] != IGNORE, scored)  # (B, T-1)
         logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)  # (B, T): log pi of token t at t
         beta, log_ref, bias = self.head()
         per_token = (logp - log_ref) * batch["completion_mask"]  # prompt and padding add nothing
