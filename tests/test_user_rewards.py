@@ -147,6 +147,15 @@ def test_grpo_trains_and_reports_with_a_users_reward_on_gsm8k_records(tmp_path, 
     assert summary["baseline"]["accuracy"] > 0 and summary["metrics"]["all_rewards_zero"] is False
 
 
+def test_ppo_trains_and_reports_with_a_users_reward(tmp_path, rewards_file):
+    data = gsm8k_records(tmp_path / "gsm8k.jsonl")
+    overrides = [o.replace("num_generations", "samples_per_prompt") for o in TINY if o != "beta=0"]
+    summary = ppo.run(load_config(ppo.PPOConfig, None, overrides + [
+        f"data={data}", f"output_dir={tmp_path / 'run'}", f"reward={rewards_file}:level"]))
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["objective/scores"] == 3.0 and summary["metrics"]["reward"] == summary["baseline"]["reward"] == 3.0
+
+
 def test_grpo_warns_when_its_first_rollouts_all_score_zero(tmp_path, capsys):
     data = gsm8k_records(tmp_path / "gsm8k.jsonl", shift=1000)
     summary = grpo.run(load_config(grpo.GRPOConfig, None, TINY + [f"data={data}", f"output_dir={tmp_path / 'run'}"]))
