@@ -178,23 +178,29 @@ def load_user_reward(spec: str, weights: Sequence[float] = (), records: list | N
     completions), so that every mistake shows before any model loads."""
     functions = [(entry, load_function(entry), weight) for entry, weight in reward_entries(spec, weights)]
     records = records or []
-    names = sorted({name for r in records for name in r.columns if name not in POSITIONAL})
     columns_of = {}
     for r in records:
         columns_of.setdefault((r.prompt, r.answer), r.columns)
-    reward = UserReward(functions, columns_of, names)
-    prompts, answers = ([r.prompt for r in records[:PROBE_RECORDS]], [r.answer for r in records[:PROBE_RECORDS]]) \
-        if records else WORLD_PROBE
-    for entry, function, _ in functions:
-        try:
-            UserReward([(entry, function, 1.0)], columns_of, names)(prompts, answers, answers)
-        except UserError:
-            raise
-        except Exception as exc:  # the user's code: its traceback is the help, with what called it
-            exc.add_note(f"raised by reward={entry} on a first call {SIGNATURE}, with {len(prompts)} records' "
-                         "answers as the completions")
-            raise
-    return reward
+    names = sorted({name for r in records for name in r.columns if name not in POSITIONAL})
+    for function in functions:
+        _try_once(UserReward([function], columns_of, names), records)
+    return UserReward(functions, columns_of, names)
+
+
+def _try_once(reward: UserReward, records: list) -> None:
+    """Call a one-function reward on the first records, their answers as the completions (a world question
+    without records). Its own exceptions keep their traceback, with a note saying which call it was."""
+    first = records[:PROBE_RECORDS]
+    prompts, answers = ([r.prompt for r in first], [r.answer for r in first]) if first else WORLD_PROBE
+    entry = reward.functions[0][0]
+    try:
+        reward(prompts, answers, answers)
+    except UserError:
+        raise
+    except Exception as exc:
+        exc.add_note(f"raised by reward={entry} on a first call {SIGNATURE}, with {len(prompts)} records' "
+                     "answers as the completions")
+        raise
 
 
 def warn_if_all_zero(scores: Sequence[float], what: str) -> bool:
