@@ -6,7 +6,7 @@ from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 
 
 @pytest.mark.parametrize("completion, answer", [
-    ("so the total is \\boxed{18}. Or \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # the last box, nested braces
+    ("so the total is \\boxed{18}. Or \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # the last \\boxed{}, nested braces
     ("She pays 3*4=12 dollars.\n#### 12", "12"),  # GSM8K
     ("Let's think step by step.\n4+8+0=12\nA: 92", "92"),  # the world's format
     ("... so the answer is 42 apples.\nDone", "42 apples."),
