@@ -123,8 +123,8 @@ QUICK = {"model": "sft-policy-quick", "difficulties": "2", "train_problems": 48,
 # The real pretrained chat model: an ORM on its own replies to 2-digit additions asked in words (sampled as
 # GRPO samples them, temperature 0.7), the outcome reward model best-of-N selects with on that model.
 PRESETS = {"posttrain:smollm2-135m": {
-    "difficulties": "2", "train_problems": 128, "samples": 8, "test_problems": 64, "test_samples": 8,
-    "hacking_samples": 8, "temperature": 0.7, "steps": 60, "batch_size": 32, "lr": 3e-5, "warmup_steps": 5,
+    "difficulties": "2", "train_problems": 96, "samples": 8, "test_problems": 64, "test_samples": 8,
+    "hacking_samples": 8, "temperature": 0.7, "steps": 40, "batch_size": 16, "lr": 3e-5, "warmup_steps": 4,
 }}
 
 
