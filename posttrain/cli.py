@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     report = commands.add_parser("report", help="rebuild report.html and the comparison table of a demo run folder")
     report.add_argument("run_dir", help="the --output-dir of a demonstration run")
+    report.add_argument("--results", metavar="FILE", help="also write the run's table and findings into this markdown "
+                        "file (e.g. docs/RESULTS.md), replacing its earlier block for the same run folder")
     cache = commands.add_parser("cache", help="list the cached base models and stages; --prune removes stale ones",
                                 description="List what posttrain keeps in its cache ($POSTTRAIN_CACHE, else "
                                 "~/.cache/posttrain): the embedded base models and the shared stages, each with "
@@ -160,7 +162,7 @@ def run_command(parser: argparse.ArgumentParser, args) -> int:
 
         return run_demo(args)
     if args.command == "report":
-        return run_report(args.run_dir)
+        return run_report(args.run_dir, args.results)
     if args.command == "cache":
         from posttrain.cache import run_cache
 
@@ -177,10 +179,13 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def run_report(run_dir: str) -> int:
+def run_report(run_dir: str, results: str | None = None) -> int:
     from posttrain.report.html import build_report
+    from posttrain.report.results import update_results
 
     print(f"wrote {build_report(run_dir)}")
+    if results:
+        print(f"wrote {update_results(results, run_dir)}")
     return 0
 
 

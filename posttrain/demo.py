@@ -71,15 +71,16 @@ def cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
-def machine_description() -> str:
+def machine_description(name_cpu: bool = True) -> str:
     """Where the numbers came from. On a CPU it names the vector kernels torch picked (AVX2, AVX512, ...):
-    they change a training step's rounding, and with it the embedded base model (README, "The numbers
-    depend on the CPU")."""
+    they change a training step's rounding, and with it the embedded base model (docs/RESULTS.md,
+    "Other CPUs"). Without `name_cpu`, the CPU's kind instead of its model name (what docs/RESULTS.md
+    prints)."""
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
     else:
-        device = (f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()} kernels, "
-                  f"{torch.get_num_threads()} threads")
+        cpu = cpu_name() if name_cpu else f"{os.cpu_count()}-core CPU"
+        device = f"{cpu}, {torch.backends.cpu.get_cpu_capability()} kernels, {torch.get_num_threads()} threads"
     return f"{platform.system()} {platform.machine()}, {device}, torch {torch.__version__}"
 
 
@@ -99,7 +100,8 @@ def run_demo(args) -> int:
         run_side_by_side(methods, out, args.quick, jobs, started)
     total = time.perf_counter() - started
     write_json(out / "run.json", {"command": " ".join(["run_all_demonstrations.py", *sys.argv[1:]]),
-                                  "machine": machine_description(), "time_s": total, "jobs": jobs,
+                                  "machine": machine_description(), "machine_kind": machine_description(name_cpu=False),
+                                  "time_s": total, "jobs": jobs,
                                   "methods": [m.name for m in methods], "quick": args.quick,
                                   "model": model or DEFAULT_MODEL})
     report = build_report(out)

@@ -39,6 +39,28 @@ def test_table_numbers_come_from_the_summaries(run_dir):
     assert f"{summary['metrics']['accuracy']:.3f}" in page and f"{summary['baseline']['accuracy']:.3f}" in page
 
 
+def test_results_file_gets_the_runs_block_in_place_of_its_old_one(run_dir, tmp_path):
+    """`report --results FILE` writes the run's provenance, table and findings between markers named after the
+    run folder; run again after the run changed, it replaces that block and keeps the prose around it."""
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nProse before.\n")
+    run = tmp_path / "demo-x"
+    shutil.copytree(run_dir, run)
+    (run / "run.json").write_text(json.dumps({"command": "run_all_demonstrations.py --quick", "time_s": 600,
+                                              "machine": "Linux x86_64, Some CPU 9000", "machine_kind": "Linux x86_64, 2-core CPU",
+                                              "quick": True}))
+    assert main(["report", str(run), "--results", str(results)]) == 0
+    results.write_text(results.read_text() + "\nProse after.\n")
+    summary = json.loads((run / "sft" / "summary.json").read_text())
+    summary["metrics"]["accuracy"] = 0.123456
+    (run / "sft" / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(run), "--results", str(results)]) == 0
+    text = results.read_text()
+    assert text.startswith("# Results\n\nProse before.\n") and text.endswith("Prose after.\n")
+    assert text.count("<!-- results of demo-x") == 1 and text.count("| sft | fine-tuning |") == 1
+    assert "| 0.123 |" in text and "on Linux x86_64, 2-core CPU: 10 minutes in all. A smoke-sized run" in text
+
+
 def test_report_is_self_contained(run_dir):
     page = (run_dir / "report.html").read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
