@@ -41,7 +41,7 @@ def results_block(run_dir: str | Path) -> str:
         raise UserError(f"'{run_dir}' holds no method runs (expected <method>/summary.json folders)")
     begin, end = markers(run_dir.name)
     sentences = "\n".join(f"- {text}" for text in insights(summaries))
-    return f"{begin}\n{provenance(run_dir)}\n\n{to_markdown(comparison_rows(summaries))}\n\n{sentences}\n{end}"
+    return f"{begin}\n{provenance(run_dir)}\n\n{to_markdown(comparison_rows(summaries)).rstrip()}\n\n{sentences}\n{end}"
 
 
 def update_results(results: str | Path, run_dir: str | Path) -> Path:
