@@ -130,7 +130,7 @@ def corpus_stream(cfg: BaseModelConfig, tokenizer) -> torch.Tensor:
 
 def pretrain(name: str = "tiny", output_dir: Path | None = None) -> Path:
     """Pretrain embedded model `name` from scratch and save it (HF format) to the cache."""
-    from posttrain.losses.sft import causal_lm_loss
+    from posttrain.forward import causal_lm_loss
     from posttrain.training import TrainingConfig, train
 
     cfg = EMBEDDED[name]
