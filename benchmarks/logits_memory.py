@@ -16,8 +16,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.common import device, main, timed_steps
+from posttrain.forward import budget_logits, causal_lm_loss
 from posttrain.generation import sequence_logprobs
-from posttrain.losses.sft import budget_logits, causal_lm_loss
 
 ROWS, LENGTH, VOCAB = 16, 1024, 32_000
 BUDGETS = {"whole": 0.0, "chunks-1024mb": 1024.0, "chunks-256mb": 256.0}  # loss_logits_mb of each side

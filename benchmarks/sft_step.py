@@ -24,7 +24,7 @@ import torch
 from benchmarks.common import (SEQ_LEN, device, load, main, timed_steps, training_flops_per_token,
                                trl_step_timer, with_context)
 from posttrain.data import EncodedDataset, encode_pair
-from posttrain.losses.sft import causal_lm_loss
+from posttrain.forward import causal_lm_loss
 from posttrain.methods.common import world_examples
 
 BATCH = {"tiny": 32, "smollm2": 16, "110m": 16}

@@ -131,9 +131,22 @@ def _fraction(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with a method's `key=value` overrides allowed anywhere among its options (argparse alone
+    takes them only in one run: `sft lr=1e-4 --quick steps=5` would leave `steps=5` unrecognised)."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [token for token in extra if "=" in token and not token.startswith("-")]
+    unknown = [token for token in extra if token not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
         with sigterm_as_interrupt():  # `kill` and job schedulers stop a run as Ctrl-C does: checkpoint, one line
             return run_command(parser, args)

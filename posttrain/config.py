@@ -36,6 +36,24 @@ _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0"
 _NONE_WORDS = ("none", "null")
 
 
+# TRL's (and transformers' TrainingArguments') names for settings posttrain names otherwise, accepted as they are:
+# a config written for TRL carries over. Keys with the same name in both (seed, beta, temperature,
+# num_generations, max_grad_norm, warmup_steps, weight_decay, ...) need no entry. Where posttrain's meaning is
+# wider, the docstring of the key says so: batch_size is the global batch (one process: TRL's per-device one),
+# and an RL method's steps are rollout batches.
+TRL_NAMES = {
+    "learning_rate": "lr",
+    "max_steps": "steps",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_completion_length": "max_new_tokens",
+    "num_iterations": "epochs",
+    "epsilon": "clip_eps",
+    "logging_steps": "log_every",
+    "save_steps": "checkpoint_every",
+}
+
+
 def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
     """Build `cls` from its defaults, then the YAML file at `path`, then `key=value` overrides.
 
@@ -52,6 +70,8 @@ def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] 
     for source, mapping in sources:
         for key, value in mapping.items():
             key = str(key)
+            if key not in valid and TRL_NAMES.get(key) in valid:
+                key = TRL_NAMES[key]  # TRL's name for the same setting
             if key not in valid:
                 raise UserError(_unknown_key(key, source, valid))
             values[key] = _convert_field(value, hints[key], f"config key {key!r} ({source})")

@@ -32,8 +32,9 @@ from transformers.cache_utils import DynamicLayer
 
 from posttrain.data import encode_prompt
 from posttrain.errors import UserError
+from posttrain.forward import chunk_rows, chunked_entropy, chunked_losses, labelled_forward, output_weight
 from posttrain.losses.ppo import token_entropy
-from posttrain.losses.sft import IGNORE, chunk_rows, chunked_entropy, chunked_losses, labelled_forward, output_weight
+from posttrain.losses.sft import IGNORE
 
 
 @dataclasses.dataclass

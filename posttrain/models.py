@@ -130,7 +130,7 @@ def corpus_stream(cfg: BaseModelConfig, tokenizer) -> torch.Tensor:
 
 def pretrain(name: str = "tiny", output_dir: Path | None = None) -> Path:
     """Pretrain embedded model `name` from scratch and save it (HF format) to the cache."""
-    from posttrain.losses.sft import causal_lm_loss
+    from posttrain.forward import causal_lm_loss
     from posttrain.training import TrainingConfig, train
 
     cfg = EMBEDDED[name]
@@ -229,7 +229,31 @@ def resolve_model_path(name: str | None) -> str:
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/"):
         raise UserError(f"model path '{name}' does not exist (expected a model folder or a hub id like 'Qwen/Qwen2.5-0.5B')")
+    check_hub_id(name)
     return name
+
+
+def check_hub_id(name: str) -> None:
+    """Fail in seconds, not after transformers' minute of retries, when `name` is neither in the local hub cache
+    nor a model the hub can be asked about (unreachable, or no such repository)."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if huggingface_hub.try_to_load_from_cache(name, "config.json") is not None:
+        return  # downloaded before: from_pretrained reads the cache
+    where = f"'{name}' is not a local folder, and not in the Hugging Face cache"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise UserError(f"model {where} (HF_HUB_OFFLINE is set): give a model folder or download it first")
+    try:
+        huggingface_hub.model_info(name, timeout=10)
+    except GatedRepoError:
+        return  # it exists: from_pretrained says what access it needs
+    except RepositoryNotFoundError:
+        raise UserError(f"model {where}, and the hub has no repository '{name}' (a typo, or a private one: "
+                        "log in with `hf auth login`)") from None
+    except Exception as exc:  # noqa: BLE001 -- the network's errors come from several libraries (httpx, ssl, socket)
+        raise UserError(f"model {where}, and the hub cannot be reached ({type(exc).__name__}): give a model "
+                        "folder, or check the network") from None
 
 
 def load_model(name: str | None = None, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False):

@@ -138,7 +138,7 @@ AttentionMaskInterface.register(NAME, lambda *args, **kwargs: None)  # the layou
 
 def rounding_tolerance(dtype: torch.dtype) -> float:
     """The relative gap two ways of computing the same logits may show from float rounding alone: 1e-4 in
-    float32, 2e-2 in half precision. The model self-checks (`enable`, `losses.sft.chunk_rows`) allow it."""
+    float32, 2e-2 in half precision. The model self-checks (`enable`, `forward.chunk_rows`) allow it."""
     return 1e-4 if dtype == torch.float32 else 2e-2
 
 

@@ -43,8 +43,9 @@ from tqdm.auto import tqdm
 from posttrain import packing
 from posttrain.config import Range, check_ranges
 from posttrain.errors import Interrupted, TrainingInterrupted, UserError, sigterm_as_interrupt
+from posttrain.forward import DEFAULT_LOGITS_MB, budget_logits
 from posttrain.io import JsonlWriter, atomic_dir, read_json, recover_dir, write_json
-from posttrain.losses.sft import DEFAULT_LOGITS_MB, budget_logits, labelled_token_count
+from posttrain.losses.sft import labelled_token_count
 
 CHECKPOINT = "checkpoint"
 

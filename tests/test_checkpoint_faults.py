@@ -11,8 +11,8 @@ import torch
 
 from posttrain.cli import main
 from posttrain.errors import UserError
+from posttrain.forward import causal_lm_loss
 from posttrain.io import atomic_dir, recover_dir
-from posttrain.losses.sft import causal_lm_loss
 from posttrain.methods.common import prepare_output, write_summary
 from posttrain.training import train
 from tests.conftest import random_model

@@ -78,6 +78,15 @@ def test_model_path_that_does_not_exist(capsys, tmp_path):
     assert_one_line_error(code, err, "missing", "does not exist")
 
 
+def test_overrides_may_sit_between_options(capsys):
+    code, out, _ = run_cli(capsys, "sft", "lr=1e-4", "--quick", "steps=9", "--show-config", "batch_size=4")
+    resolved = json.loads(out)
+    assert code == 0 and (resolved["lr"], resolved["steps"], resolved["batch_size"]) == (1e-4, 9, 4)
+    with pytest.raises(SystemExit) as exited:
+        main(["report", "runs/x", "steps=9"])  # a command without config keys
+    assert exited.value.code == 2
+
+
 def test_show_config_applies_yaml_then_overrides(capsys, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lr: 0.01\nsteps: 7\n")

@@ -146,6 +146,16 @@ def test_unknown_key_from_command_line():
     assert "valid keys: beta, betas, greedy, lr, model, name, ranks, seed, shape, steps, tags" in message
 
 
+def test_trls_names_set_the_same_keys_from_yaml_and_command_line(tmp_path):
+    """A config written with TRL's names carries over: learning_rate is lr, max_steps is steps; a TRL name whose
+    setting this config lacks is still an unknown key."""
+    cfg = load_config(Checked, write(tmp_path, "learning_rate: 0.002\n"))
+    assert cfg.lr == 0.002
+    assert load_config(Commented, None, ["max_steps=7"]).steps == 7
+    with pytest.raises(UserError, match="unknown config key 'learning_rate'"):
+        load_config(Commented, None, ["learning_rate=1e-4"])
+
+
 def test_unknown_key_from_yaml_without_suggestion(tmp_path):
     path = write(tmp_path, "zzzzzz: 1\n")
     with pytest.raises(UserError) as info:

@@ -5,8 +5,9 @@ from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, LlamaC
 
 from posttrain import packing
 from posttrain.data import EncodedDataset, encode_pair, pad_batch
+from posttrain.forward import budget_logits, causal_lm_loss
 from posttrain.generation import sequence_logprobs
-from posttrain.losses.sft import IGNORE, budget_logits, causal_lm_loss
+from posttrain.losses.sft import IGNORE
 from tests.conftest import random_model
 
 

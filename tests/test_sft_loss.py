@@ -8,8 +8,9 @@ from posttrain.data import EncodedDataset, encode_pair
 from transformers import LlamaForCausalLM
 
 from posttrain import packing
-from posttrain.losses.sft import (IGNORE, ChunkedCrossEntropy, budget_logits, causal_lm_loss, chunk_rows,
-                                  labelled_positions, labelled_suffix, sft_loss)
+from posttrain.forward import (ChunkedCrossEntropy, budget_logits, causal_lm_loss, chunk_rows, labelled_positions,
+                               labelled_suffix)
+from posttrain.losses.sft import IGNORE, sft_loss
 from tests.conftest import random_model
 
 

@@ -9,7 +9,7 @@ import torch
 import posttrain.training as training
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
-from posttrain.losses.sft import causal_lm_loss
+from posttrain.forward import causal_lm_loss
 from posttrain.training import TrainingConfig, TrainingInterrupted, lr_lambda, train
 from tests.conftest import random_model
 

@@ -10,7 +10,7 @@ Sec. 2): the soft targets' gradients scale as 1 / tau^2, so this keeps a loss of
 temperatures. The reverse form is the one MiniLLM (Gu et al. 2024) and GKD (Agarwal et al. 2024)
 argue for in generative models. Averaged over the positions whose next token carries a label
 (completion and EOS), exactly where `sft_loss` averages. Shapes: logits (N, V) for both models at
-those N positions (same vocabulary; `losses.sft.labelled_logits` gives them).
+those N positions (same vocabulary; `posttrain.forward.labelled_logits` gives them).
 """
 from __future__ import annotations
 

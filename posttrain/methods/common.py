@@ -14,6 +14,7 @@ from posttrain.config import config_to_dict
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate
 from posttrain.io import JsonlWriter, atomic_dir, read_json, recover_dir, write_json
+from posttrain.methods import METHODS
 from posttrain.models import count_params
 from posttrain.training import CHECKPOINT
 from posttrain.world import render, sample_problems
@@ -127,6 +128,8 @@ def resumable(path: Path, resume: bool, compute) -> dict:
 def write_summary(out: Path, method: str, cfg, metrics: dict, baseline: dict, model, train_result, **extra) -> dict:
     summary = {
         "method": method,
+        "category": METHODS[method].category,  # what the report reads: it never imports the methods
+        "title": METHODS[method].title,
         "config": config_to_dict(cfg),
         "metrics": metrics,
         "baseline": baseline,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from posttrain.errors import UserError
 from posttrain.io import read_json, write_text
-from posttrain.methods import METHODS
 from posttrain.report.insights import insights
 from posttrain.report.table import comparison_rows, load_summaries, to_csv, to_markdown
 
@@ -42,11 +41,11 @@ def _image(path: Path) -> str:
 
 
 def _method_section(run_dir: Path, name: str, summary: dict) -> str:
-    method = METHODS[name]
+    kind = ": ".join(html.escape(summary[key]) for key in ("category", "title") if summary.get(key))
     before, after = summary["baseline"].get("accuracy"), summary["metrics"].get("accuracy")
     numbers = f"held-out accuracy {before:.3f} &rarr; {after:.3f}" if before is not None and after is not None else ""
     plots = "".join(_image(p) for p in sorted((run_dir / name).glob("*.png")))
-    return (f"<h3>{html.escape(name)} <small>({method.category}: {html.escape(method.title)})</small></h3>"
+    return (f"<h3>{html.escape(name)}{f' <small>({kind})</small>' if kind else ''}</h3>"
             f"<p>{numbers}; run folder <code>{html.escape(name)}/</code></p><div class='plots'>{plots}</div>")
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from posttrain.errors import UserError
 from posttrain.io import read_json
-from posttrain.methods import METHODS
 
 COLUMNS = ["method", "category", "train time (s)", "tokens / problem", "s / problem", "trainable params",
            "trainable %", "accuracy before", "accuracy after", "gain", "KL"]
@@ -23,15 +22,22 @@ COLUMNS = ["method", "category", "train time (s)", "tokens / problem", "s / prob
 GENERAL_COLUMNS = ["NLL elsewhere before", "NLL elsewhere after"]
 
 
+CATEGORIES = ("fine-tuning", "rl", "test-time")  # the table's order of categories
+
+
 def load_summaries(run_dir: str | Path) -> dict[str, dict]:
-    """method name -> summary, for every `<run_dir>/<method>/summary.json`, in registry order."""
+    """method name -> summary, for every `<run_dir>/<method>/summary.json`: in the order the run's `run.json`
+    lists its methods, else by category, then name."""
     run_dir = Path(run_dir)
-    found = {}
-    for name in METHODS:
-        path = run_dir / name / "summary.json"
-        if path.exists():
-            found[name] = read_summary(path)
-    return found
+    found = {path.parent.name: read_summary(path) for path in run_dir.glob("*/summary.json")}
+    listed = read_json(run_dir / "run.json").get("methods", []) if (run_dir / "run.json").exists() else []
+
+    def order(name: str) -> tuple:
+        category = found[name].get("category")
+        rank = CATEGORIES.index(category) if category in CATEGORIES else len(CATEGORIES)
+        return (listed.index(name) if name in listed else len(listed), rank, name)
+
+    return {name: found[name] for name in sorted(found, key=order)}
 
 
 def read_summary(path: Path) -> dict:
@@ -74,7 +80,7 @@ def row(name: str, summary: dict) -> dict:
     metrics, baseline, params = summary.get("metrics", {}), summary.get("baseline", {}), summary.get("params", {})
     before, after = baseline.get("accuracy"), metrics.get("accuracy")
     trainable, total = params.get("trainable"), params.get("total")
-    test_time = METHODS[name].category == "test-time"  # no training: they spend inference compute
+    test_time = summary.get("category") == "test-time"  # no training: they spend inference compute
     trains = not test_time and bool(trainable) and summary.get("time_s")
     if test_time:
         tokens, seconds = test_time_cost(name, summary)
@@ -82,7 +88,7 @@ def row(name: str, summary: dict) -> dict:
         tokens, seconds = _per_problem(metrics, "generated_tokens"), _per_problem(metrics, "seconds")
     return {
         "method": name,
-        "category": METHODS[name].category,
+        "category": summary.get("category"),
         "train time (s)": summary.get("time_s") if trains else None,
         "tokens / problem": tokens,
         "s / problem": seconds,

@@ -31,7 +31,7 @@ from functools import partial
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate
-from posttrain.losses.sft import causal_lm_loss
+from posttrain.forward import causal_lm_loss
 from posttrain.methods.common import headline, prepare_output, resumable, save_model, write_summary
 from posttrain.models import DEFAULT_MODEL, load_model
 from posttrain.report.finetuning_plots import accuracy_by_difficulty, first_error_histogram

@@ -69,9 +69,9 @@ import torch
 
 from posttrain.data import EncodedDataset, encode_pair, pad_batch
 from posttrain.errors import UserError
+from posttrain.forward import causal_lm_loss, labelled_logits
 from posttrain.generation import generate
 from posttrain.losses.distill import DIVERGENCES
-from posttrain.losses.sft import causal_lm_loss, labelled_logits
 from posttrain.methods.common import eval_skill, headline, prepare_output, resumable, world_examples, write_summary
 from posttrain.methods.finetuning.sft import evaluate_records, prompt_of
 from posttrain.models import count_params, load_model

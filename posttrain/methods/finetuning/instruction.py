@@ -69,7 +69,7 @@ import random
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate
-from posttrain.losses.sft import causal_lm_loss
+from posttrain.forward import causal_lm_loss
 from posttrain.methods.common import prepare_output, save_model, write_summary
 from posttrain.models import DEFAULT_MODEL, load_model
 from posttrain.report.finetuning_plots import grouped_bars

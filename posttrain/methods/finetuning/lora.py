@@ -62,7 +62,7 @@ from posttrain import lora
 from posttrain.chat_world import GeneralProbe, training_pairs, uses_chat_world
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
-from posttrain.losses.sft import causal_lm_loss
+from posttrain.forward import causal_lm_loss
 from posttrain.methods.common import (eval_skill, headline, prepare_output, resumable, save_policy, world_examples,
                                       write_samples, write_summary)
 from posttrain.methods.finetuning.sft import evaluate_chat, evaluate_records, prompt_of

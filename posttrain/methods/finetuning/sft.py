@@ -70,8 +70,9 @@ from posttrain.chat_world import (CHAT_MAX_NEW_TOKENS, CHAT_WORKED_TOKENS, Gener
 from posttrain.data import EncodedDataset, encode_pair, has_chat_template
 from posttrain.errors import UserError
 from posttrain.evaluation import max_new_tokens_for
+from posttrain.forward import causal_lm_loss
 from posttrain.generation import generate
-from posttrain.losses.sft import IGNORE, causal_lm_loss, l2sp_penalty
+from posttrain.losses.sft import IGNORE, l2sp_penalty
 from posttrain.methods.common import (eval_skill, headline, prepare_output, resumable, save_model, world_examples,
                                       write_samples, write_summary)
 from posttrain.models import DEFAULT_MODEL, load_model

@@ -40,11 +40,11 @@ from tqdm.auto import tqdm
 from posttrain import lora
 from posttrain.data import has_chat_template
 from posttrain.errors import UserError
+from posttrain.forward import labelled_forward
 from posttrain.generation import labelled_token_logprobs, target_logprobs
 from posttrain.io import JsonlWriter
 from posttrain.lora import AdapterConfig
 from posttrain.losses.ppo import clipped_surrogate, clipped_value_loss, entropy_bonus, token_entropy
-from posttrain.losses.sft import labelled_forward
 from posttrain.methods.common import headline, prepare_output, save_policy, write_samples, write_summary
 from posttrain.models import load_model
 from posttrain.records import read_prompts
