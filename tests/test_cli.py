@@ -64,8 +64,8 @@ def test_empty_dataset(capsys, tmp_path, tiny_model_dir):
 
 
 def test_unknown_config_key_lists_valid_keys(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "sft", "learning_rate=1e-4", "--output-dir", str(tmp_path))
-    assert_one_line_error(code, err, "learning_rate", "lr", "batch_size")
+    code, _, err = run_cli(capsys, "sft", "stepz=50", "--output-dir", str(tmp_path))
+    assert_one_line_error(code, err, "stepz", "did you mean 'steps'", "batch_size")
 
 
 def test_bad_config_value(capsys, tmp_path):

@@ -120,7 +120,8 @@ def test_test_time_rows_show_inference_cost_and_no_training():
 
     cost = {"n": [1, 2, 4], "generated_tokens_per_problem": [10.0, 20.0, 40.0],
             "sampling_seconds_per_problem": [0.1, 0.2, 0.4]}
-    summary = {"metrics": {"accuracy": 0.6, "cost": cost}, "baseline": {"accuracy": 0.5}, "config": {"headline_n": 2},
+    summary = {"category": "test-time", "metrics": {"accuracy": 0.6, "cost": cost}, "baseline": {"accuracy": 0.5},
+               "config": {"headline_n": 2},
                "params": {"trainable": 5, "total": 5}, "time_s": 3.0}
     cells = row("best-of-n", summary)
     assert (cells["tokens / problem"], cells["s / problem"]) == (20.0, 0.2)
