@@ -32,7 +32,7 @@ from posttrain.io import atomic_dir, write_json
 from posttrain.methods import METHODS
 from posttrain.models import DEFAULT_MODEL, resolve_model_path
 from posttrain.report.html import build_report
-from posttrain.stages import cached_run, stage_dir
+from posttrain.stages import cached_run, stage_dir, stage_overrides
 
 # Expected seconds per stage on 2 CPU cores, one stage at a time, its base model already built (the first
 # run also pretrains the base model, minutes); distill's includes building its teacher. Only the estimates
@@ -110,14 +110,6 @@ def run_demo(args) -> int:
     if note := stale_note():
         print(note)
     return 0
-
-
-def stage_overrides(name: str, quick: bool, model: str | None = None) -> list[str]:
-    """A stage's settings: --quick's, or with a `model` that model and its preset (cli.method_config's order)."""
-    overrides = METHODS[name].quick_overrides() if quick else []
-    if model:
-        overrides += [*METHODS[name].preset_overrides(model), f"model={model}"]
-    return overrides
 
 
 def collect(name: str, stage: Path, out: Path) -> None:

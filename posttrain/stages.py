@@ -71,6 +71,14 @@ def stage_key(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def stage_overrides(name: str, quick: bool, model: str | None = None) -> list[str]:
+    """A stage's settings: --quick's, or with a `model` that model and its preset (cli.method_config's order)."""
+    overrides = METHODS[name].quick_overrides() if quick else []
+    if model:
+        overrides += [*METHODS[name].preset_overrides(model), f"model={model}"]
+    return overrides
+
+
 def stage_dir(method: str, overrides: list[str] = ()) -> Path:
     """Where the cache keeps `method` run with `overrides` (done when its summary.json, written last, exists)."""
     cfg = load_config(METHODS[method].load().CONFIG, None, list(overrides))

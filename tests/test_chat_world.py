@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.chat_world import GENERAL_PROMPTS, GeneralProbe, training_pairs
 from posttrain.cli import main
-from posttrain.demo import selected_methods, stage_overrides
+from posttrain.demo import selected_methods
+from posttrain.stages import stage_overrides
 from posttrain.methods import METHODS
 from posttrain.rl.answers import answer_matches
 from posttrain.world import sample_problems

@@ -301,6 +301,19 @@ def likelihood_scores(model, tokenizer, solutions: list[Solution], batch_size: i
     return scores
 
 
+def likelihood_baseline(policy, tokenizer, test: list[Solution]) -> tuple[list[float], dict]:
+    """The baseline a reward model has to beat: the policy's own likelihood as a scorer of the same pairs
+    (its scores, and the summary's `baseline`)."""
+    likelihood = likelihood_scores(policy, tokenizer, test)
+    return likelihood, {"accuracy": pair_accuracy(likelihood, test)["accuracy"],
+                        "auc": auc(likelihood, [s.correct for s in test]), "scorer": "policy mean token log-prob"}
+
+
+def triples(pairs: list[tuple[Solution, Solution]]) -> list[tuple]:
+    """(chosen, rejected) solutions as the (prompt, completion, correct) triples `train_orm` takes."""
+    return [((c.prompt, c.completion, c.correct), (r.prompt, r.completion, r.correct)) for c, r in pairs]
+
+
 def pair_accuracy(scores: list[float], solutions: list[Solution]) -> dict:
     """Fraction of (correct, incorrect) pairs of one problem that the scores order right (ties: 1/2)."""
     index = {id(s): i for i, s in enumerate(solutions)}
@@ -375,12 +388,8 @@ def run(cfg: RewardConfig, resume: bool = False) -> dict:
     train_set = sample_solutions(policy, tokenizer, cfg, "train", cfg.train_problems, cfg.samples)
     pool = sample_solutions(policy, tokenizer, cfg, "test", cfg.test_problems, cfg.hacking_samples)
     test = first_of_each(pool, cfg.test_samples)
-    # The baseline a reward model has to beat: the policy's own likelihood as a scorer of the same pairs.
-    likelihood = likelihood_scores(policy, tokenizer, test)
-    baseline = {"accuracy": pair_accuracy(likelihood, test)["accuracy"], "auc": auc(likelihood, [s.correct for s in test]),
-                "scorer": "policy mean token log-prob"}
+    _, baseline = likelihood_baseline(policy, tokenizer, test)
     del policy
-    triples = lambda pairs: [((c.prompt, c.completion, c.correct), (r.prompt, r.completion, r.correct)) for c, r in pairs]  # noqa: E731
     orm, orm_run = train_orm(cfg, triples(correctness_pairs(train_set)), "orm", out, resume, cfg.orm_bce_weight)
     prm, prm_run = train_prm(cfg, train_set, out, resume)
     # the flawed rater's preferences alone: it never sees the verifier (no BCE on correctness)
@@ -412,12 +421,9 @@ def run_on_chat_world(cfg: RewardConfig, policy, tokenizer, out: Path, resume: b
     steps, so no PRM, and no length-biased proxy (their lengths hardly differ)."""
     train_set = chat_solutions(policy, tokenizer, cfg, "train", cfg.train_problems, cfg.samples)
     test = chat_solutions(policy, tokenizer, cfg, "test", cfg.test_problems, cfg.test_samples)
-    likelihood = likelihood_scores(policy, tokenizer, test)
-    baseline = {"accuracy": pair_accuracy(likelihood, test)["accuracy"], "auc": auc(likelihood, [s.correct for s in test]),
-                "scorer": "policy mean token log-prob"}
+    likelihood, baseline = likelihood_baseline(policy, tokenizer, test)
     del policy
-    pairs = [((c.prompt, c.completion, c.correct), (r.prompt, r.completion, r.correct))
-             for c, r in correctness_pairs(train_set)]
+    pairs = triples(correctness_pairs(train_set))
     orm, orm_run = train_orm(cfg, pairs, "orm", out, resume, cfg.orm_bce_weight)
     orm_eval = evaluate_orm(orm, test)
     orm.save(out / "orm")
@@ -460,10 +466,6 @@ def run_on_preferences(cfg: RewardConfig, records: list, resume: bool) -> dict:
 def trained_reward_models(quick: bool = False, model: str | None = None) -> Path:
     """The cached reward stage (orm/, prm/, proxy/ inside) on the shared policy, or on `model` with its preset
     (the stage the real-model track runs); runs it on first use."""
-    from posttrain.methods import METHODS
-    from posttrain.stages import cached_run
+    from posttrain.stages import cached_run, stage_overrides
 
-    method = METHODS["reward"]
-    if model:
-        return cached_run("reward", [*method.preset_overrides(model), f"model={model}"])
-    return cached_run("reward", method.quick_overrides() if quick else [])
+    return cached_run("reward", stage_overrides("reward", quick, model))
