@@ -104,6 +104,14 @@ def timed_steps(step_fn, warmup: int, steps: int) -> list[float]:
     return times
 
 
+def trl_recomputation(side: str) -> dict:
+    """TRL 1.x configs turn gradient checkpointing on by default: activations are dropped in the forward
+    pass and recomputed in the backward pass (about a third more compute, much less activation memory).
+    posttrain keeps its activations, so the `trl*` sides turn it off and both sides do the same work; the
+    `trl-default` side keeps TRL's default, to show what it trades."""
+    return {} if side == "trl-default" else {"gradient_checkpointing": False}
+
+
 def trl_step_timer():
     """A TrainerCallback recording the seconds of every optimizer step in its `times` list."""
     from transformers import TrainerCallback

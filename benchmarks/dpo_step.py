@@ -18,7 +18,8 @@ import tempfile
 
 import torch
 
-from benchmarks.common import SEQ_LEN, device, load, main, timed_steps, trl_step_timer, with_context
+from benchmarks.common import (SEQ_LEN, device, load, main, timed_steps, trl_recomputation, trl_step_timer,
+                               with_context)
 from posttrain.data import encode_pair
 from posttrain.world import MAIN_SKILL, render, sample_problems
 from posttrain.world.skills import Problem
@@ -85,7 +86,8 @@ def run_trl(args) -> dict:
                            max_steps=args.warmup + args.steps,
                            learning_rate=1e-6, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True,
                            logging_steps=10**6, save_strategy="no", report_to=[], dataset_num_proc=1,
-                           bf16=args.size == "110m", use_cpu=device() == "cpu", disable_tqdm=True, max_length=1024)
+                           bf16=args.size == "110m", use_cpu=device() == "cpu", disable_tqdm=True, max_length=1024,
+                           **trl_recomputation(args.side))
         trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                              callbacks=[timer])
         trainer.train()
@@ -94,8 +96,9 @@ def run_trl(args) -> dict:
 
 def run_side(args) -> dict:
     return {"posttrain": run_posttrain, "posttrain-padded": run_posttrain, "posttrain-compiled": run_posttrain,
-            "trl": run_trl}[args.side](args)
+            "trl-default": run_trl, "trl": run_trl}[args.side](args)
 
 
 if __name__ == "__main__":
-    main(__spec__.name, run_side, ["posttrain", "posttrain-padded", "posttrain-compiled", "trl"], "pairs/s", "pairs")
+    main(__spec__.name, run_side, ["posttrain", "posttrain-padded", "posttrain-compiled", "trl-default", "trl"],
+         "pairs/s", "pairs")

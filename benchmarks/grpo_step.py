@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from benchmarks.common import SEQ_LEN, device, load, main, sync, timed_steps, trl_step_timer
+from benchmarks.common import (SEQ_LEN, device, load, main, sync, timed_steps, trl_recomputation,
+                               trl_step_timer)
 from posttrain.evaluation import max_new_tokens_for
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 
@@ -91,7 +92,7 @@ def run_trl(args) -> dict:
                             beta=0.0,
                             max_steps=args.warmup + args.steps, learning_rate=1e-6, logging_steps=10**6,
                             save_strategy="no", report_to=[], bf16=args.size == "110m", use_cpu=device() == "cpu",
-                            disable_tqdm=True, shuffle_dataset=False)
+                            disable_tqdm=True, shuffle_dataset=False, **trl_recomputation(args.side))
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data,
                               processing_class=tokenizer, callbacks=[timer])
         trainer.train()
@@ -100,9 +101,10 @@ def run_trl(args) -> dict:
 
 def run_side(args) -> dict:
     return {"posttrain": run_posttrain, "posttrain-padded": run_posttrain, "posttrain-compiled": run_posttrain,
-            "trl": run_trl}[args.side](args)
+            "trl-default": run_trl, "trl": run_trl}[args.side](args)
 
 
 if __name__ == "__main__":
-    main(__spec__.name, run_side, ["posttrain", "posttrain-padded", "posttrain-compiled", "trl"], "completions/s",
+    main(__spec__.name, run_side, ["posttrain", "posttrain-padded", "posttrain-compiled", "trl-default", "trl"],
+         "completions/s",
          "completions")

@@ -22,7 +22,7 @@ import tempfile
 import torch
 
 from benchmarks.common import (SEQ_LEN, device, load, main, timed_steps, training_flops_per_token,
-                               trl_step_timer, with_context)
+                               trl_recomputation, trl_step_timer, with_context)
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.forward import causal_lm_loss
 from posttrain.methods.common import world_examples
@@ -91,7 +91,8 @@ def run_trl(args) -> dict:
                            completion_only_loss=True, packing=False, padding_free=padding_free,
                            dataset_num_proc=1, bf16=args.size == "110m",
                            use_cpu=device() == "cpu", disable_tqdm=True,
-                           max_length=None if padding_free else 1024)  # no row is longer: nothing is truncated
+                           max_length=None if padding_free else 1024,  # no row is longer: nothing is truncated
+                           **trl_recomputation(args.side))
         trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                              callbacks=[timer])
         trainer.train()
@@ -101,10 +102,11 @@ def run_trl(args) -> dict:
 
 def run_side(args) -> dict:
     return {"posttrain": run_posttrain, "posttrain-padded": run_posttrain, "posttrain-compiled": run_posttrain,
-            "trl-padding-free": run_trl, "trl": run_trl}[args.side](args)
+            "trl-padding-free": run_trl, "trl-default": run_trl, "trl": run_trl}[args.side](args)
 
 
 if __name__ == "__main__":
-    main(__spec__.name, run_side, ["posttrain", "posttrain-padded", "posttrain-compiled", "trl-padding-free", "trl"],
+    main(__spec__.name, run_side,
+         ["posttrain", "posttrain-padded", "posttrain-compiled", "trl-padding-free", "trl-default", "trl"],
          "tokens/s", "tokens",
          data=("world", "mixed"))
