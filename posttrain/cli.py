@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
         return exit_status(exc)
-    except KeyboardInterrupt as exc:  # outside a training loop (sampling, evaluation, GRPO/PPO): nothing to resume from
+    except KeyboardInterrupt as exc:  # outside a training loop (sampling, evaluation): nothing to resume from
         print("\ninterrupted; no checkpoint was saved at this point, so run the command again", file=sys.stderr)
         return exit_status(exc)
     finally:

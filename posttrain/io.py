@@ -80,10 +80,12 @@ class JsonlWriter:
     first: they came from the part of the interrupted run that is about to be
     redone, and keeping them would duplicate steps. Unparseable lines (a line
     cut short by a crash) are dropped too; records without a `step` are kept.
+    The records kept are in `resumed`.
     """
 
     def __init__(self, path: PathLike, resume_step: int | None = None) -> None:
         self.path = os.fspath(path)
+        self.resumed: list[dict[str, Any]] = []
         if resume_step is not None and os.path.exists(self.path):
             self._keep_through(resume_step)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -115,6 +117,7 @@ class JsonlWriter:
                     continue
                 if not isinstance(record, dict) or record.get("step", step) <= step:
                     kept.append(line if line.endswith("\n") else line + "\n")
+                    self.resumed += [record] if isinstance(record, dict) else []
         write_text(self.path, "".join(kept))
 
 

@@ -189,8 +189,12 @@ def _count_tokens(batch: dict) -> int:
     return batch["input_ids"].numel()
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int) -> None:
+def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, extra: dict | None = None) -> None:
+    """The trainable weights and buffers, optimizer, scheduler and step count, written as one folder (atomic_dir);
+    `extra` maps file names to JSON objects saved beside them (a caller's own state)."""
     with atomic_dir(directory) as tmp:
+        for name, obj in (extra or {}).items():
+            write_json(Path(tmp) / name, obj)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if _trainable_or_buffer(model, k)}
         save_file(_untie(state), str(Path(tmp) / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, Path(tmp) / "optimizer.pt")

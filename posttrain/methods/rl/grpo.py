@@ -47,31 +47,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 
 import torch
-from tqdm.auto import tqdm
 
 from posttrain import lora
 from posttrain.chat_world import GeneralProbe, general_nll, uses_chat_world
 from posttrain.data import has_chat_template
 from posttrain.errors import UserError
-from posttrain.io import JsonlWriter
 from posttrain.lora import AdapterConfig
 from posttrain.losses.grpo import AGGREGATIONS, grpo_loss
-from posttrain.methods.common import headline, prepare_output, save_policy, write_samples, write_summary
+from posttrain.methods.common import (headline, prepare_output, remove_checkpoints, save_policy, write_samples,
+                                      write_summary)
 from posttrain.models import load_model
+from posttrain.onpolicy import OnPolicy, train_on_policy
 from posttrain.records import read_prompts
-from posttrain.rewards import check_reward_choice, held_out_reward, user_reward_answers, warn_if_all_zero
+from posttrain.rewards import check_reward_choice, held_out_reward, user_reward_answers
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import group_advantages, masked_mean
 from posttrain.rl.answers import answer_rewards
 from posttrain.rl.frontier import run_prompts
-from posttrain.rl.rollouts import (completion_stats, forward_logprobs, policy_path, reference_logprobs,
-                                   reward_function, step_rollouts)
+from posttrain.rl.rollouts import forward_logprobs, policy_path, reference_logprobs, reward_function
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
-                                make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses,
+                                make_accelerator, make_optimizer, prepare_for_losses,
                                 share_of_all_processes)
 
 
@@ -130,8 +128,6 @@ PRESETS = {"posttrain:smollm2-135m": {
 
 
 def run(cfg: GRPOConfig, resume: bool = False) -> dict:
-    if resume:
-        raise UserError("grpo does not resume; rerun it (a default run takes about three minutes)")
     records = read_prompts(cfg.data, cfg.prompt_field, cfg.answer_field) if cfg.data else None  # bad data fails first
     reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None,
                                 records=records, weights=tuple(cfg.reward_weights))  # a user's: loaded and tried
@@ -148,7 +144,6 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     probe = GeneralProbe.of(model, tokenizer) if uses_chat_world(tokenizer, cfg.data) else None  # what it loses
     baseline = {**held_out.measure(model, tokenizer, kl=False), **general_nll(probe, model, tokenizer)}
     baseline.update(held_out_reward(reward_fn, baseline, held_answers))
-    frontier = [{"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0}]
 
     accelerator = make_accelerator(cfg.precision)
     torch.manual_seed(cfg.seed)
@@ -163,49 +158,31 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     if reference is not None:
         reference.to(accelerator.device)
 
-    main_process = accelerator.is_main_process  # only rank 0 writes files
-    writer = JsonlWriter(out / "metrics.jsonl", resume_step=0) if main_process else None
-    history, tokens = [], 0
-    t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="grpo", disable=not main_process, dynamic_ncols=True)
-    for step in bar:
-        rollouts = step_rollouts(policy, tokenizer, prompts, answers, step, cfg.prompts_per_step,
-                                 num_samples=cfg.num_generations, max_new_tokens=held_out.max_new_tokens,
-                                 temperature=cfg.temperature, seed=cfg.seed, reward_fn=reward_fn,
-                                 accelerator=accelerator, decode=cfg.rollout_decode)
-        if step == 0:
-            all_rewards_zero = warn_if_all_zero(rollouts.rewards.tolist(), "grpo's first rollout batch")
+    def update(rollouts):
         with forward_as(policy, compiled):  # the updates compiled if cfg.compile (sampling: its own decode step)
-            metrics = optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg)
-        tokens += int(rollouts.batch["attention_mask"].sum())
-        metrics = mean_over_processes({**metrics, **reward_stats(rollouts.rewards, cfg.num_generations),
-                                       **completion_stats(rollouts)}, accelerator)
-        metrics = {"step": step + 1, **metrics, "lr": scheduler.get_last_lr()[0]}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            point = held_out.measure(policy, tokenizer, reference)
-            frontier.append({"step": step + 1, "accuracy": point["accuracy"], "kl": point["kl"]})
-            metrics.update({"eval/accuracy": point["accuracy"], "eval/kl": point["kl"]})
-        if writer:
-            writer.log(metrics)
-        history.append(metrics)
-        bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics.get('kl', 0.0):.3f}")
-    if writer:
-        writer.close()
-    elapsed = time.perf_counter() - t0
+            return optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg)
+
+    loop = OnPolicy(
+        "grpo", cfg, cfg.num_generations, model, policy, tokenizer, reference, optimizer, scheduler, accelerator,
+        held_out, prompts, answers, reward_fn, update,
+        rollout_metrics=lambda rollouts: reward_stats(rollouts.rewards, cfg.num_generations),
+        postfix=lambda m: {"reward": f"{m['reward']:.2f}", "kl": f"{m.get('kl', 0.0):.3f}"})
+    history, progress = train_on_policy(loop, out, {"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0}, resume)
 
     after = {**held_out.measure(policy, tokenizer, reference), **general_nll(probe, policy, tokenizer)}
     after.update(held_out_reward(reward_fn, after, held_answers))
-    frontier.append({"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]})
+    frontier = [*progress.frontier, {"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]}]
     save_policy(policy, tokenizer, out, start_path)
     write_samples(out / "samples.jsonl", after)
-    if main_process:
+    if accelerator.is_main_process:
         training_curve(history, out / "training_curve.png", "GRPO: mean reward of the rollouts", metric="reward",
                        eval_metric="eval/accuracy")
-    metrics = {**headline(after), "all_rewards_zero": all_rewards_zero, "frontier": frontier,
+    metrics = {**headline(after), "all_rewards_zero": progress.all_rewards_zero, "frontier": frontier,
                "completions_sampled": cfg.steps * rows}
-    result = TrainResult(history, history[-1], elapsed, tokens / elapsed)
+    result = TrainResult(history, history[-1], progress.elapsed, progress.tokens / progress.elapsed)
     summary = write_summary(out, "grpo", cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
-    if main_process:
+    remove_checkpoints(out, cfg)
+    if accelerator.is_main_process:
         draw_frontier(out)
     return summary
 

@@ -31,34 +31,32 @@ where full-weight PPO does, at a smaller KL.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from posttrain import lora
 from posttrain.data import has_chat_template
 from posttrain.errors import UserError
 from posttrain.forward import labelled_forward
 from posttrain.generation import labelled_token_logprobs, target_logprobs
-from posttrain.io import JsonlWriter
 from posttrain.lora import AdapterConfig
 from posttrain.losses.ppo import clipped_surrogate, clipped_value_loss, entropy_bonus, token_entropy
-from posttrain.methods.common import headline, prepare_output, save_policy, write_samples, write_summary
+from posttrain.methods.common import (headline, prepare_output, remove_checkpoints, save_policy, write_samples,
+                                      write_summary)
 from posttrain.models import load_model
+from posttrain.onpolicy import OnPolicy, train_on_policy
 from posttrain.records import read_prompts
-from posttrain.rewards import check_reward_choice, held_out_reward, user_reward_answers, warn_if_all_zero
+from posttrain.rewards import check_reward_choice, held_out_reward, user_reward_answers
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import gae, masked_mean, whiten
 from posttrain.rl.answers import answer_rewards
 from posttrain.rl.frontier import run_prompts
 from posttrain.rl.kl import kl_k1
-from posttrain.rl.rollouts import (completion_stats, on_completion_grid, policy_path, reference_logprobs,
-                                   reward_function, step_rollouts)
+from posttrain.rl.rollouts import on_completion_grid, policy_path, reference_logprobs, reward_function
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
-                                make_accelerator, make_optimizer, mean_over_processes, prepare_for_losses,
+                                make_accelerator, make_optimizer, prepare_for_losses,
                                 share_of_all_processes, sum_over_processes)
 
 
@@ -142,8 +140,6 @@ def forward_with_values(model, head, batch: dict, entropy_grad: bool = False):
 
 
 def run(cfg: PPOConfig, resume: bool = False) -> dict:
-    if resume:
-        raise UserError("ppo does not resume; rerun it (a default run takes about three minutes)")
     records = read_prompts(cfg.data, cfg.prompt_field, cfg.answer_field) if cfg.data else None  # bad data fails first
     reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None,
                                 records=records, weights=tuple(cfg.reward_weights))  # a user's: loaded and tried
@@ -160,7 +156,6 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     held_out, prompts, answers = run_prompts(cfg, records, tokenizer, start_path)
     baseline = held_out.measure(model, tokenizer, kl=False)
     baseline.update(held_out_reward(reward_fn, baseline, held_answers))
-    frontier = [{"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0}]
 
     accelerator = make_accelerator(cfg.precision)
     torch.manual_seed(cfg.seed)
@@ -177,50 +172,33 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     if reference is not None:
         reference.to(accelerator.device)
 
-    main_process = accelerator.is_main_process  # only rank 0 writes files
-    writer = JsonlWriter(out / "metrics.jsonl", resume_step=0) if main_process else None
-    history, tokens = [], 0
-    t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="ppo", disable=not main_process, dynamic_ncols=True)
-    for step in bar:
-        rollouts = step_rollouts(policy, tokenizer, prompts, answers, step, cfg.prompts_per_step,
-                                 num_samples=cfg.samples_per_prompt, max_new_tokens=held_out.max_new_tokens,
-                                 temperature=cfg.temperature, seed=cfg.seed, reward_fn=reward_fn,
-                                 accelerator=accelerator, decode=cfg.rollout_decode)
-        if step == 0:
-            all_rewards_zero = warn_if_all_zero(rollouts.rewards.tolist(), "ppo's first rollout batch")
+    def update(rollouts):
         with forward_as(policy, compiled):  # the updates compiled if cfg.compile (sampling: its own decode step)
-            metrics = optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts, cfg)
-        tokens += int(rollouts.batch["attention_mask"].sum())
-        metrics = mean_over_processes({**metrics, **completion_stats(rollouts)}, accelerator)
-        metrics = {"step": step + 1, **metrics, "lr": scheduler.get_last_lr()[0]}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            point = held_out.measure(policy, tokenizer, reference)
-            frontier.append({"step": step + 1, "accuracy": point["accuracy"], "kl": point["kl"]})
-            metrics.update({"eval/accuracy": point["accuracy"], "eval/kl": point["kl"]})
-        if writer:
-            writer.log(metrics)
-        history.append(metrics)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
-    if writer:
-        writer.close()
-    elapsed = time.perf_counter() - t0
+            return optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts, cfg)
+
+    loop = OnPolicy(
+        "ppo", cfg, cfg.samples_per_prompt, model, policy, tokenizer, reference, optimizer, scheduler, accelerator,
+        held_out, prompts, answers, reward_fn, update,
+        postfix=lambda m: {"score": f"{m['objective/scores']:.2f}", "kl": f"{m['objective/kl']:.2f}"},
+        trained={"value_head": accelerator.unwrap_model(head)})
+    history, progress = train_on_policy(loop, out, {"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0}, resume)
 
     after = held_out.measure(policy, tokenizer, reference)
     after.update(held_out_reward(reward_fn, after, held_answers))
-    frontier.append({"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]})
+    frontier = [*progress.frontier, {"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]}]
     save_policy(policy, tokenizer, out, start_path)
-    if main_process:
+    if accelerator.is_main_process:
         save_file(accelerator.unwrap_model(head).state_dict(), str(out / "model" / "value_head.safetensors"))
     write_samples(out / "samples.jsonl", after)
-    if main_process:
+    if accelerator.is_main_process:
         training_curve(history, out / "training_curve.png", "PPO: mean verifier score of the rollouts",
                        metric="objective/scores", eval_metric="eval/accuracy")
-    metrics = {**headline(after), "all_rewards_zero": all_rewards_zero, "frontier": frontier,
+    metrics = {**headline(after), "all_rewards_zero": progress.all_rewards_zero, "frontier": frontier,
                "completions_sampled": cfg.steps * rows}
-    result = TrainResult(history, history[-1], elapsed, tokens / elapsed)
+    result = TrainResult(history, history[-1], progress.elapsed, progress.tokens / progress.elapsed)
     summary = write_summary(out, "ppo", cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
-    if main_process:
+    remove_checkpoints(out, cfg)
+    if accelerator.is_main_process:
         draw_frontier(out)
     return summary
 
