@@ -130,16 +130,16 @@ def check_data_has_model(name: str, cfg, given: set[str]) -> None:
 
 def users_defaults(method, cfg, given: set[str]) -> dict:
     """The defaults a user's model or data gets in place of the embedded world's (those `given` keys leave),
-    each kind announced in one line."""
+    each kind announced in one line on stderr."""
     mine = {k: v for k, v in method.user_defaults(cfg.model, getattr(cfg, "data", None)).items() if k not in given}
     params, large = method.large_model_defaults(cfg.model)
     large = {k: v for k, v in large.items() if k not in given}
-    if mine:
-        print(f"posttrain: {method.name} with your model or data: {_settings(mine)} "
-              "(the embedded world's defaults need its stages or sweep several trainings; set them to choose)")
+    if mine:  # on stderr, as the large model's line: --show-config's stdout stays JSON
+        print(f"posttrain: {method.name} with your model or data: {_settings(mine)} (the embedded world's "
+              "defaults need its stages or sweep several trainings; set them to choose)", file=sys.stderr)
     if large:
         print(f"posttrain: {params / 1e6:.0f}M-parameter model: TRL's defaults {_settings(large)} "
-              "(set them to override)")
+              "(set them to override)", file=sys.stderr)
     return {**mine, **large}
 
 

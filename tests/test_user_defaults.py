@@ -78,13 +78,13 @@ def test_large_parameter_count_is_the_formula(large_model_dir):
 def test_large_model_gets_trls_learning_rate_below_yaml_and_flags(large_model_dir, tmp_path, capsys):
     cfg = config_of("sft", "--model", large_model_dir)
     assert cfg.lr == 2e-5
-    assert "58M-parameter model: TRL's defaults lr=2e-05" in capsys.readouterr().out
+    assert "58M-parameter model: TRL's defaults lr=2e-05" in capsys.readouterr().err
     yaml = tmp_path / "run.yaml"
     yaml.write_text("lr: 1.0e-4\n")
     assert config_of("sft", "--model", large_model_dir, "--config", str(yaml)).lr == 1e-4
     assert config_of("sft", "--model", large_model_dir, "lr=3e-5").lr == 3e-5
     assert config_of("sft", "--model", large_model_dir, "learning_rate=4e-5").lr == 4e-5  # TRL's name counts
-    assert "TRL's defaults" not in capsys.readouterr().out  # nothing left to apply: no line
+    assert "TRL's defaults" not in capsys.readouterr().err  # nothing left to apply: no line
 
 
 def test_large_model_defaults_sit_under_a_preset_and_replace_quicks(large_model_dir, monkeypatch):
@@ -105,7 +105,7 @@ def test_each_training_method_has_trls_rate_for_a_large_model(large_model_dir, m
 
 def test_small_and_embedded_models_keep_the_defaults(tiny_model_dir, monkeypatch, capsys):
     assert config_of("sft", "--model", str(tiny_model_dir)).lr == 1e-3  # a few thousand parameters: not large
-    assert "TRL's defaults" not in capsys.readouterr().out
+    assert "TRL's defaults" not in capsys.readouterr().err
 
     def refuse(name):
         raise AssertionError(f"counted the parameters of '{name}'")
@@ -118,8 +118,8 @@ def test_small_and_embedded_models_keep_the_defaults(tiny_model_dir, monkeypatch
 
 def test_cot_prompt_with_a_users_model_skips_the_fine_tuned_comparison(tiny_model_dir, tmp_path, no_stages, capsys,
                                                                          monkeypatch):
-    code, out, _ = cli(capsys, "cot-prompt", "--model", str(tiny_model_dir), "--show-config")
-    assert code == 0 and json.loads(out[out.index("{"):])["finetuned"] == "" and "finetuned=''" in out
+    code, out, err = cli(capsys, "cot-prompt", "--model", str(tiny_model_dir), "--show-config")
+    assert code == 0 and json.loads(out)["finetuned"] == "" and "finetuned=''" in err
 
     class Evaluating(Exception):
         """The run got past choosing its models (where a stage would be built) to evaluating them."""

@@ -44,13 +44,18 @@ class Method:
 
     def large_model_defaults(self, model: str) -> tuple[int, dict]:
         """(parameters, the module's `LARGE_MODEL`) for a user's model over LARGE_MODEL_PARAMS parameters (counted
-        from its config, no weights loaded), else (0, {}): a method without them never reads the model."""
+        from its config, no weights loaded), else (0, {}): a method without them never reads the model, and
+        a model whose config cannot be read gets none (--show-config still works offline)."""
         large = getattr(self.load(), "LARGE_MODEL", {})
         if not large or not is_users_model(model):
             return 0, {}
+        from posttrain.errors import UserError
         from posttrain.models import parameter_count
 
-        params = parameter_count(model)
+        try:
+            params = parameter_count(model)
+        except UserError:
+            return 0, {}  # not found (or offline): the run fails where it loads the model, with the reason
         return (params, dict(large)) if params > LARGE_MODEL_PARAMS else (0, {})
 
 
