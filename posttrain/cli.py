@@ -98,16 +98,53 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def method_config(method, args):
-    """The method's config: defaults, then the --config YAML, then --quick, the preset of --model (the module's
+    """The method's config: defaults, then those for a user's model or data (methods/__init__.py: only keys
+    nothing below sets, each kind announced in one line), then the --config YAML, then --quick (less the keys
+    a user's model has defaults for: its values are the embedded model's), the preset of --model (the module's
     `PRESETS`), the flags and key=value, each overriding the ones before."""
-    from posttrain.config import load_config
+    from posttrain.config import given_keys, load_config
 
     module = method.load()
-    overrides = method.quick_overrides() if args.quick else []
-    overrides += method.preset_overrides(getattr(args, "model", None))
-    overrides += list(args.overrides)
-    overrides += [f"{k}={v}" for k in ("output_dir", "model", "data") if (v := getattr(args, k, None)) is not None]
-    return module, load_config(module.CONFIG, args.config, overrides)
+    named = method.preset_overrides(getattr(args, "model", None)) + list(args.overrides)
+    named += [f"{k}={v}" for k in ("output_dir", "model", "data") if (v := getattr(args, k, None)) is not None]
+    quick = method.quick_overrides() if args.quick else []
+    plain = load_config(module.CONFIG, args.config, quick + named)
+    given = given_keys(module.CONFIG, args.config, named)
+    check_data_has_model(method.name, plain, given)
+    defaults = users_defaults(method, plain, given)
+    if not defaults:
+        return module, plain
+    quick = [o for o in quick if o.partition("=")[0] not in defaults]
+    return module, load_config(module.CONFIG, args.config, quick + named, defaults)
+
+
+def check_data_has_model(name: str, cfg, given: set[str]) -> None:
+    """Refuse `--data` on the default model when that is the shared SFT policy: it is trained on the embedded
+    world's additions, and its first use builds it (pretraining included: tens of minutes)."""
+    from posttrain.rl.rollouts import POLICIES
+
+    if getattr(cfg, "data", None) and "model" not in given and cfg.model in POLICIES:
+        raise UserError(f"{name} --data: give --model, the model to run on your records (the default "
+                        f"'{cfg.model}' is the embedded world's addition policy; model={cfg.model} uses it anyway)")
+
+
+def users_defaults(method, cfg, given: set[str]) -> dict:
+    """The defaults a user's model or data gets in place of the embedded world's (those `given` keys leave),
+    each kind announced in one line on stderr."""
+    mine = {k: v for k, v in method.user_defaults(cfg.model, getattr(cfg, "data", None)).items() if k not in given}
+    params, large = method.large_model_defaults(cfg.model)
+    large = {k: v for k, v in large.items() if k not in given}
+    if mine:  # on stderr, as the large model's line: --show-config's stdout stays JSON
+        print(f"posttrain: {method.name} with your model or data: {_settings(mine)} (the embedded world's "
+              "defaults need its stages or sweep several trainings; set them to choose)", file=sys.stderr)
+    if large:
+        print(f"posttrain: {params / 1e6:.0f}M-parameter model: TRL's defaults {_settings(large)} "
+              "(set them to override)", file=sys.stderr)
+    return {**mine, **large}
+
+
+def _settings(values: dict) -> str:
+    return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
 
 
 def run_method(name: str, args) -> int:

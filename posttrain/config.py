@@ -1,10 +1,11 @@
 """Load a method's config dataclass from defaults, a YAML file and `key=value` overrides.
 
 Each method defines a flat dataclass with one defaulted field per setting.
-Precedence is defaults < YAML file < command-line overrides, so a run can be
-tweaked without editing its file. Values are converted to each field's
-annotated type here, so methods only ever see correctly typed configs, and
-every mistake becomes a `UserError` naming the key and where it came from.
+Precedence is defaults < the model's defaults (a user's model: methods/__init__.py)
+< YAML file < command-line overrides, so a run can be tweaked without editing its
+file. Values are converted to each field's annotated type here, so methods only
+ever see correctly typed configs, and every mistake becomes a `UserError` naming
+the key and where it came from.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import yaml
@@ -54,8 +55,11 @@ TRL_NAMES = {
 }
 
 
-def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build `cls` from its defaults, then the YAML file at `path`, then `key=value` overrides.
+def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = (),
+                defaults: Mapping[str, Any] | None = None) -> T:
+    """Build `cls` from its defaults, then `defaults` (the model's, e.g. the larger learning rates of a
+    100M-parameter model: they replace the class's defaults, never a value the file or the command line
+    sets), then the YAML file at `path`, then `key=value` overrides.
 
     Calls `validate()` on the result when the class defines it, so methods can
     reject out-of-range values with a `UserError`.
@@ -63,15 +67,13 @@ def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] 
     hints = typing.get_type_hints(cls)  # resolves string annotations
     valid = sorted(f.name for f in dataclasses.fields(cls) if f.init)  # type: ignore[arg-type]
     values: dict[str, Any] = {}
-    sources: list[tuple[str, dict[Any, Any]]] = []
+    sources: list[tuple[str, Mapping[Any, Any]]] = [("defaults for the model", defaults or {})]
     if path is not None:
         sources.append((path, _read_yaml(path)))
     sources.append(("command line", _parse_overrides(overrides)))
     for source, mapping in sources:
         for key, value in mapping.items():
-            key = str(key)
-            if key not in valid and TRL_NAMES.get(key) in valid:
-                key = TRL_NAMES[key]  # TRL's name for the same setting
+            key = _field_name(str(key), valid)
             if key not in valid:
                 raise UserError(_unknown_key(key, source, valid))
             values[key] = _convert_field(value, hints[key], f"config key {key!r} ({source})")
@@ -79,6 +81,19 @@ def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] 
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def given_keys(cls: type, path: str | None = None, overrides: Sequence[str] = ()) -> set[str]:
+    """The fields of `cls` that the YAML file at `path` or the `key=value` overrides set (TRL's names
+    read as posttrain's): the keys a model's defaults must leave alone."""
+    valid = [f.name for f in dataclasses.fields(cls) if f.init]
+    keys = [*(_read_yaml(path) if path is not None else {}), *_parse_overrides(overrides)]
+    return {_field_name(str(key), valid) for key in keys}
+
+
+def _field_name(key: str, valid: Sequence[str]) -> str:
+    """`key` as the config's field name: TRL's name of a setting (`learning_rate`) becomes posttrain's (`lr`)."""
+    return TRL_NAMES[key] if key not in valid and TRL_NAMES.get(key) in valid else key
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

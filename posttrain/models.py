@@ -283,3 +283,20 @@ def count_params(model) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": total}
+
+
+def parameter_count(name: str) -> int:
+    """The number of parameters of model `name` (as `count_params(model)["total"]` gives it), read from its config
+    alone: the model is built on the meta device, so no weights are loaded or allocated. A hub id's config.json
+    is downloaded (or read from the hub cache); tied weights count once, as `model.parameters()` yields them."""
+    from transformers import AutoConfig
+
+    source = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not read the config of model '{name}': {first_line}") from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())

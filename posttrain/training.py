@@ -103,15 +103,27 @@ class TrainResult:
 
 
 def lr_lambda(cfg: TrainingConfig) -> Callable[[int], float]:
-    """Linear warmup to 1, then cosine decay to min_lr_ratio at the last step."""
+    """Linear warmup to 1 over `warmup_length(cfg)` steps, then cosine decay to min_lr_ratio at the last step."""
+    warmup = warmup_length(cfg)
 
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, cfg.steps - warmup)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+def warmup_length(cfg: TrainingConfig) -> int:
+    """`warmup_steps`, capped at half of `steps` (printing one line when it is): a run shorter than its warmup
+    would otherwise never reach its peak rate (steps=5, warmup_steps=20 peaks at 5/20 of it)."""
+    cap = cfg.steps // 2  # warmup_steps <= steps / 2 (whole steps) leaves the schedule unchanged
+    if cfg.warmup_steps <= cap:
+        return cfg.warmup_steps
+    print(f"posttrain: warmup_steps={cfg.warmup_steps} capped at {cap}, half of the schedule's {cfg.steps} steps",
+          flush=True)
+    return cap
 
 
 def make_accelerator(precision: str = "auto"):

@@ -3,6 +3,12 @@
 Each method is one module exposing `CONFIG` (its dataclass), `QUICK` (overrides for a smoke-sized
 run), optionally `PRESETS` (overrides for a named model, e.g. the settings a 135M-parameter chat model
 needs where the defaults are the embedded model's) and `run(cfg, resume=False) -> summary`.
+
+The defaults are the embedded world's: a 0.9M-parameter model and the stages built from it. A user's
+model (a folder or hub id) gets, in their place, the module's optional `USER_DEFAULTS` (with a user's
+model or `--data`: e.g. lora's one adapter instead of its rank sweep) and `LARGE_MODEL` (with a user's
+model over LARGE_MODEL_PARAMS parameters: TRL's learning rates), each only for keys the YAML file, the
+preset and the command line leave unset.
 """
 from __future__ import annotations
 
@@ -31,6 +37,41 @@ class Method:
         """The module's `PRESETS[model]` settings as `key=value` overrides (none for other models)."""
         preset = getattr(self.load(), "PRESETS", {}).get(model, {})
         return [f"{k}={v}" for k, v in preset.items()]
+
+    def user_defaults(self, model: str, data: str | None) -> dict:
+        """The module's `USER_DEFAULTS` when `model` is a user's model or `data` a user's records, else none."""
+        return dict(getattr(self.load(), "USER_DEFAULTS", {})) if data or is_users_model(model) else {}
+
+    def large_model_defaults(self, model: str) -> tuple[int, dict]:
+        """(parameters, the module's `LARGE_MODEL`) for a user's model over LARGE_MODEL_PARAMS parameters (counted
+        from its config, no weights loaded), else (0, {}): a method without them never reads the model, and
+        a model whose config cannot be read gets none (--show-config still works offline)."""
+        large = getattr(self.load(), "LARGE_MODEL", {})
+        if not large or not is_users_model(model):
+            return 0, {}
+        from posttrain.errors import UserError
+        from posttrain.models import parameter_count
+
+        try:
+            params = parameter_count(model)
+        except UserError:
+            return 0, {}  # not found (or offline): the run fails where it loads the model, with the reason
+        return (params, dict(large)) if params > LARGE_MODEL_PARAMS else (0, {})
+
+
+# Above this many parameters a user's model trains with TRL's defaults (the module's LARGE_MODEL): the
+# embedded defaults are tuned for a model of about a million parameters, and a learning rate of 1e-3 on
+# a model of a hundred million wrecks what it knew in a few steps.
+LARGE_MODEL_PARAMS = 50_000_000
+
+
+def is_users_model(name: str) -> bool:
+    """True for a model the user brings (a folder or hub id); False for the embedded names (`posttrain:*`) and
+    the shared stages built from them (`sft-policy[-quick]`), whose defaults and presets are the modules' own."""
+    from posttrain.models import EMBEDDED_PREFIX
+    from posttrain.rl.rollouts import POLICIES
+
+    return not name.startswith(EMBEDDED_PREFIX) and name not in POLICIES
 
 
 SFT_RECORDS = "prompt/completion (or messages) records"

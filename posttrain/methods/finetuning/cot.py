@@ -68,6 +68,9 @@ CONFIG = CoTConfig
 # learn the 3-digit problems).
 QUICK = {"model": "posttrain:tiny-quick", "difficulties": "2,3", "train_examples": 1000, "eval_problems": 100,
          "steps": 140, "lr": 3e-3}
+# A user's model over LARGE_MODEL_PARAMS parameters (methods/__init__.py): TRL 1.16's SFTConfig learning rate
+# (trl/trainer/sft_config.py).
+LARGE_MODEL = {"lr": 2e-5}
 
 
 def step_report(problems, completions) -> dict:

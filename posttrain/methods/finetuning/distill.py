@@ -72,6 +72,7 @@ from posttrain.errors import UserError
 from posttrain.forward import causal_lm_loss, labelled_logits
 from posttrain.generation import generate
 from posttrain.losses.distill import DIVERGENCES
+from posttrain.methods import is_users_model
 from posttrain.methods.common import eval_skill, headline, prepare_output, resumable, world_examples, write_summary
 from posttrain.methods.finetuning.sft import evaluate_records, prompt_of
 from posttrain.models import count_params, load_model
@@ -142,6 +143,9 @@ CONFIG = DistillConfig
 # on-policy student uses forward KL here: with reverse KL this student collapses to one solution.
 QUICK = {"teacher": "sft-teacher-quick", "model": "posttrain:tiny-student-quick", "difficulties": "2", "steps": 150,
          "prompts": 200, "lr": 5e-3, "eval_problems": 100, "on_policy_divergence": "forward_kl"}
+# A user's model over LARGE_MODEL_PARAMS parameters (methods/__init__.py): TRL 1.16's GKDConfig learning rate
+# (trl/experimental/gkd: SFTConfig's, trl/trainer/sft_config.py; Agarwal et al.'s on-policy distillation).
+LARGE_MODEL = {"lr": 2e-5}
 
 
 class Recipe(NamedTuple):
@@ -276,6 +280,9 @@ def records_task(records: list, cfg: DistillConfig, tokenizer) -> tuple[list, Ca
 def run(cfg: DistillConfig, resume: bool = False) -> dict:
     started = time.perf_counter()
     records = read_sft(cfg.data) if cfg.data else None  # bad data fails before anything slow
+    if cfg.teacher in TEACHERS and is_users_model(cfg.model):  # before the teacher's stage is built
+        raise UserError(f"distill: --model is your student, and teacher '{cfg.teacher}' is the embedded world's "
+                        "model, whose tokenizer yours does not share: give teacher=FOLDER (a model with your tokenizer)")
     out = prepare_output(cfg.output_dir, resume)
     teacher_source = teacher_path(cfg.teacher)
     teacher, student_base, tokenizer = load_pair(teacher_source, cfg.model)

@@ -122,6 +122,9 @@ CONFIG = InstructionConfig
 # lengthen every example and the quick model follows no held-out phrasing either way).
 QUICK = {"model": "posttrain:tiny-quick", "train_examples": 2000, "eval_per_cell": 20, "steps": 300, "lr": 3e-3,
          "surround": False}
+# A user's model over LARGE_MODEL_PARAMS parameters (methods/__init__.py): TRL 1.16's SFTConfig learning rate
+# (trl/trainer/sft_config.py).
+LARGE_MODEL = {"lr": 2e-5}
 
 
 # Words around a request that change nothing about it ({n} a name, {t} things). Training requests get

@@ -125,6 +125,12 @@ PRESETS = {"posttrain:smollm2-135m": {
 # steps). 90 steps leave it near perfect; 60 leave errors.
 QUICK = {"model": "sft-policy-quick", "difficulties": "2", "steps": 90, "train_examples": 1000,
          "eval_problems": 100, "ranks": "8", "magnitude_every": 10}
+# A user's model or --data: one adapter at rank r, without the full fine-tuning baseline and the rank sweep
+# (with them a run trains seven models); full_ft=true or ranks=1,2,4 asks for them.
+USER_DEFAULTS = {"full_ft": False, "ranks": []}
+# A user's model over LARGE_MODEL_PARAMS parameters (methods/__init__.py): the adapter's learning rate of PEFT's
+# examples (TRL sets none for LoRA) and, for full_ft, TRL 1.16's SFTConfig one (trl/trainer/sft_config.py).
+LARGE_MODEL = {"lr": 2e-4, "full_ft_lr": 2e-5}
 
 
 def fit(model, dataset: EncodedDataset, cfg: LoRAConfig, lr: float, out: Path, resume: bool, desc: str, eval_fn=None):

@@ -137,6 +137,10 @@ PRESETS = {"posttrain:smollm2-135m": {
     "warmup_steps": 3, "eval_problems": 300,
 }}
 
+# A user's model over LARGE_MODEL_PARAMS parameters (methods/__init__.py): TRL 1.16's SFTConfig learning rate
+# (trl/trainer/sft_config.py); the other settings keep their meaning here, which is not TRL's per-device one.
+LARGE_MODEL = {"lr": 2e-5}
+
 REPLAYS = ("replay", "rehearse")  # variants that mix old-skill rows into the batches
 
 

@@ -123,6 +123,10 @@ PRESETS = {"posttrain:smollm2-135m": {
     "batch_size": 16, "lr": 1e-5, "warmup_steps": 2, "eval_every": 8, "kl_problems": 32,
 }}
 
+# A user's model over LARGE_MODEL_PARAMS parameters (methods/__init__.py): TRL 1.16's DPOConfig learning rate
+# (trl/trainer/dpo_config.py).
+LARGE_MODEL = {"lr": 1e-6}
+
 LOSS_OPTIONS = {"cdpo": ("label_smoothing",), "simpo": ("simpo_gamma",)}  # config fields a loss needs
 
 

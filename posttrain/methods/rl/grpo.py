@@ -125,6 +125,9 @@ PRESETS = {"posttrain:smollm2-135m": {
     "difficulties": "2", "steps": 15, "prompts_per_step": 16, "num_generations": 8, "batch_size": 128, "grad_accum": 4,
     "temperature": 0.7, "lr": 1e-5, "beta": 0.0, "warmup_steps": 2, "eval_every": 5, "kl_problems": 32,
 }}
+# A user's model over LARGE_MODEL_PARAMS parameters (methods/__init__.py): TRL 1.16's GRPOConfig learning rate
+# (trl/trainer/grpo_config.py).
+LARGE_MODEL = {"lr": 1e-6}
 
 
 def run(cfg: GRPOConfig, resume: bool = False) -> dict:

@@ -109,6 +109,10 @@ CONFIG = PPOConfig
 # --quick: the smoke-sized twin policy on 2-digit addition.
 QUICK = {"model": "sft-policy-quick", "difficulties": "2", "steps": 8, "eval_every": 0, "eval_problems": 100,
          "kl_problems": 32}
+# A user's model over LARGE_MODEL_PARAMS parameters (methods/__init__.py): the learning rate of TRL's PPOConfig
+# (trl.experimental.ppo, documented by TRL 1.16; the installed wheel ships no PPO trainer). The value head's
+# value_lr stays: its weights are new.
+LARGE_MODEL = {"lr": 3e-6}
 
 
 class ValueHead(torch.nn.Module):

@@ -126,6 +126,9 @@ PRESETS = {"posttrain:smollm2-135m": {
     "difficulties": "2", "train_problems": 96, "samples": 8, "test_problems": 64, "test_samples": 8,
     "hacking_samples": 8, "temperature": 0.7, "steps": 40, "batch_size": 16, "lr": 3e-5, "warmup_steps": 4,
 }}
+# A user's model over LARGE_MODEL_PARAMS parameters (methods/__init__.py): TRL 1.16's RewardConfig learning rate
+# (trl/trainer/reward_config.py).
+LARGE_MODEL = {"lr": 1e-4}
 
 
 @dataclasses.dataclass

@@ -65,6 +65,9 @@ class CoTPromptConfig:
 CONFIG = CoTPromptConfig
 QUICK = {"model": "posttrain:tiny-quick", "finetuned": "sft-policy-quick", "difficulties": "2", "finetuned_difficulties": "2",
          "problems": 30, "samples": 3}
+# A user's model: no fine-tuned comparison (the default one is the embedded world's shared policy, built on first
+# use); finetuned=FOLDER compares one.
+USER_DEFAULTS = {"finetuned": ""}
 
 
 def style_prompts(problem, exemplars, eos: str) -> dict[str, tuple[str, str]]:
