@@ -13,8 +13,8 @@ from posttrain.models import load_model
 from posttrain.records import read_preferences, read_sft, split_records
 from posttrain.reward_models import load_reward_model
 
-WORLD_KEYS = {"skill", "difficulties", "format", "train_examples", "slip_rate", "old_skills", "old_skill_problems",
-              "forgetting", "best_mitigation", "by_difficulty", "step_accuracy", "general_nll"}
+WORLD_CONFIG = {"skill", "difficulties", "format", "train_examples", "slip_rate", "old_skills", "old_skill_problems"}
+WORLD_METRICS = {"old_skills", "forgetting", "best_mitigation", "by_difficulty", "step_accuracy", "general_nll"}
 
 
 def write_jsonl(path, rows: list[dict]) -> str:
@@ -90,8 +90,9 @@ def test_sft_on_user_data_writes_samples_and_no_world_keys(tmp_path, tiny_model_
     for row in rows:
         assert row["reference"] == completions[row["prompt"]]
         assert row["correct"] == (row["completion"].strip() == row["reference"].strip())
-    keys = set(summary["config"]) | set(summary["metrics"]) | set(summary["baseline"])
-    assert not keys & WORLD_KEYS and {"heldout_nll", "accuracy"} <= set(summary["metrics"])
+    assert not set(summary["config"]) & WORLD_CONFIG
+    assert not (set(summary["metrics"]) | set(summary["baseline"])) & WORLD_METRICS
+    assert {"heldout_nll", "accuracy"} <= set(summary["metrics"]) & set(summary["baseline"])
 
 
 def test_lora_on_user_data_reports_heldout_nll_and_writes_samples(tmp_path, tiny_model_dir):
@@ -102,7 +103,7 @@ def test_lora_on_user_data_reports_heldout_nll_and_writes_samples(tmp_path, tiny
     assert summary["baseline"]["n"] == summary["metrics"]["n"] == 3
     assert summary["metrics"]["heldout_nll"] > 0 and summary["baseline"]["heldout_nll"] > 0
     assert len((tmp_path / "run" / "samples.jsonl").read_text().splitlines()) == 3
-    assert not set(summary["config"]) & WORLD_KEYS
+    assert not set(summary["config"]) & WORLD_CONFIG
 
 
 def test_the_cli_prints_the_heldout_nll_of_user_sft(tmp_path, tiny_model_dir, capsys):

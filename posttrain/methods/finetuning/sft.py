@@ -333,9 +333,10 @@ def run(cfg: SFTConfig, resume: bool = False) -> dict:
         pairs = world_examples(cfg.skill, cfg.difficulties, cfg.train_examples, cfg.format, cfg.seed, cfg.slip_rate)
         evaluate_fn = lambda m: evaluate_world(m, tokenizer, cfg)  # noqa: E731
 
+    # encoded before the baseline's evaluation: a record the tokenizer cannot take fails before anything slow
+    target = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
     baseline = evaluate_fn(model)
     baseline.pop("_main", None)
-    target = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
     variants = cfg.variants[:1] if records or chat else cfg.variants  # old-skill probes: the embedded world's
     runs = {}
     for i, spec in enumerate(variants):  # a finished variant leaves variant.json: --resume skips it
