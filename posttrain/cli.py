@@ -159,9 +159,19 @@ def run_method(name: str, args) -> int:
     from posttrain.methods.common import is_main_process
 
     if is_main_process():
-        before, after = (_fraction(summary[part]["accuracy"]) for part in ("baseline", "metrics"))
-        print(f"{name}: accuracy {before} -> {after} ({summary['time_s']:.0f}s); wrote {cfg.output_dir}/summary.json")
+        print(f"{name}: {_headline(summary)} ({summary['time_s']:.0f}s); wrote {cfg.output_dir}/summary.json")
     return 0
+
+
+def _headline(summary: dict) -> str:
+    """Before -> after of the run's headline: the held-out NLL of SFT on user data (exact match beside it),
+    else accuracy."""
+    def change(key: str) -> str:
+        return " -> ".join(_fraction(summary[part].get(key)) for part in ("baseline", "metrics"))
+
+    if "heldout_nll" in summary["metrics"]:
+        return f"held-out NLL {change('heldout_nll')} (exact match {change('accuracy')})"
+    return f"accuracy {change('accuracy')}"
 
 
 def _fraction(value: float | None) -> str:

@@ -2,6 +2,8 @@
 
     accuracy      fraction of problems whose greedy answer the verifier accepts (a user's prompts with
                   reference answers: `evaluate_answers`, rl/answers.py judging)
+    held-out NLL  mean negative log-likelihood per completion token of a user's held-out completions,
+                  teacher-forced (`completion_nll`)
     pass@k        chance that at least one of k samples is right (unbiased, Chen et al. 2021, Eq. 1)
     maj@k         accuracy of the most common answer among k samples (self-consistency)
     best-of-n     expected correctness of the top-scored of n samples, from k >= n samples
@@ -16,6 +18,10 @@ import random
 import time
 from collections import Counter
 
+import torch
+
+from posttrain.data import encode_pair, pad_batch
+from posttrain.forward import causal_lm_loss
 from posttrain.generation import generate
 from posttrain.rl.answers import answer_rewards
 from posttrain.world import check_steps, render, verify
@@ -68,8 +74,31 @@ def evaluate_answers(model, tokenizer, prompts: list, answers: list[str], max_ne
                        desc=f"greedy answers to {len(prompts)} held-out prompts")
     correct = answer_rewards(prompts, samples.texts, answers)
     return {"accuracy": sum(correct) / len(correct), "n": len(correct), "completions": samples.texts,
-            "correct": correct, "prompts": prompts, "generated_tokens": samples.num_tokens,
+            "correct": correct, "prompts": prompts, "references": answers, "generated_tokens": samples.num_tokens,
             "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def completion_nll(model, tokenizer, pairs: list[tuple], batch_size: int = 32) -> float:
+    """Mean negative log-likelihood per completion token of (prompt, completion) pairs, teacher-forced:
+
+        NLL = -1/N sum_i sum_t log pi(y_it | x_i, y_i<t)     N: the completion tokens of all pairs, EOS included
+
+    the SFT loss on held-out data. Unlike exact match of greedy completions it moves with every token the
+    model learns, so it says how fine-tuning went on free-text data that no model reproduces character for
+    character."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        rows = [encode_pair(tokenizer, *pair) for pair in pairs[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in pad_batch(rows, tokenizer.pad_token_id).items()}
+        loss, metrics = causal_lm_loss(model, batch)  # the mean over this batch's metrics["tokens"] tokens
+        total += loss.item() * metrics["tokens"]
+        tokens += metrics["tokens"]
+    model.train(was_training)
+    return total / tokens
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -193,12 +193,15 @@ def read_prompts(path: PathLike, prompt_field: str = "prompt", answer_field: str
     return _read_all(path, parse, _PROMPT_EXPECTED.format(prompt=prompt_field, answer=answer_field))
 
 
-def split_records(records: list, seed: int) -> tuple[list, list]:
-    """(train, held_out) records: a seeded 10% held out, at least one record (reused for training if alone)."""
+def split_records(records: list, seed: int, limit: int | None = None) -> tuple[list, list]:
+    """(train, held_out) records: a seeded 10% held out, at least one record (reused for training if alone).
+
+    With `limit` (a run's eval_problems), held_out is the first `limit` of that tenth, in the seeded order:
+    the tenth itself stays out of training, so the training records do not depend on the evaluation's size."""
     records = records[:]
     random.Random(seed).shuffle(records)
     n_held = max(1, len(records) // 10)
-    return records[n_held:] or records, records[:n_held]
+    return records[n_held:] or records, records[:n_held][:limit]
 
 
 def _read_all(path: PathLike, parse: Callable[[dict[str, Any], At], R], expected: str) -> list[R]:

@@ -69,9 +69,10 @@ def check_reward_choice(reward: str, weights: Sequence[float], builtin: tuple[st
 
 
 def user_reward_answers(cfg, records: list | None) -> list[str] | None:
-    """The references of a PPO/GRPO run's held-out records (the split of rl.frontier.run_prompts) when its
-    reward is the user's, whose mean over the greedy completions is then reported beside accuracy; else None."""
-    if records is None or not is_user_reward(cfg.reward):
+    """The references of a PPO/GRPO run's held-out user records (the split of rl.frontier.run_prompts), whose
+    mean reward (the run's own reward function) over the greedy completions is reported beside accuracy;
+    None for world problems."""
+    if records is None:
         return None
     return [r.answer for r in split_records(records, cfg.seed)[1][: cfg.eval_problems]]
 

@@ -102,13 +102,13 @@ def test_sft_on_user_jsonl_writes_the_contract(capsys, tmp_path, tiny_model_dir)
     out = tmp_path / "run"
     code, stdout, _ = run_cli(capsys, "sft", "--data", data, "--model", str(tiny_model_dir), "--output-dir", str(out),
                               "steps=4", "batch_size=4")
-    assert code == 0 and "accuracy" in stdout
+    assert code == 0 and "held-out NLL" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "sft" and summary["config"]["data"] == data
     assert 0 <= summary["metrics"]["accuracy"] <= 1 and summary["baseline"]["n"] == 2
     assert (out / "model" / "model.safetensors").exists() and (out / "training_curve.png").exists()
-    before, after = (f"{summary[k]['accuracy']:.3f}" for k in ("baseline", "metrics"))
-    assert f"sft: accuracy {before} -> {after} (" in stdout  # three decimals, not the float's seventeen
+    before, after = (f"{summary[k]['heldout_nll']:.3f}" for k in ("baseline", "metrics"))
+    assert f"sft: held-out NLL {before} -> {after} (" in stdout  # three decimals, not the float's seventeen
 
     chat = write_lines(tmp_path / "chat.jsonl", *rows)  # messages need a chat template, which this model lacks
     code, _, err = run_cli(capsys, "sft", "--data", chat, "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "c"))

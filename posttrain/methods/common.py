@@ -63,7 +63,7 @@ def eval_skill(model, tokenizer, skill: str, difficulties, n: int, fmt: str, see
 
 def headline(result: dict) -> dict:
     """An evaluation result without the per-problem lists: what summary.json keeps."""
-    return {k: v for k, v in result.items() if k not in ("completions", "correct", "prompts", "_main")}
+    return {k: v for k, v in result.items() if k not in ("completions", "correct", "prompts", "references", "_main")}
 
 
 def world_examples(skill: str, difficulties, n: int, fmt: str, seed: int,
@@ -76,12 +76,17 @@ def world_examples(skill: str, difficulties, n: int, fmt: str, seed: int,
 
 
 def write_samples(path: Path, result: dict, limit: int = 50) -> None:
-    """A few prompts of an `eval_skill` result with their completions and verdicts, for reading by eye."""
+    """A few prompts of an evaluation result (`eval_skill`'s, or a user's held-out records') with their
+    completions, the reference answers or completions where the result has them, and verdicts, for reading
+    by eye."""
     if not is_main_process():
         return
+    references = result.get("references") or [None] * len(result["prompts"])
+    rows = zip(result["prompts"], result["completions"], references, result["correct"])
     with JsonlWriter(path, resume_step=0) as writer:
-        for prompt, completion, ok in list(zip(result["prompts"], result["completions"], result["correct"]))[:limit]:
-            writer.log({"prompt": prompt, "completion": completion, "correct": bool(ok)})
+        for prompt, completion, reference, ok in list(rows)[:limit]:
+            given = {} if reference is None else {"reference": reference}
+            writer.log({"prompt": prompt, "completion": completion, **given, "correct": bool(ok)})
 
 
 def is_main_process() -> bool:
@@ -125,12 +130,15 @@ def resumable(path: Path, resume: bool, compute) -> dict:
     return result
 
 
-def write_summary(out: Path, method: str, cfg, metrics: dict, baseline: dict, model, train_result, **extra) -> dict:
+def write_summary(out: Path, method: str, cfg, metrics: dict, baseline: dict, model, train_result,
+                  unread: tuple[str, ...] = (), **extra) -> dict:
+    """summary.json: the resolved config (less the `unread` keys, which this run never read: a --data run's
+    world settings), metrics, baseline, parameter counts and timing."""
     summary = {
         "method": method,
         "category": METHODS[method].category,  # what the report reads: it never imports the methods
         "title": METHODS[method].title,
-        "config": config_to_dict(cfg),
+        "config": {key: value for key, value in config_to_dict(cfg).items() if key not in unread},
         "metrics": metrics,
         "baseline": baseline,
         "params": count_params(model),

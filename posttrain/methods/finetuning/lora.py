@@ -37,6 +37,10 @@ With a chat model and no `--data` (`--model posttrain:smollm2-135m`), the data a
 `posttrain sft`'s on the chat world (worked 2-digit additions asked in words; the NLL of the start model's
 replies to requests outside the task), and the preset trains one adapter on every projection.
 
+With `--data FILE.jsonl` the held-out records and their measures are `posttrain sft`'s: the mean NLL per
+completion token (`heldout_nll`, in every comparison row too) beside exact match, on at most `eval_problems`
+records of a seeded held-out tenth.
+
 Outputs: `adapter/` (PEFT format: `PeftModel.from_pretrained(base, "adapter")` loads it), `model/`
 (the merged model, an ordinary HF folder), `summary.json`, `metrics.jsonl`, `rank_sweep.png`,
 `adaptation_magnitude.png`, and the runs of the comparison under `runs/`.
@@ -196,7 +200,8 @@ def adapted(base: str, cfg: LoRAConfig, r: int):
 
 def variant_row(name: str, model, result, evaluation: dict, memory_mb: float) -> dict:
     params = count_params(model)
-    return {"variant": name, "accuracy": evaluation["accuracy"], **params,
+    nll = {"heldout_nll": evaluation["heldout_nll"]} if "heldout_nll" in evaluation else {}  # --data runs
+    return {"variant": name, "accuracy": evaluation["accuracy"], **nll, **params,
             "trainable_fraction": params["trainable"] / params["total"], "time_s": result.time_s,
             "peak_memory_mb": memory_mb}
 
@@ -215,6 +220,9 @@ def merge_gap(model, batch: dict) -> float:
     return gap
 
 
+WORLD_KEYS = ("skill", "difficulties", "format", "train_examples")  # read by world runs only: not in a --data summary
+
+
 def run(cfg: LoRAConfig, resume: bool = False) -> dict:
     started = time.perf_counter()
     records = read_sft(cfg.data) if cfg.data else None  # bad data fails before anything slow
@@ -223,7 +231,7 @@ def run(cfg: LoRAConfig, resume: bool = False) -> dict:
     model, tokenizer = load_model(base)
     chat = uses_chat_world(tokenizer, cfg.data)
     if records:
-        records, held_out = split_records(records, cfg.seed)
+        records, held_out = split_records(records, cfg.seed, cfg.eval_problems)
         pairs = [(prompt_of(r), r.completion) for r in records]
         evaluate_fn = lambda m: evaluate_records(m, tokenizer, held_out)  # noqa: E731
     elif chat:  # a chat model: world additions asked as requests, worked solutions in sentences (world/chat.py)
@@ -279,8 +287,7 @@ def run(cfg: LoRAConfig, resume: bool = False) -> dict:
         rank_sweep_panels(sweep, comparison or None, out / "rank_sweep.png")
     if magnitudes["step"]:
         adaptation_curves(magnitudes["step"], magnitudes["layers"], out / "adaptation_magnitude.png")
-    if not records:
-        write_samples(out / "samples.jsonl", after.pop("_main", after))  # a chat run keeps its lists under _main
+    write_samples(out / "samples.jsonl", after.pop("_main", after))  # chat and --data runs keep their lists under _main
     metrics = {
         **headline(after),
         "trainable_fraction": main_row["trainable_fraction"],
@@ -295,5 +302,5 @@ def run(cfg: LoRAConfig, resume: bool = False) -> dict:
         "train_tokens": dataset.tokens(),
         "run_time_s": time.perf_counter() - started,  # the whole run: evaluations, comparison and sweep included
     }
-    return write_summary(out, "lora", cfg, metrics, baseline, model, result,
+    return write_summary(out, "lora", cfg, metrics, baseline, model, result, unread=WORLD_KEYS if records else (),
                          adapter_dir=str(out / "adapter"), model_dir=str(out / "model"))

@@ -38,6 +38,10 @@ down and the KL grows; 12 steps stop near the peak at a small KL.
 With a chat model and no `--data` (`--model posttrain:smollm2-135m`), the pairs come from its own replies to
 world additions asked in words (world/chat.py), right and wrong read by convention (rl/answers.py).
 
+With `--data`, a seeded tenth of the pairs is held out (at most `eval_problems` of them measured) and
+`accuracy` (also named `preference_accuracy`) is the share of them whose implicit reward margin prefers the
+chosen completion, before and after training (`preference_accuracy`: before, the policy is its own reference).
+
 With `lora_r` > 0 only a LoRA update of `lora_targets` trains; a reference that is not precomputed is
 then the policy with its adapters switched off (`lora.disabled`), never a second model. LoRA
 needs a higher learning rate than full-weight DPO (1e-3 with r = 8: 5e-4 is too slow for 12 steps,
@@ -173,11 +177,15 @@ def pair_logps(model, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def all_pair_logps(model, tensors: dict, chunk: int = 64) -> torch.Tensor:
-    """pair_logps over every pair, a chunk at a time: (P, 2)."""
+    """pair_logps over every pair, a chunk at a time: (P, 2). The model is left in the mode it was in (a
+    measurement during training must not switch its dropout off)."""
+    was_training = model.training
     model.eval()
     rows = len(tensors["input_ids"])
-    return torch.cat([pair_logps(model, {k: v[i : i + chunk] for k, v in tensors.items()}).cpu()
-                      for i in range(0, rows, chunk)])
+    logps = torch.cat([pair_logps(model, {k: v[i : i + chunk] for k, v in tensors.items()}).cpu()
+                       for i in range(0, rows, chunk)])
+    model.train(was_training)
+    return logps
 
 
 def pair_batches(tensors: dict, batch_size: int, seed: int):
@@ -224,22 +232,41 @@ def encode_records(tokenizer, records) -> list:
     return [(encode_pair(tokenizer, r.prompt, r.chosen), encode_pair(tokenizer, r.prompt, r.rejected)) for r in records]
 
 
-def measure_on_records(model, *, tokenizer, records, start_path: str, seed: int, kl: bool = True) -> dict:
-    """User pairs: held-out preference accuracy, and KL to the start policy on samples for their prompts."""
+def held_out_pairs(reference, tokenizer, records) -> dict:
+    """The held-out pairs as (P, 2, T) tensors, with the reference's (the start policy's) log-probs of them,
+    (P, 2), computed once."""
     held = pair_tensors(encode_records(tokenizer, records), tokenizer.pad_token_id)
-    result = {"accuracy": preference_accuracy(model, held), "n": len(records)}
+    return {**held, "ref_logps": all_pair_logps(reference, held)}
+
+
+def measure_on_records(model, *, tokenizer, held: dict, prompts: list[str], loss: str, start_path: str, seed: int,
+                       kl: bool = True) -> dict:
+    """User pairs: held-out preference accuracy (`accuracy` too: the frontier and the report read that name),
+    and KL to the start policy on samples for their prompts."""
+    share = preference_accuracy(model, held, reference_free=loss == "simpo")
+    result = {"accuracy": share, "preference_accuracy": share, "n": len(held["input_ids"])}
     if kl:
         budget = int((held["labels"][..., 1:] != IGNORE).sum(-1).max()) + 8  # the longest held-out completion, and slack
-        prompts = sorted({r.prompt for r in records})
         result["kl"] = reference_kl(model, load_model(start_path)[0], tokenizer, prompts, max_new_tokens=budget, seed=seed)
     return result
 
 
-def preference_accuracy(model, tensors: dict) -> float:
-    """Share of pairs whose chosen completion has the higher per-token log-prob under `model`."""
-    tokens = (tensors["labels"][..., 1:] != IGNORE).sum(-1)
-    logps = all_pair_logps(model, tensors) / tokens
-    return (logps[:, 0] > logps[:, 1]).float().mean().item()
+def preference_accuracy(model, held: dict, reference_free: bool = False) -> float:
+    """Share of held-out pairs whose implicit reward prefers the chosen completion (ties count 1/2):
+
+        margin = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))    DPO, cDPO, IPO: r = beta log pi/ref
+        margin = log pi(y_w) / |y_w| - log pi(y_l) / |y_l|                      SimPO: r = beta/|y| log pi
+
+    (beta > 0 scales the margin, not its sign.) Before training the policy is its own reference, so every DPO
+    margin is 0 and the share is 1/2: chance; SimPO's reference-free margin is the start policy's own
+    per-token preference."""
+    logps = all_pair_logps(model, held)  # (P, 2)
+    if reference_free:
+        scores = logps / (held["labels"][..., 1:] != IGNORE).sum(-1)  # (P, 2): mean log-prob per token
+    else:
+        scores = logps - held["ref_logps"]  # (P, 2): log-ratios to the reference
+    margin = scores[:, 0] - scores[:, 1]  # (P,)
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
 
 
 def train_dpo(cfg: DPOConfig, start_path: str, tensors: dict, beta: float, out, resume: bool, measure) -> tuple:
@@ -269,10 +296,11 @@ def run(cfg: DPOConfig, resume: bool = False) -> dict:
     start_path = policy_path(cfg.model)
     model, tokenizer = load_model(start_path)
     if records:
-        train_records, held_records = split_records(records, cfg.seed)
+        train_records, held_records = split_records(records, cfg.seed, cfg.eval_problems)
         pairs, pair_info = encode_records(tokenizer, train_records), {"pairs": len(train_records)}
-        measure = functools.partial(measure_on_records, tokenizer=tokenizer, records=held_records, start_path=start_path,
-                                    seed=cfg.seed)
+        held = held_out_pairs(model, tokenizer, held_records)  # `model` is the start policy: the reference
+        measure = functools.partial(measure_on_records, tokenizer=tokenizer, held=held, loss=cfg.loss,
+                                    prompts=sorted({r.prompt for r in held_records}), start_path=start_path, seed=cfg.seed)
     else:
         chat = has_chat_template(tokenizer)  # a chat model: world additions asked as requests (world/chat.py)
         held_out = (HeldOut.of_chat(cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed,

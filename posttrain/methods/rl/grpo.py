@@ -33,9 +33,11 @@ learning rate 1e-5, sampling at temperature 0.7 (at 1.0 the model's samples are 
 groups teach nothing), beta = 0 (as TRL's default: no reference in memory; the KL to the start model is
 still measured at each evaluation) and 15 rollout batches of 16 x 8.
 
-With `--data`, the prompts are the user's (`{"prompt", "answer"}` records; a tenth held out for
-the accuracy and KL measurements) and the verifier reads the completion's answer by common conventions
-(`\\boxed{}`, `####`, `A:` or "the answer is", else the last number; rl/answers.py).
+With `--data`, the prompts are the user's (`{"prompt", "answer"}` records; a seeded tenth held out for
+the accuracy, reward and KL measurements, at most `eval_problems` of them measured) and the verifier reads
+the completion's answer by common conventions (`\\boxed{}`, `####`, `A:` or "the answer is", else the last
+number; rl/answers.py). Beside accuracy, `reward` is the mean reward the run trains with (verifier, reward
+model or the user's functions) of the held-out greedy completions, before and after.
 
     posttrain grpo --output-dir runs/grpo
     posttrain grpo scale_rewards=false beta=0          # Dr. GRPO without a reference model

@@ -44,7 +44,9 @@ N=64-128 depends on the draw of problems and samples, so on some CPUs its detect
 
 Options: `trainable_layers=K` trains only the top K blocks (cheaper per step, for larger backbones).
 With `--data FILE.jsonl` (prompt/chosen/rejected records) the run trains the ORM on that data instead;
-10% of the pairs are held out; there is no PRM or hacking experiment without step labels.
+a seeded 10% of the pairs are held out (at most `eval_pairs` of them measured) and `preference_accuracy`
+is the share the ORM ranks chosen over rejected, before and after; there is no PRM or hacking experiment
+without step labels.
 
     posttrain reward --output-dir runs/reward
     posttrain reward --data prefs.jsonl --model ./my-sft-model
@@ -52,7 +54,6 @@ With `--data FILE.jsonl` (prompt/chosen/rejected records) the run trains the ORM
 from __future__ import annotations
 
 import dataclasses
-import random
 import re
 from pathlib import Path
 
@@ -67,7 +68,7 @@ from posttrain.losses.reward import AGGREGATES, bradley_terry_loss, outcome_bce_
 from posttrain.losses.sft import IGNORE
 from posttrain.methods.common import prepare_output, write_summary
 from posttrain.models import load_model
-from posttrain.records import read_preferences
+from posttrain.records import read_preferences, split_records
 from posttrain.report.reward_plots import hacking_plot, reliability_plot, reward_histograms
 from posttrain.reward_models import (REWARD_MODELS, RewardModel, at_last_token, at_steps, collate, encode,
                                      new_reward_model)
@@ -95,6 +96,7 @@ class RewardConfig(TrainingConfig):
     head: str = "likelihood"  # likelihood (token log-probs, Yuan et al. 2024) | value (a linear head)
     trainable_layers: int = 0  # top transformer blocks trained (the rest frozen); 0 trains all
     hacking_tolerance: float = 0.05  # accuracy drop below the best so far that the hacking detector flags
+    eval_pairs: int = 500  # --data: held-out pairs measured, at most (of a seeded tenth of the records)
     steps: int = 120  # optimizer steps per reward model
     batch_size: int = 32  # solutions per step (an ORM step sees batch_size / 2 pairs)
     proxy_steps: int = 60  # optimizer steps of the flawed proxy (its length preference is quick to learn)
@@ -440,28 +442,29 @@ def run_on_chat_world(cfg: RewardConfig, policy, tokenizer, out: Path, resume: b
     return write_summary(out, "reward", cfg, metrics, baseline, orm, orm_run, reward_models={"orm": str(out / "orm")})
 
 
+def preference_accuracy(rm: RewardModel, held: list) -> float:
+    """Share of held-out preference records with score(chosen) > score(rejected) (ties count 1/2)."""
+    prompts = [r.prompt for r in held]
+    chosen, rejected = rm.score(prompts, [r.chosen for r in held]), rm.score(prompts, [r.rejected for r in held])
+    return sum((c > r) + 0.5 * (c == r) for c, r in zip(chosen, rejected)) / len(held)
+
+
 def run_on_preferences(cfg: RewardConfig, records: list, resume: bool) -> dict:
-    """An ORM on the user's preference pairs; held-out pairwise accuracy on a seeded 10% of them."""
+    """An ORM on the user's preference pairs; held-out preference accuracy on at most `eval_pairs` of a seeded
+    10% of them, before (the ORM as initialised, from the same seed as the one trained) and after training."""
     out = prepare_output(cfg.output_dir, resume)
-    records = records[:]
-    random.Random(cfg.seed).shuffle(records)
-    n_held = max(1, len(records) // 10)
-    held, train_records = records[:n_held], records[n_held:] or records
+    train_records, held = split_records(records, cfg.seed, cfg.eval_pairs)
     pairs = [((r.prompt, r.chosen, None), (r.prompt, r.rejected, None)) for r in train_records]
 
-    def held_out_accuracy(model) -> float:
-        chosen = model.score([r.prompt for r in held], [r.chosen for r in held])
-        rejected = model.score([r.prompt for r in held], [r.rejected for r in held])
-        return sum(c > r for c, r in zip(chosen, rejected)) / len(held)
-
-    torch.manual_seed(cfg.seed)
-    baseline = {"accuracy": held_out_accuracy(new_reward_model(policy_path(cfg.model), "orm", head=cfg.head)), "scorer": "untrained head"}
+    torch.manual_seed(cfg.seed)  # train_orm's initialisation
+    start = preference_accuracy(new_reward_model(policy_path(cfg.model), "orm", head=cfg.head), held)
+    baseline = {"accuracy": start, "preference_accuracy": start, "scorer": "untrained head"}
     orm, orm_run = train_orm(cfg, pairs, "orm", out, resume)  # no correctness labels: Bradley-Terry alone
 
     orm.save(out / "orm")
-    metrics = {"accuracy": held_out_accuracy(orm), "orm_pair_accuracy": None, "held_out_pairs": len(held),
-               "train_pairs": len(pairs)}
-    metrics["orm_pair_accuracy"] = metrics["accuracy"]
+    accuracy = preference_accuracy(orm, held)
+    metrics = {"accuracy": accuracy, "preference_accuracy": accuracy, "orm_pair_accuracy": accuracy,
+               "held_out_pairs": len(held), "train_pairs": len(pairs)}
     return write_summary(out, "reward", cfg, metrics, baseline, orm, orm_run,
                          reward_models={"orm": str(out / "orm")})
 
