@@ -190,11 +190,27 @@ def _count_tokens(batch: dict) -> int:
 
 
 def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int) -> None:
-    with atomic_dir(directory) as tmp:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if _trainable_or_buffer(model, k)}
+    """The model's trainable weights and buffers, the optimizer's and scheduler's state and the step, written
+    atomically; a disk without room for them fails in one line, the previous checkpoint left as it was."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if _trainable_or_buffer(model, k)}
+    optimization = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    with atomic_dir(directory, state_bytes(state, optimization), "a checkpoint") as tmp:
         save_file(_untie(state), str(Path(tmp) / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, Path(tmp) / "optimizer.pt")
+        torch.save(optimization, Path(tmp) / "optimizer.pt")
         write_json(Path(tmp) / "state.json", {"step": step})
+
+
+def state_bytes(*states) -> int:
+    """Bytes of the tensors in `states` (nested dicts, lists and tuples of them): what saving them writes."""
+    total = 0
+    for state in states:
+        if torch.is_tensor(state):
+            total += state.numel() * state.element_size()
+        elif isinstance(state, dict):
+            total += state_bytes(*state.values())
+        elif isinstance(state, (list, tuple)):
+            total += state_bytes(*state)
+    return total
 
 
 def _trainable_or_buffer(model, key: str) -> bool:
