@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 from posttrain.chat_world import (CHAT_MAX_NEW_TOKENS, CHAT_WORKED_TOKENS, GeneralProbe, held_out_accuracy,
                                   training_pairs, uses_chat_world)
-from posttrain.data import EncodedDataset, encode_pair, has_chat_template
+from posttrain.data import EncodedDataset, RowLimit, encode_pair, encode_rows, has_chat_template
 from posttrain.errors import UserError
 from posttrain.evaluation import max_new_tokens_for
 from posttrain.forward import causal_lm_loss
@@ -321,7 +321,8 @@ def run(cfg: SFTConfig, resume: bool = False) -> dict:
 
     baseline = evaluate_fn(model)
     baseline.pop("_main", None)
-    target = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
+    encoded = encode_rows(tokenizer, pairs, RowLimit.of(cfg, model))
+    target = EncodedDataset(encoded.rows, tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
     variants = cfg.variants[:1] if records or chat else cfg.variants  # old-skill probes: the embedded world's
     runs = {}
     for i, spec in enumerate(variants):  # a finished variant leaves variant.json: --resume skips it
@@ -330,7 +331,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> dict:
         runs[spec] = resumable(folder / "variant.json", resume, partial(
             train_variant, cfg, spec, folder, target, evaluate_fn, continue_training, headline_run=i == 0))
     first = runs[variants[0]]
-    metrics = {**first["after"], "train_examples": len(target), "train_tokens": target.tokens(),
+    metrics = {**first["after"], "train_examples": len(target), "train_tokens": target.tokens(), **encoded.counts,
                "variant_time_s": {spec: r["time_s"] for spec, r in runs.items()}}
     if not (records or chat):
         forgetting = {spec: forgetting_entry(r["after"], baseline) for spec, r in runs.items()}

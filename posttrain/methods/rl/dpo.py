@@ -53,7 +53,7 @@ import torch
 
 from posttrain import lora
 from posttrain.chat_world import CHAT_MAX_NEW_TOKENS, GeneralProbe, general_nll, uses_chat_world
-from posttrain.data import encode_pair, has_chat_template, pad_batch
+from posttrain.data import RowLimit, encode_rows, has_chat_template, pad_batch
 from posttrain.errors import UserError
 from posttrain.generation import sequence_logprobs
 from posttrain.lora import AdapterConfig
@@ -216,13 +216,19 @@ def dpo_loss_fn(loss, beta: float, rpo_alpha: float, reference=None):
     return loss_fn
 
 
-def encode_records(tokenizer, records) -> list:
-    return [(encode_pair(tokenizer, r.prompt, r.chosen), encode_pair(tokenizer, r.prompt, r.rejected)) for r in records]
+def encode_records(tokenizer, records, limit: RowLimit | None = None) -> tuple[list, dict]:
+    """(chosen row, rejected row) of each record within `limit` (data.encode_rows), and the counts of rows cut
+    and dropped; both rows of a record share its prompt, so one whose prompt fills the limit loses both."""
+    n = len(records)
+    rows = [(r.prompt, r.chosen) for r in records] + [(r.prompt, r.rejected) for r in records]
+    encoded = encode_rows(tokenizer, rows, limit)
+    row = dict(zip(encoded.kept, encoded.rows))  # chosen rows at 0..n-1, rejected at n..2n-1
+    return [(row[i], row[n + i]) for i in range(n) if i in row and n + i in row], encoded.counts
 
 
 def measure_on_records(model, *, tokenizer, records, start_path: str, seed: int, kl: bool = True) -> dict:
     """User pairs: held-out preference accuracy, and KL to the start policy on samples for their prompts."""
-    held = pair_tensors(encode_records(tokenizer, records), tokenizer.pad_token_id)
+    held = pair_tensors(encode_records(tokenizer, records)[0], tokenizer.pad_token_id)
     result = {"accuracy": preference_accuracy(model, held), "n": len(records)}
     if kl:
         budget = int((held["labels"][..., 1:] != IGNORE).sum(-1).max()) + 8  # the longest held-out completion, and slack
@@ -266,7 +272,8 @@ def run(cfg: DPOConfig, resume: bool = False) -> dict:
     model, tokenizer = load_model(start_path)
     if records:
         train_records, held_records = split_records(records, cfg.seed)
-        pairs, pair_info = encode_records(tokenizer, train_records), {"pairs": len(train_records)}
+        pairs, counts = encode_records(tokenizer, train_records, RowLimit.of(cfg, model))
+        pair_info = {"pairs": len(pairs), **counts}
         measure = functools.partial(measure_on_records, tokenizer=tokenizer, records=held_records, start_path=start_path,
                                     seed=cfg.seed)
     else:
