@@ -11,8 +11,8 @@ Every entry is keyed by what built it, so nothing is ever reused stale, but noth
 either: each edit of the package's source makes the next demonstration build its stages anew in new
 folders. An entry is stale when the current code cannot ask for it again: a base model whose
 fingerprint is not its name's current one, a stage built by other source code. `posttrain cache`
-lists the entries, `--prune` removes the stale ones, `--clear` all of them; an entry a running job
-holds the lock of is left alone.
+lists the entries, `--prune` removes the stale ones, `--clear` all of them; an entry a running process
+builds or uses (it holds the entry's lock: posttrain/locks.py) is left alone.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from posttrain import locks
 from posttrain.models import base_model_fingerprint, cache_dir
 from posttrain.stages import RECORD, source_fingerprint
 
@@ -41,17 +42,9 @@ class Entry:
         return self.state not in (CURRENT, "interrupted")
 
     @property
-    def lock(self) -> Path:
-        return lock_of(self.path)
-
-    @property
     def log(self) -> Path:
         """A base model's pretraining log folder (none beside a stage)."""
         return log_of(self.path)
-
-
-def lock_of(path: Path) -> Path:
-    return path.with_name(path.name + ".lock")
 
 
 def log_of(path: Path) -> Path:
@@ -100,8 +93,9 @@ def _size(path: Path) -> int:
 
 
 def remove(entry: Entry) -> bool:
-    """Delete an entry, its log and its lock file; False (nothing deleted) while a job holds its lock."""
-    lock = FileLock(str(entry.lock))
+    """Delete an entry, its log, its lock file and its readers' notes; False (nothing deleted) while a process
+    builds or uses it (holds its lock, exclusive or shared)."""
+    lock = FileLock(str(locks.lock_path(entry.path)))
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -109,10 +103,21 @@ def remove(entry: Entry) -> bool:
     try:
         shutil.rmtree(entry.path, ignore_errors=True)
         shutil.rmtree(entry.log, ignore_errors=True)
-        entry.lock.unlink(missing_ok=True)
+        for note in locks.reader_paths(entry.path):
+            note.unlink(missing_ok=True)
+        locks.holder_path(entry.path).unlink(missing_ok=True)  # left by a builder that was killed
+        locks.lock_path(entry.path).unlink(missing_ok=True)
     finally:
         lock.release()
     return True
+
+
+def in_use_by(entry: Entry) -> str:
+    """Who keeps `entry` from being removed: the pids of the processes using it, else its builder."""
+    pids = locks.readers(entry.path)
+    if pids:
+        return "in use by " + ", ".join(f"pid {pid}" for pid in pids)
+    return f"being built by {locks.holder(entry.path)}"
 
 
 def human_size(size: int) -> str:
@@ -147,6 +152,6 @@ def run_cache(prune: bool, clear: bool) -> int:
     removed = [e for e in chosen if remove(e)]
     for e in chosen:
         if e not in removed:
-            print(f"kept {e.path.name}: a running job holds {e.lock.name}")
+            print(f"kept {e.path.name}: {in_use_by(e)}")
     print(f"removed {len(removed)} of {len(found)} entries from {root}, {human_size(sum(e.size for e in removed))}")
     return 0

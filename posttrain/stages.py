@@ -20,6 +20,7 @@ from pathlib import Path
 
 import posttrain
 
+from posttrain import locks
 from posttrain.config import config_to_dict, load_config
 from posttrain.io import write_json
 from posttrain.methods import METHODS
@@ -86,21 +87,26 @@ def stage_dir(method: str, overrides: list[str] = ()) -> Path:
 
 
 def cached_run(method: str, overrides: list[str] = ()) -> Path:
-    """The output folder of `method` run with `overrides`; runs it first if not cached yet."""
-    from filelock import FileLock
-
+    """The output folder of `method` run with `overrides`; runs it first if not cached yet. This process uses
+    it from then on: `posttrain cache` leaves it alone until the process ends (posttrain/locks.py)."""
     out = stage_dir(method, overrides)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if not (out / "summary.json").exists():
-            print(f"posttrain: running stage '{method}' (cached afterwards in {out})")
-            module = METHODS[method].load()
-            cfg = load_config(module.CONFIG, None, list(overrides))
-            out.mkdir(exist_ok=True)
-            write_json(out / RECORD, stage_record(method, cfg))
-            cfg.output_dir = str(out)
-            module.run(cfg, resume=(out / "checkpoint").exists())
+    done = lambda: (out / "summary.json").exists()  # noqa: E731
+    while not locks.use(out, done):
+        with locks.building(out):
+            if not done():
+                _run_stage(method, overrides, out)
     return out
+
+
+def _run_stage(method: str, overrides: list[str], out: Path) -> None:
+    """Run `method` into the cache folder `out`, continuing an interrupted run of it."""
+    print(f"posttrain: running stage '{method}' (cached afterwards in {out})")
+    module = METHODS[method].load()
+    cfg = load_config(module.CONFIG, None, list(overrides))
+    out.mkdir(exist_ok=True)
+    write_json(out / RECORD, stage_record(method, cfg))
+    cfg.output_dir = str(out)
+    module.run(cfg, resume=(out / "checkpoint").exists())
 
 
 # The shared starting policy of reward modelling, DPO/PPO/GRPO and test-time scaling:

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from posttrain import packing
+from posttrain.data import TRUNCATION
 from posttrain.config import Range, check_ranges
 from posttrain.errors import Interrupted, TrainingInterrupted, UserError, sigterm_as_interrupt
 from posttrain.forward import DEFAULT_LOGITS_MB, budget_logits
@@ -70,6 +71,8 @@ class TrainingConfig:
     packing: bool = True  # run padded batches packed (posttrain/packing.py): no layer computes on padding
     loss_logits_mb: float = DEFAULT_LOGITS_MB  # losses hold at most this many MB of float32 logits, else chunk (0: no limit)
     keep_checkpoint: bool = False  # keep checkpoint/ after the run finishes (removed by default: it would mark the folder as an interrupted run)
+    max_length: int = 0  # longest row of SFT/LoRA/DPO data in tokens (0: the model's context, max_position_embeddings)
+    truncation: str = "truncate"  # a longer row: truncate (cut its completion; drop it if its prompt fills it) | error
 
     @property
     def rollout_decode(self) -> str:
@@ -82,6 +85,8 @@ class TrainingConfig:
             raise UserError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"precision must be auto, fp32 or bf16, got '{self.precision}'")
+        if self.truncation not in TRUNCATION:
+            raise UserError(f"config key 'truncation' must be one of {', '.join(TRUNCATION)}, got '{self.truncation}'")
 
 
 # What each shared key means bounds it: a negative max_grad_norm would clip by a negative factor (gradient
@@ -90,7 +95,7 @@ TRAINING_RANGES = {
     "steps": Range(1), "batch_size": Range(1), "grad_accum": Range(1),
     "lr": Range(0.0, low_open=True), "min_lr_ratio": Range(0.0, 1.0), "warmup_steps": Range(0),
     "weight_decay": Range(0.0), "max_grad_norm": Range(0.0), "log_every": Range(1), "checkpoint_every": Range(0),
-    "seed": Range(0, 2**32 - 1), "loss_logits_mb": Range(0.0),
+    "seed": Range(0, 2**32 - 1), "loss_logits_mb": Range(0.0), "max_length": Range(0),
 }
 
 
@@ -202,15 +207,30 @@ def _count_tokens(batch: dict) -> int:
 
 
 def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, extra: dict | None = None) -> None:
-    """The trainable weights and buffers, optimizer, scheduler and step count, written as one folder (atomic_dir);
-    `extra` maps file names to JSON objects saved beside them (a caller's own state)."""
-    with atomic_dir(directory) as tmp:
+    """The model's trainable weights and buffers, the optimizer's and scheduler's state and the step, written
+    atomically, with `extra` (file name -> JSON object: a caller's own state) beside them; a disk without room for
+    them fails in one line, the previous checkpoint left as it was."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if _trainable_or_buffer(model, k)}
+    optimization = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    with atomic_dir(directory, state_bytes(state, optimization), "a checkpoint") as tmp:
         for name, obj in (extra or {}).items():
             write_json(Path(tmp) / name, obj)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if _trainable_or_buffer(model, k)}
         save_file(_untie(state), str(Path(tmp) / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, Path(tmp) / "optimizer.pt")
+        torch.save(optimization, Path(tmp) / "optimizer.pt")
         write_json(Path(tmp) / "state.json", {"step": step})
+
+
+def state_bytes(*states) -> int:
+    """Bytes of the tensors in `states` (nested dicts, lists and tuples of them): what saving them writes."""
+    total = 0
+    for state in states:
+        if torch.is_tensor(state):
+            total += state.numel() * state.element_size()
+        elif isinstance(state, dict):
+            total += state_bytes(*state.values())
+        elif isinstance(state, (list, tuple)):
+            total += state_bytes(*state)
+    return total
 
 
 def _trainable_or_buffer(model, key: str) -> bool:

@@ -1,13 +1,16 @@
 """The cache: stages record what their key hashes; `posttrain cache` tells reusable entries from stale ones."""
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import time
 import types
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
-from posttrain import stages
+from posttrain import locks, stages
 from posttrain.cache import stale_note
 from posttrain.cli import main
 from posttrain.models import EMBEDDED
@@ -107,14 +110,82 @@ def test_prune_removes_the_stale_entries_and_their_locks_only(filled, cache, cap
         assert not filled[name].exists() and not filled[name].with_name(filled[name].name + ".lock").exists(), name
 
 
-def test_clear_leaves_an_entry_whose_lock_a_job_holds(filled, cache, capsys):
+def test_clear_leaves_an_entry_a_job_builds_and_names_its_builder(filled, cache, capsys):
     running = filled["interrupted stage"]
-    with FileLock(str(running) + ".lock"):
+    with locks.building(running):
         assert main(["cache", "--clear"]) == 0
     out = capsys.readouterr().out
-    assert "kept grpo-bbbbbbbbbbbb: a running job holds grpo-bbbbbbbbbbbb.lock" in out and "removed 7 of 8" in out
-    assert running.exists()
+    assert f"kept grpo-bbbbbbbbbbbb: being built by pid {os.getpid()} since " in out and "removed 7 of 8" in out
+    assert running.exists() and not locks.holder_path(running).exists()  # the note goes with the lock
     assert not filled["base"].exists() and not filled["base log"].exists() and not filled["stage"].exists()
+
+
+def test_a_process_using_a_cached_stage_keeps_clear_from_deleting_it(cache, monkeypatch, capsys):
+    """cached_run leaves this process holding the stage's shared lock: a clear skips it until it is released."""
+    monkeypatch.setattr(stages, "METHODS", toy_method([]))
+    out = stages.cached_run("toy", ["steps=5"])
+    try:
+        assert main(["cache", "--clear"]) == 0
+        assert f"kept {out.name}: in use by pid {os.getpid()}" in capsys.readouterr().out
+        assert (out / "summary.json").exists()
+    finally:
+        locks.release(out)
+    assert main(["cache", "--clear"]) == 0
+    assert "removed 1 of 1" in capsys.readouterr().out and not out.exists()
+    assert not list(cache.glob("stages/*")) and not list(cache.glob("stages/.*"))  # lock file and pid note too
+
+
+READER = """
+import sys, time
+from pathlib import Path
+from posttrain import locks
+assert locks.use(Path(sys.argv[1]), lambda: True)
+print("using", flush=True)
+time.sleep(60)
+"""
+
+
+def test_another_process_using_an_entry_keeps_it_until_it_dies(filled, cache, capsys):
+    """The shared lock is the kernel's: killed without any clean-up, the reader no longer pins the entry."""
+    entry = filled["base"]
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(entry)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "using"
+        assert main(["cache", "--clear"]) == 0
+        assert f"kept {entry.name}: in use by pid {reader.pid}" in capsys.readouterr().out and entry.exists()
+    finally:
+        reader.kill()
+        reader.wait()
+    assert main(["cache", "--clear"]) == 0
+    assert not entry.exists() and not locks.reader_paths(entry)
+
+
+BUILDER = """
+import sys, time
+from pathlib import Path
+from posttrain import locks
+with locks.building(Path(sys.argv[1])):
+    print("building", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_process_waiting_for_a_build_says_who_holds_the_lock(cache, capsys):
+    entry = cache / "stages" / "sft-eeeeeeeeeeee"
+    builder = subprocess.Popen([sys.executable, "-c", BUILDER, str(entry), "1.5"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline().strip() == "building"
+        entry.mkdir(parents=True)  # built by the time the lock is released
+        started = time.monotonic()
+        assert locks.use(entry, entry.exists)  # waits for the builder
+        assert time.monotonic() - started > 0.5  # it got the lock only once the builder had finished
+        line = capsys.readouterr().out.strip()
+        assert line.startswith(f"posttrain: waiting for {entry.name}: pid {builder.pid} since ")
+        assert line.endswith(f"holds {entry.name}.lock") and "\n" not in line
+    finally:
+        builder.kill()
+        builder.wait()
+        locks.release(entry)
 
 
 def test_stale_note_counts_the_stale_entries(filled, cache):

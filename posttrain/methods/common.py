@@ -16,7 +16,7 @@ from posttrain.evaluation import evaluate
 from posttrain.io import JsonlWriter, atomic_dir, read_json, recover_dir, write_json
 from posttrain.methods import METHODS
 from posttrain.models import count_params
-from posttrain.training import CHECKPOINT
+from posttrain.training import CHECKPOINT, state_bytes
 from posttrain.world import render, sample_problems
 from posttrain.world.flaws import demonstration
 
@@ -97,9 +97,11 @@ def is_main_process() -> bool:
 
 
 def save_model(model, tokenizer, path: Path) -> None:
+    """`model` and `tokenizer` as a Hugging Face folder, written atomically; a disk without room for the weights
+    fails in one line before anything is written (io.atomic_dir)."""
     if not is_main_process():
         return
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, state_bytes(model.state_dict()), "the model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

@@ -64,7 +64,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from posttrain import lora
 from posttrain.chat_world import GeneralProbe, training_pairs, uses_chat_world
-from posttrain.data import EncodedDataset, encode_pair
+from posttrain.data import EncodedDataset, RowLimit, encode_rows
 from posttrain.errors import UserError
 from posttrain.forward import causal_lm_loss
 from posttrain.methods.common import (eval_skill, headline, prepare_output, resumable, save_policy, world_examples,
@@ -242,8 +242,8 @@ def run(cfg: LoRAConfig, resume: bool = False) -> dict:
         pairs = world_examples(cfg.skill, cfg.difficulties, cfg.train_examples, cfg.format, cfg.seed)
         evaluate_fn = lambda m: eval_skill(  # noqa: E731
             m, tokenizer, cfg.skill, cfg.difficulties, cfg.eval_problems, cfg.format, cfg.seed)
-    rows = [encode_pair(tokenizer, *p) for p in pairs]
-    dataset = EncodedDataset(rows, tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
+    encoded = encode_rows(tokenizer, pairs, RowLimit.of(cfg, model))
+    dataset = EncodedDataset(encoded.rows, tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
     baseline = headline(evaluate_fn(model))
     del model
 
@@ -300,6 +300,7 @@ def run(cfg: LoRAConfig, resume: bool = False) -> dict:
         "memory_measure": "peak tensor memory of two training steps beyond the weights (PyTorch profiler)",
         "train_examples": len(dataset),
         "train_tokens": dataset.tokens(),
+        **encoded.counts,
         "run_time_s": time.perf_counter() - started,  # the whole run: evaluations, comparison and sweep included
     }
     return write_summary(out, "lora", cfg, metrics, baseline, model, result, unread=WORLD_KEYS if records else (),

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 from posttrain.chat_world import (CHAT_MAX_NEW_TOKENS, CHAT_WORKED_TOKENS, GeneralProbe, held_out_accuracy,
                                   training_pairs, uses_chat_world)
-from posttrain.data import EncodedDataset, encode_pair, has_chat_template
+from posttrain.data import EncodedDataset, RowLimit, encode_pair, encode_rows, has_chat_template
 from posttrain.errors import UserError
 from posttrain.evaluation import completion_nll, max_new_tokens_for
 from posttrain.forward import causal_lm_loss
@@ -338,7 +338,8 @@ def run(cfg: SFTConfig, resume: bool = False) -> dict:
         evaluate_fn = lambda m: evaluate_world(m, tokenizer, cfg)  # noqa: E731
 
     # encoded before the baseline's evaluation: a record the tokenizer cannot take fails before anything slow
-    target = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
+    encoded = encode_rows(tokenizer, pairs, RowLimit.of(cfg, model))
+    target = EncodedDataset(encoded.rows, tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
     baseline = evaluate_fn(model)
     baseline.pop("_main", None)
     variants = cfg.variants[:1] if records or chat else cfg.variants  # old-skill probes: the embedded world's
@@ -349,7 +350,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> dict:
         runs[spec] = resumable(folder / "variant.json", resume, partial(
             train_variant, cfg, spec, folder, target, evaluate_fn, continue_training, headline_run=i == 0))
     first = runs[variants[0]]
-    metrics = {**first["after"], "train_examples": len(target), "train_tokens": target.tokens(),
+    metrics = {**first["after"], "train_examples": len(target), "train_tokens": target.tokens(), **encoded.counts,
                "variant_time_s": {spec: r["time_s"] for spec, r in runs.items()}}
     if not (records or chat):
         forgetting = {spec: forgetting_entry(r["after"], baseline) for spec, r in runs.items()}

@@ -57,7 +57,7 @@ import torch
 
 from posttrain import lora
 from posttrain.chat_world import CHAT_MAX_NEW_TOKENS, GeneralProbe, general_nll, uses_chat_world
-from posttrain.data import encode_pair, has_chat_template, pad_batch
+from posttrain.data import RowLimit, encode_rows, has_chat_template, pad_batch
 from posttrain.errors import UserError
 from posttrain.generation import sequence_logprobs
 from posttrain.lora import AdapterConfig
@@ -228,14 +228,20 @@ def dpo_loss_fn(loss, beta: float, rpo_alpha: float, reference=None):
     return loss_fn
 
 
-def encode_records(tokenizer, records) -> list:
-    return [(encode_pair(tokenizer, r.prompt, r.chosen), encode_pair(tokenizer, r.prompt, r.rejected)) for r in records]
+def encode_records(tokenizer, records, limit: RowLimit | None = None) -> tuple[list, dict]:
+    """(chosen row, rejected row) of each record within `limit` (data.encode_rows), and the counts of rows cut
+    and dropped; both rows of a record share its prompt, so one whose prompt fills the limit loses both."""
+    n = len(records)
+    rows = [(r.prompt, r.chosen) for r in records] + [(r.prompt, r.rejected) for r in records]
+    encoded = encode_rows(tokenizer, rows, limit)
+    row = dict(zip(encoded.kept, encoded.rows))  # chosen rows at 0..n-1, rejected at n..2n-1
+    return [(row[i], row[n + i]) for i in range(n) if i in row and n + i in row], encoded.counts
 
 
 def held_out_pairs(reference, tokenizer, records) -> dict:
     """The held-out pairs as (P, 2, T) tensors, with the reference's (the start policy's) log-probs of them,
     (P, 2), computed once."""
-    held = pair_tensors(encode_records(tokenizer, records), tokenizer.pad_token_id)
+    held = pair_tensors(encode_records(tokenizer, records)[0], tokenizer.pad_token_id)
     return {**held, "ref_logps": all_pair_logps(reference, held)}
 
 
@@ -297,7 +303,8 @@ def run(cfg: DPOConfig, resume: bool = False) -> dict:
     model, tokenizer = load_model(start_path)
     if records:
         train_records, held_records = split_records(records, cfg.seed, cfg.eval_problems)
-        pairs, pair_info = encode_records(tokenizer, train_records), {"pairs": len(train_records)}
+        pairs, counts = encode_records(tokenizer, train_records, RowLimit.of(cfg, model))
+        pair_info = {"pairs": len(pairs), **counts}
         held = held_out_pairs(model, tokenizer, held_records)  # `model` is the start policy: the reference
         measure = functools.partial(measure_on_records, tokenizer=tokenizer, held=held, loss=cfg.loss,
                                     prompts=sorted({r.prompt for r in held_records}), start_path=start_path, seed=cfg.seed)
