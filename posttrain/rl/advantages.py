@@ -10,6 +10,25 @@
     Dr. GRPO (Liu et al. 2025) drops the division by std, which over-weights groups that are
     almost all right or all wrong:   A_i = r_i - mean(r_group)
 
+    RLOO (Ahmadian et al. 2024, "Back to Basics"; Kool et al. 2019): the baseline of completion i
+    is the mean reward of the G - 1 other completions of its prompt, so it is independent of the sample:
+        A_i = r_i - 1/(G-1) sum_{j != i} r_j  =  G/(G-1) * (r_i - mean(r_group))
+
+    REINFORCE++ (Hu 2025): no group baseline; the advantage is the reward normalised over the whole batch,
+        A_i = (r_i - mean(r_batch)) / std(r_batch)
+    and REINFORCE++-baseline (same paper; OpenRLHF's `reinforce_baseline`, verl's
+    `reinforce_plus_plus_baseline`) subtracts the group mean first, then normalises over the batch:
+        A_i = whiten_batch(r_i - mean(r_group))
+    Departures: the paper and OpenRLHF whiten per token (each completion weighted by its length) and fold a k1
+    KL penalty into the token rewards; here each completion counts once, the KL stays in the loss (beta, k3),
+    and the batch is this process's rollouts.
+
+    DAPO's overlong reward shaping (Yu et al. 2025, Sec. 3.4), for a completion of |y| tokens, budget L_max and a
+    soft-penalty buffer L_cache, added to the reward before the advantages:
+        R_length(y) = 0                                      |y| <= L_max - L_cache
+                      ((L_max - L_cache) - |y|) / L_cache    L_max - L_cache < |y| <= L_max
+                      -1                                     L_max < |y|
+
     Whitening: A <- (A - mean(A)) / std(A) over the batch's completion tokens (PPO's usual step).
 """
 from __future__ import annotations
@@ -62,3 +81,39 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     if scale:
         centred = centred / (groups.std(-1, keepdim=True) + eps)
     return centred.flatten()
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Leave-one-out advantages (N,): each reward minus the mean of the other G - 1 of its group."""
+    groups = rewards.view(-1, group_size)  # (P, G)
+    others_mean = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others_mean).flatten()
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, baseline: bool = False) -> torch.Tensor:
+    """REINFORCE++ advantages (N,): the rewards whitened over the batch (population std); baseline=True is
+    REINFORCE++-baseline, which subtracts each group's mean reward before whitening."""
+    centred = group_advantages(rewards, group_size, scale=False) if baseline else rewards
+    return whiten(centred, torch.ones_like(centred))
+
+
+def reinforce_pp_baseline_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE++-baseline: the group mean subtracted, then whitened over the batch."""
+    return reinforce_pp_advantages(rewards, group_size, baseline=True)
+
+
+# name -> f(rewards (N,), group_size) -> advantages (N,): verl's `adv_estimator` choices, "++" for its "_plus_plus"
+# ("grpo" is group_advantages, which also takes scale_rewards)
+ADVANTAGE_ESTIMATORS = {
+    "grpo": group_advantages,
+    "rloo": rloo_advantages,
+    "reinforce++": reinforce_pp_advantages,
+    "reinforce++_baseline": reinforce_pp_baseline_advantages,
+}
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment R_length (N,) for completion lengths (N,): 0 up to max_length - buffer
+    tokens, then falling linearly to -1 at max_length, and -1 beyond it."""
+    start = max_length - buffer  # where the penalty begins
+    return ((start - lengths.to(torch.float32)) / max(buffer, 1)).clamp(-1.0, 0.0)

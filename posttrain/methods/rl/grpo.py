@@ -44,11 +44,20 @@ model or the user's functions) of the held-out greedy completions, before and af
     posttrain grpo --model Qwen/Qwen2.5-0.5B-Instruct --data math.jsonl max_new_tokens=512 precision=bf16
     posttrain grpo lora_r=8 lr=1e-3                    # train a LoRA update; the reference is the adapters off
     posttrain grpo --model posttrain:smollm2-135m      # the real pretrained LLM (its preset applies)
+
+GRPO's successors, under TRL's option names where TRL has one (losses/grpo.py, rl/advantages.py):
+`advantage_estimator` grpo | rloo | reinforce++ | reinforce++_baseline (OpenRLHF's name, verl's
+`adv_estimator`); `loss_type` grpo | dapo | dr_grpo | cispo; `epsilon_high` (DAPO's clip-higher);
+`importance_sampling_level=sequence` (GSPO); `overlong_buffer` (DAPO's soft overlong penalty).
+
+    posttrain grpo advantage_estimator=rloo loss_type=dapo epsilon_high=0.28
+    posttrain grpo loss_type=grpo importance_sampling_level=sequence clip_eps=0.0003 epsilon_high=0.0004   # GSPO
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+from functools import partial
 
 import torch
 
@@ -57,7 +66,7 @@ from posttrain.chat_world import GeneralProbe, general_nll, uses_chat_world
 from posttrain.data import has_chat_template
 from posttrain.errors import UserError
 from posttrain.lora import AdapterConfig
-from posttrain.losses.grpo import AGGREGATIONS, grpo_loss
+from posttrain.losses.grpo import AGGREGATIONS, LOSS_TYPES, constant_mean, grpo_loss
 from posttrain.methods.common import (headline, prepare_output, remove_checkpoints, save_policy, write_samples,
                                       write_summary)
 from posttrain.models import load_model
@@ -66,7 +75,7 @@ from posttrain.records import read_prompts
 from posttrain.rewards import check_reward_choice, held_out_reward, user_reward_answers
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
-from posttrain.rl.advantages import group_advantages, masked_mean
+from posttrain.rl.advantages import ADVANTAGE_ESTIMATORS, group_advantages, masked_mean, overlong_penalty
 from posttrain.rl.answers import answer_rewards
 from posttrain.rl.frontier import run_prompts
 from posttrain.rl.rollouts import forward_logprobs, policy_path, reference_logprobs, reward_function
@@ -93,8 +102,13 @@ class GRPOConfig(AdapterConfig, TrainingConfig):
     epochs: int = 1  # passes over each rollout batch (mu in the paper)
     beta: float = 0.1  # weight of the k3 KL to the reference (0: no reference model kept)
     clip_eps: float = 0.2  # clip range of the probability ratio
-    scale_rewards: bool = True  # divide by the group's std (false: Dr. GRPO)
-    loss_aggregation: str = "token"  # token (every token weighs the same) | sequence (paper's Eq. 3)
+    advantage_estimator: str = "grpo"  # grpo (group-normalised) | rloo | reinforce++ | reinforce++_baseline
+    scale_rewards: bool = True  # divide by the group's std (false: Dr. GRPO); advantage_estimator=grpo only
+    loss_type: str | None = None  # TRL's: grpo | dapo | dr_grpo | cispo (default: the clipped loss by loss_aggregation)
+    loss_aggregation: str | None = None  # token (every token weighs the same; the default) | sequence (paper's Eq. 3)
+    epsilon_high: float | None = None  # upper clip of the ratio: 1 + this (DAPO: 0.28; default clip_eps), cispo's too
+    importance_sampling_level: str = "token"  # token | sequence (GSPO: one ratio per completion)
+    overlong_buffer: int = 0  # DAPO's soft penalty over the completion budget's last this many tokens (0: off)
     eval_every: int = 15  # steps between held-out accuracy/KL measurements (0: start and end only)
     eval_problems: int = 300  # held-out test problems for accuracy
     kl_problems: int = 100  # held-out prompts whose samples measure KL to the reference
@@ -110,10 +124,30 @@ class GRPOConfig(AdapterConfig, TrainingConfig):
         check_reward_choice(self.reward, self.reward_weights, ("verifier", "prm"))
         if self.num_generations < 2:
             raise UserError("num_generations must be >= 2: the group is the baseline")
-        if self.loss_aggregation not in AGGREGATIONS:
-            raise UserError(f"loss_aggregation must be one of {', '.join(AGGREGATIONS)}, got '{self.loss_aggregation}'")
+        check_choice("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES, optional=True)
+        check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS, optional=True)
+        check_choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
+        if self.loss_type and self.loss_aggregation:
+            raise UserError(f"set loss_type or loss_aggregation, not both: loss_type={self.loss_type} "
+                            f"aggregates by {LOSS_TYPES[self.loss_type][1]}")
+        if not self.scale_rewards and self.advantage_estimator != "grpo":
+            raise UserError(f"scale_rewards=false applies to advantage_estimator=grpo only (Dr. GRPO), "
+                            f"got advantage_estimator={self.advantage_estimator}; drop scale_rewards")
+        if (self.epsilon_high is not None and self.epsilon_high <= 0) or self.overlong_buffer < 0:
+            raise UserError("epsilon_high must be > 0 (or unset) and overlong_buffer >= 0")
         if self.beta < 0 or self.clip_eps <= 0 or self.temperature <= 0 or self.epochs < 1:
             raise UserError("beta must be >= 0; clip_eps, temperature and epochs must be > 0")
+
+    def surrogate_and_aggregation(self) -> tuple[str, str]:
+        """The per-token surrogate and the aggregation of the loss (losses/grpo.py) that loss_type names, else
+        the clipped surrogate aggregated by loss_aggregation."""
+        return LOSS_TYPES[self.loss_type] if self.loss_type else ("clip", self.loss_aggregation or "token")
+
+
+def check_choice(key: str, value, choices, optional: bool = False) -> None:
+    if value not in choices and not (optional and value is None):
+        raise UserError(f"{key} must be one of {', '.join(choices)}, got '{value}'")
 
 
 CONFIG = GRPOConfig
@@ -165,7 +199,7 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
 
     def update(rollouts):
         with forward_as(policy, compiled):  # the updates compiled if cfg.compile (sampling: its own decode step)
-            return optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg)
+            return optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg, held_out.max_new_tokens)
 
     loop = OnPolicy(
         "grpo", cfg, cfg.num_generations, model, policy, tokenizer, reference, optimizer, scheduler, accelerator,
@@ -192,12 +226,16 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     return summary
 
 
-def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg: GRPOConfig) -> dict:
-    """`epochs` passes of minibatch updates over one rollout batch; returns the averaged metrics."""
+def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg: GRPOConfig,
+             completion_budget: int | None = None) -> dict:
+    """`epochs` passes of minibatch updates over one rollout batch; returns the averaged metrics.
+    completion_budget is the max_new_tokens the rollouts were sampled with (L_max of dr_grpo and the overlong
+    penalty); without one, the batch's width."""
     device = accelerator.device
     batch = {k: v.to(device) for k, v in rollouts.batch.items()}
     mask = rollouts.mask.to(device)
-    advantages = group_advantages(rollouts.rewards, cfg.num_generations, cfg.scale_rewards).to(device)
+    budget = completion_budget or mask.shape[1]
+    advantages = rollout_advantages(rollouts, cfg, budget).to(device)
     minibatch = cfg.batch_size // accelerator.num_processes  # cfg.batch_size is global, over all ranks
     single_update = cfg.epochs == 1 and minibatch >= len(advantages)
     with torch.no_grad():
@@ -208,7 +246,8 @@ def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg:
     generator = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.epochs):
         for rows in torch.randperm(len(advantages), generator=generator).split(minibatch):
-            metrics = accumulate_gradients(model, batch, rows, old_logp, ref_logp, advantages, mask, accelerator, cfg)
+            metrics = accumulate_gradients(model, batch, rows, old_logp, ref_logp, advantages, mask, accelerator, cfg,
+                                           budget)
             if cfg.max_grad_norm:
                 metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
             optimizer.step()
@@ -219,14 +258,28 @@ def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg:
     return {k: v / count for k, v in totals.items()}
 
 
-def accumulate_gradients(model, batch, rows, old_logp, ref_logp, advantages, mask, accelerator, cfg) -> dict:
+def rollout_advantages(rollouts, cfg: GRPOConfig, completion_budget: int) -> torch.Tensor:
+    """Advantages (N,) of the rollouts' rewards by cfg.advantage_estimator (rl/advantages.py), after DAPO's
+    overlong penalty when cfg.overlong_buffer is set."""
+    rewards = rollouts.rewards
+    if cfg.overlong_buffer:
+        rewards = rewards + overlong_penalty(rollouts.lengths, completion_budget, cfg.overlong_buffer)
+    if cfg.advantage_estimator == "grpo":
+        return group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
+    return ADVANTAGE_ESTIMATORS[cfg.advantage_estimator](rewards, cfg.num_generations)
+
+
+def accumulate_gradients(model, batch, rows, old_logp, ref_logp, advantages, mask, accelerator, cfg,
+                         completion_budget: int) -> dict:
     """The gradient of one minibatch's loss (`rows` of the rollout batch), summed over `cfg.grad_accum`
     micro-batches so that only one micro-batch's activations are alive at a time. Micro-batch m's mean
-    loss L_m weighs n_m / N (its share of the minibatch's tokens, or completions for `sequence`), so the
-    sum is the gradient of the minibatch's mean, whatever the split (training.py's module docstring);
-    the metrics are weighted alike."""
-    aggregate = AGGREGATIONS[cfg.loss_aggregation]
-    units = (lambda r: mask[r].sum()) if cfg.loss_aggregation == "token" else len  # what the loss averages
+    loss L_m weighs n_m / N (its share of the minibatch's tokens, or completions for `sequence` and
+    `constant`), so the sum is the gradient of the minibatch's mean, whatever the split (training.py's
+    module docstring); the metrics are weighted alike."""
+    surrogate, aggregation = cfg.surrogate_and_aggregation()
+    aggregate = (partial(constant_mean, max_length=completion_budget) if aggregation == "constant"
+                 else AGGREGATIONS[aggregation])
+    units = (lambda r: mask[r].sum()) if aggregation == "token" else len  # what the loss averages (constant: rows)
     minibatch_units = units(rows)
     rank_share = share_of_all_processes(minibatch_units, accelerator)
     micro_batches = [micro for micro in rows.tensor_split(cfg.grad_accum) if len(micro)]
@@ -239,7 +292,9 @@ def accumulate_gradients(model, batch, rows, old_logp, ref_logp, advantages, mas
             old_rows = logp.detach() if old_logp is None else old_logp[micro]
             ref_rows = ref_logp[micro] if ref_logp is not None else None
             loss, metrics = grpo_loss(logp, old_rows, ref_rows, advantages[micro], mask[micro],
-                                      clip_eps=cfg.clip_eps, beta=cfg.beta, aggregate=aggregate)
+                                      clip_eps=cfg.clip_eps, clip_eps_high=cfg.epsilon_high, beta=cfg.beta,
+                                      aggregate=aggregate, importance_sampling=cfg.importance_sampling_level,
+                                      surrogate=surrogate)
             metrics["entropy"] = masked_mean(entropy, mask[micro]).item()
             accelerator.backward(loss * weight * rank_share)
         totals = {k: totals.get(k, 0.0) + v * weight for k, v in metrics.items()}
