@@ -30,6 +30,7 @@ ROLES = ("system", "user", "assistant")
 _SFT_EXPECTED = "'prompt' and 'completion' strings, or 'messages'"
 _MESSAGE_EXPECTED = "'role' and 'content' strings"
 _PREFERENCE_EXPECTED = "'prompt', 'chosen' and 'rejected' strings"
+_UNPAIRED_EXPECTED = "'prompt' and 'completion' strings and 'label' true or false"
 _PROMPT_EXPECTED = "the prompt in {prompt!r}, a string, and the answer in {answer!r}, a string or number"
 # The longest JSONL line read (bytes). A record this long is far past any model's context, so a longer
 # line is a file that is not JSONL (a binary file, a device, a dump on one line) rather than data.
@@ -62,6 +63,16 @@ class PreferenceRecord:
     prompt: str
     chosen: str
     rejected: str
+
+
+@dataclass(frozen=True)
+class UnpairedRecord:
+    """A prompt with one completion labelled desirable (`label` true) or undesirable: KTO's data, TRL's
+    unpaired preference format."""
+
+    prompt: str
+    completion: str
+    label: bool
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,11 @@ def read_preferences(path: PathLike) -> list[PreferenceRecord]:
     return _read_all(path, _parse_preference, _PREFERENCE_EXPECTED)
 
 
+def read_unpaired(path: PathLike) -> list[UnpairedRecord]:
+    """Read labelled completions: `{"prompt", "completion", "label": true | false}`."""
+    return _read_all(path, _parse_unpaired, _UNPAIRED_EXPECTED)
+
+
 def read_prompts(path: PathLike, prompt_field: str = "prompt", answer_field: str = "answer") -> list[PromptRecord]:
     """Read prompts with reference answers: `{"prompt", "answer"}`, or the fields named `prompt_field` and
     `answer_field` (GSM8K's `question`); a number as answer is turned into its text. The other fields are
@@ -238,6 +254,15 @@ def _parse_preference(obj: dict[str, Any], at: At) -> PreferenceRecord:
     if chosen == rejected:
         raise UserError(f"{at('rejected')} is identical to 'chosen', so there is no preference to learn")
     return PreferenceRecord(prompt, chosen, rejected)
+
+
+def _parse_unpaired(obj: dict[str, Any], at: At) -> UnpairedRecord:
+    prompt, completion = (_string(obj, key, at, _UNPAIRED_EXPECTED) for key in ("prompt", "completion"))
+    if "label" not in obj:
+        raise UserError(f"{at()}: missing field 'label' (expected {_UNPAIRED_EXPECTED})")
+    if not isinstance(obj["label"], bool):
+        raise UserError(f"{at('label')} must be true (desirable) or false (undesirable), got {_type(obj['label'])}")
+    return UnpairedRecord(prompt, completion, obj["label"])
 
 
 def _parse_prompt(obj: dict[str, Any], at: At, fields: tuple[str, str]) -> PromptRecord:

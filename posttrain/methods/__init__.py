@@ -76,6 +76,7 @@ def is_users_model(name: str) -> bool:
 
 SFT_RECORDS = "prompt/completion (or messages) records"
 PREFERENCE_RECORDS = "prompt/chosen/rejected records"
+UNPAIRED_RECORDS = "prompt/completion/label records (label true: desirable, false: undesirable)"
 ANSWER_RECORDS = "prompt/answer records (answers compared by value)"
 
 METHODS = {m.name: m for m in [
@@ -90,6 +91,10 @@ METHODS = {m.name: m for m in [
     Method("reward", "rl", "outcome and process reward models", "posttrain.methods.rl.reward_model",
            PREFERENCE_RECORDS + " (trains an outcome reward model on them)"),
     Method("dpo", "rl", "direct preference optimisation", "posttrain.methods.rl.dpo", PREFERENCE_RECORDS),
+    Method("kto", "rl", "Kahneman-Tversky optimisation on unpaired labelled completions", "posttrain.methods.rl.kto",
+           UNPAIRED_RECORDS),
+    Method("orpo", "rl", "odds ratio preference optimisation, without a reference model", "posttrain.methods.rl.orpo",
+           PREFERENCE_RECORDS),
     Method("ppo", "rl", "proximal policy optimisation", "posttrain.methods.rl.ppo", ANSWER_RECORDS),
     Method("grpo", "rl", "group relative policy optimisation", "posttrain.methods.rl.grpo", ANSWER_RECORDS),
     Method("best-of-n", "test-time", "best-of-N sampling with reward-model selection",

@@ -71,7 +71,8 @@ from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import beta_sweep_plot, draw_frontier
 from posttrain.rl.answers import answer_rewards
 from posttrain.rl.frontier import HeldOut, reference_kl
-from posttrain.rl.rollouts import cot_prompts, policy_path, sample_rollouts, training_problems, verifier_rewards
+from posttrain.rl.rollouts import (Rollouts, cot_prompts, policy_path, sample_rollouts, training_problems,
+                                   verifier_rewards)
 from posttrain.training import TrainingConfig, row_count, train
 from posttrain.world.chat import chat_requests
 
@@ -140,15 +141,20 @@ def bind_loss(cfg: DPOConfig, beta: float):
     return functools.partial(DPO_LOSSES[cfg.loss], beta=beta, **options)
 
 
-def policy_pairs(model, tokenizer, cfg: DPOConfig, max_new_tokens: int, chat: bool = False) -> tuple[list, dict]:
-    """(chosen, rejected) encoded rows from the policy's own samples, and how they were found: world problems
-    as CoT prompts judged by the world's verifier, or with `chat` as a chat model's requests, the answers read
-    by convention (rl/answers.py)."""
-    problems = training_problems(cfg.difficulties, cfg.pair_prompts, cfg.seed)
+def policy_rollouts(model, tokenizer, cfg, n_prompts: int, max_new_tokens: int, chat: bool = False) -> Rollouts:
+    """`cfg.samples_per_prompt` samples of the policy for each of `n_prompts` training prompts, rewarded 1 (right)
+    or 0: world problems as CoT prompts judged by the world's verifier, or with `chat` as a chat model's requests,
+    the answers read by convention (rl/answers.py)."""
+    problems = training_problems(cfg.difficulties, n_prompts, cfg.seed)
     prompts, answers = chat_requests(problems) if chat else cot_prompts(problems)
-    rollouts = sample_rollouts(model, tokenizer, prompts, answers, num_samples=cfg.samples_per_prompt,
-                               max_new_tokens=max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                               reward_fn=answer_rewards if chat else verifier_rewards)
+    return sample_rollouts(model, tokenizer, prompts, answers, num_samples=cfg.samples_per_prompt,
+                           max_new_tokens=max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                           reward_fn=answer_rewards if chat else verifier_rewards)
+
+
+def policy_pairs(model, tokenizer, cfg: DPOConfig, max_new_tokens: int, chat: bool = False) -> tuple[list, dict]:
+    """(chosen, rejected) encoded rows from the policy's own samples (`policy_rollouts`), and how they were found."""
+    rollouts = policy_rollouts(model, tokenizer, cfg, cfg.pair_prompts, max_new_tokens, chat)
     pairs, G = [], cfg.samples_per_prompt
     for start in range(0, len(rollouts.texts), G):
         group = range(start, start + G)
@@ -275,6 +281,19 @@ def preference_accuracy(model, held: dict, reference_free: bool = False) -> floa
     return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
 
 
+def held_out_eval(model, measure, steps: int):
+    """eval_fn for training.train: held-out accuracy and KL to the start policy, except after the last step
+    (the run's final measurement follows training)."""
+
+    def eval_fn(step: int) -> dict:
+        if step == steps:
+            return {}
+        point = measure(model)
+        return {"eval/accuracy": point["accuracy"], "eval/kl": point["kl"]}
+
+    return eval_fn
+
+
 def train_dpo(cfg: DPOConfig, start_path: str, tensors: dict, beta: float, out, resume: bool, measure) -> tuple:
     """Train a fresh copy of the start policy on the pairs at `beta`; returns (model, tokenizer, TrainResult)."""
     model, tokenizer = load_model(start_path)
@@ -284,16 +303,18 @@ def train_dpo(cfg: DPOConfig, start_path: str, tensors: dict, beta: float, out, 
     reference = load_model(start_path)[0].requires_grad_(False) if keep_reference else None
     loss_fn = dpo_loss_fn(bind_loss(cfg, beta), beta, cfg.rpo_alpha, reference)
 
-    def eval_fn(step: int) -> dict:
-        if step == cfg.steps:
-            return {}  # the final measurement follows training
-        point = measure(model)
-        return {"eval/accuracy": point["accuracy"], "eval/kl": point["kl"]}
-
     result = train(model, pair_batches(tensors, cfg.batch_size, cfg.seed), loss_fn, dataclasses.replace(cfg, beta=beta),
-                   out, resume=resume, eval_fn=eval_fn if measure else None, eval_every=cfg.eval_every, desc=f"dpo b={beta}",
+                   out, resume=resume, eval_fn=held_out_eval(model, measure, cfg.steps) if measure else None, eval_every=cfg.eval_every, desc=f"dpo b={beta}",
                    averages_over=row_count)  # the pairs
     return model, tokenizer, result
+
+
+def world_held_out(cfg, tokenizer, start_path: str, chat: bool) -> HeldOut:
+    """The held-out world problems a run measures itself on: CoT prompts, or with `chat` requests in words."""
+    if chat:
+        return HeldOut.of_chat(cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed,
+                               CHAT_MAX_NEW_TOKENS)
+    return HeldOut.of(tokenizer, cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed)
 
 
 def run(cfg: DPOConfig, resume: bool = False) -> dict:
@@ -310,9 +331,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> dict:
                                     prompts=sorted({r.prompt for r in held_records}), start_path=start_path, seed=cfg.seed)
     else:
         chat = has_chat_template(tokenizer)  # a chat model: world additions asked as requests (world/chat.py)
-        held_out = (HeldOut.of_chat(cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed,
-                                    CHAT_MAX_NEW_TOKENS) if chat else
-                    HeldOut.of(tokenizer, cfg.difficulties, cfg.eval_problems, cfg.kl_problems, start_path, cfg.seed))
+        held_out = world_held_out(cfg, tokenizer, start_path, chat)
         measure = functools.partial(held_out.measure, tokenizer=tokenizer)
         pairs, pair_info = policy_pairs(model, tokenizer, cfg, held_out.max_new_tokens, chat)
 
