@@ -24,14 +24,14 @@ import functools
 
 from posttrain import lora
 from posttrain.chat_world import GeneralProbe, general_nll, uses_chat_world
-from posttrain.data import has_chat_template
+from posttrain.data import RowLimit, has_chat_template
 from posttrain.errors import UserError
 from posttrain.lora import AdapterConfig
 from posttrain.losses.orpo import orpo_loss, orpo_metrics
 from posttrain.losses.sft import IGNORE
 from posttrain.methods.common import headline, is_main_process, prepare_output, save_policy, write_samples, write_summary
-from posttrain.methods.rl.dpo import (encode_records, frontier_points, held_out_eval, measure_on_records, pair_batches,
-                                      pair_logps, pair_tensors, policy_pairs, world_held_out)
+from posttrain.methods.rl.dpo import (encode_records, frontier_points, held_out_eval, held_out_pairs, measure_on_records,
+                                      pair_batches, pair_logps, pair_tensors, policy_pairs, world_held_out)
 from posttrain.models import load_model
 from posttrain.records import read_preferences, split_records
 from posttrain.report.plots import training_curve
@@ -93,10 +93,14 @@ def run(cfg: ORPOConfig, resume: bool = False) -> dict:
     start_path = policy_path(cfg.model)
     model, tokenizer = load_model(start_path)
     if records:
-        train_records, held_records = split_records(records, cfg.seed)
-        pairs, pair_info = encode_records(tokenizer, train_records), {"pairs": len(train_records)}
-        measure = functools.partial(measure_on_records, tokenizer=tokenizer, records=held_records, start_path=start_path,
-                                    seed=cfg.seed)
+        train_records, held_records = split_records(records, cfg.seed, cfg.eval_problems)
+        pairs, counts = encode_records(tokenizer, train_records, RowLimit.of(cfg, model))
+        pair_info = {"pairs": len(pairs), **counts}
+        held = held_out_pairs(model, tokenizer, held_records)
+        # reference-free: ORPO ranks by mean log-prob per token, as its odds ratio does (SimPO's margin)
+        prompts = sorted({r.prompt for r in held_records})
+        measure = functools.partial(measure_on_records, tokenizer=tokenizer, held=held, loss="simpo", prompts=prompts,
+                                    start_path=start_path, seed=cfg.seed)
     else:
         chat = has_chat_template(tokenizer)  # a chat model: world additions asked as requests (world/chat.py)
         held_out = world_held_out(cfg, tokenizer, start_path, chat)
