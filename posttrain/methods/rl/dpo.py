@@ -226,7 +226,7 @@ def measure_on_records(model, *, tokenizer, records, start_path: str, seed: int,
     result = {"accuracy": preference_accuracy(model, held), "n": len(records)}
     if kl:
         budget = int((held["labels"][..., 1:] != IGNORE).sum(-1).max()) + 8  # the longest held-out completion, and slack
-        prompts = sorted({r.prompt for r in records})
+        prompts = sorted({r.prompt for r in records}, key=str)  # strings, or message tuples (chat records)
         result["kl"] = reference_kl(model, load_model(start_path)[0], tokenizer, prompts, max_new_tokens=budget, seed=seed)
     return result
 
