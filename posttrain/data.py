@@ -37,7 +37,8 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, str) and not has_chat_template(tokenizer):
         return tokenizer(prompt, add_special_tokens=True)["input_ids"]
     if not has_chat_template(tokenizer):
-        raise UserError("chat-format (messages) data needs a model whose tokenizer has a chat template")
+        raise UserError("chat-format data (message lists) needs a model whose tokenizer has a chat template: "
+                        "give --model a chat model, or write the prompts as strings")
     turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [
         {"role": role, "content": content} for role, content in prompt]
     return list(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False))

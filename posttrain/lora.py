@@ -11,6 +11,10 @@ numbers per layer are trained instead of in * out. alpha / r keeps the update's 
 across ranks. After training the detour folds into the weight, W' = W + (alpha / r) B A
 (`merge`), and costs nothing at inference; `unmerge` takes it back out.
 
+GPT-2 and its kin build their projections from transformers' `Conv1D`, a linear layer whose weight
+is stored transposed, W: (in, out) and y = x W + b. It gets the same A and B; only merging adds the
+update transposed, (alpha / r) (B A)^T. PEFT calls such a layer `fan_in_fan_out`.
+
 Adapters are saved in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`, keys
 like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), so
 `peft.PeftModel.from_pretrained(base, folder)` loads what we train, and `load_adapter` loads what
@@ -27,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from posttrain.errors import UserError, where
 from posttrain.io import atomic_dir, read_json
@@ -52,19 +57,31 @@ class AdapterConfig:
         super().validate()
 
 
-class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` plus the scaled low-rank update (alpha / r) B A on a dropped-out input."""
+ADAPTABLE = (nn.Linear, Conv1D)  # the layers LoRA wraps
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+
+def features(layer: nn.Linear | Conv1D) -> tuple[int, int]:
+    """(in, out) of a linear layer: nn.Linear stores W as (out, in), Conv1D as (in, out)."""
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.nf
+    return layer.in_features, layer.out_features
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` or `Conv1D` plus the scaled low-rank update (alpha / r) B A on a dropped-out input."""
+
+    def __init__(self, base: nn.Linear | Conv1D, r: int, alpha: float, dropout: float = 0.0,
                  generator: torch.Generator | None = None):
         super().__init__()
         self.base_layer = base.requires_grad_(False)
+        self.fan_in_fan_out = isinstance(base, Conv1D)  # its weight is (in, out): merging adds the update transposed
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        in_features, out_features = features(base)
         like = {"dtype": base.weight.dtype, "device": base.weight.device}
-        a = torch.empty(r, base.in_features)  # (r, in), drawn on the CPU: the same numbers on every device
+        a = torch.empty(r, in_features)  # (r, in), drawn on the CPU: the same numbers on every device
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # nn.Linear's own init, as PEFT does
         self.lora_A = nn.Parameter(a.to(**like))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))  # (out, r): zero, so B A = 0 at the start
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **like))  # (out, r): zero, so B A = 0 at the start
         self.dropout = nn.Dropout(dropout)
         self.merged = False
         self.enabled = True  # False inside `disabled`: the layer is the base layer alone
@@ -77,26 +94,32 @@ class LoRALinear(nn.Module):
         return y + self.scaling * (low_rank @ self.lora_B.T)  # (..., out)
 
     def delta_weight(self) -> torch.Tensor:
-        """(alpha / r) B A, shape (out, in): what merging adds to W."""
+        """(alpha / r) B A, shape (out, in): the update of an (out, in) weight."""
         return self.scaling * (self.lora_B @ self.lora_A)
+
+    def weight_update(self) -> torch.Tensor:
+        """What merging adds to the base weight, in its layout: delta_weight, transposed for a Conv1D."""
+        delta = self.delta_weight()
+        return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.base_layer.weight += self.delta_weight()
+            self.base_layer.weight += self.weight_update()
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base_layer.weight -= self.delta_weight()
+            self.base_layer.weight -= self.weight_update()
             self.merged = False
 
 
 def inject(model: nn.Module, target_modules: list[str], r: int, alpha: float, dropout: float = 0.0, *,
            seed: int = 0) -> nn.Module:
-    """Freeze every parameter of `model`, then wrap each nn.Linear named in `target_modules` (the
-    last part of its module name, e.g. `q_proj`) in a LoRALinear whose A and B are trainable.
+    """Freeze every parameter of `model`, then wrap each nn.Linear or Conv1D named in `target_modules`
+    (the last part of its module name, e.g. `q_proj`, GPT-2's `c_attn`) in a LoRALinear whose A and B
+    are trainable.
 
     The A matrices are drawn from a generator seeded with `seed`, layer after layer, so the adapters
     depend on the seed alone, not on whatever drew random numbers before (a baseline's sampling, say,
@@ -104,12 +127,13 @@ def inject(model: nn.Module, target_modules: list[str], r: int, alpha: float, dr
     if r < 1:
         raise UserError(f"LoRA rank r must be >= 1, got {r}")
     model.requires_grad_(False)
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules]
+    adaptable = [(name, module) for name, module in model.named_modules() if isinstance(module, ADAPTABLE)]
+    targets = [(name, module) for name, module in adaptable if name.rsplit(".", 1)[-1] in target_modules]
     found = {name.rsplit(".", 1)[-1] for name, _ in targets}
     if missing := sorted(set(target_modules) - found):
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise UserError(f"LoRA target modules {missing} match no linear layer; this model has {linear}")
+        names = sorted({name.rsplit(".", 1)[-1] for name, _ in adaptable})
+        raise UserError(f"LoRA target modules {missing} match no linear layer (nn.Linear or Conv1D); this model's "
+                        f"are {names}: set lora_targets to some of them")
     generator = torch.Generator().manual_seed(seed)
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
@@ -152,7 +176,7 @@ def unmerge(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every update into its weight and put the plain nn.Linear back: an ordinary HF model."""
+    """Fold every update into its weight and put the plain layer back: an ordinary HF model."""
     for name, layer in lora_layers(model).items():
         layer.merge()
         parent_name, _, child = name.rpartition(".")
@@ -191,7 +215,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None
         "lora_dropout": first.dropout.p,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),  # PEFT's flag for Conv1D
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
@@ -211,8 +235,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         raise UserError(f"'{directory}' is not a LoRA adapter folder (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
     config = read_json(config_path)
     # Plain LoRA only: these PEFT options change the maths or the layout, so refuse rather than misload.
+    # (fan_in_fan_out follows each layer's type, as PEFT makes it do, so it is not checked.)
     for field, supported in (("peft_type", "LORA"), ("use_dora", False), ("bias", "none"), ("rank_pattern", {}),
-                             ("alpha_pattern", {}), ("use_rslora", False), ("fan_in_fan_out", False)):
+                             ("alpha_pattern", {}), ("use_rslora", False)):
         if config.get(field, supported) != supported:
             raise UserError(f"{where(config_path, field=field)} is {config[field]!r}; "
                             f"only plain LoRA ({field}={supported!r}) is supported")

@@ -31,6 +31,7 @@ _SFT_EXPECTED = "'prompt' and 'completion' strings, or 'messages'"
 _MESSAGE_EXPECTED = "'role' and 'content' strings"
 _PREFERENCE_EXPECTED = "'prompt', 'chosen' and 'rejected' strings"
 _UNPAIRED_EXPECTED = "'prompt' and 'completion' strings and 'label' true or false"
+_CONVERSATION_EXPECTED = "'chosen' and 'rejected' lists of {'role', 'content'} messages, 'prompt' a list or left out"
 _PROMPT_EXPECTED = "the prompt in {prompt!r}, a string, and the answer in {answer!r}, a string or number"
 # The longest JSONL line read (bytes). A record this long is far past any model's context, so a longer
 # line is a file that is not JSONL (a binary file, a device, a dump on one line) rather than data.
@@ -53,14 +54,23 @@ class SFTRecord:
 
     prompt: str | None
     completion: str
-    messages: tuple[tuple[str, str], ...] | None = None
+    messages: Messages | None = None
+
+
+Messages = tuple[tuple[str, str], ...]  # chat turns as (role, content) pairs
 
 
 @dataclass(frozen=True)
 class PreferenceRecord:
-    """A prompt with a preferred (`chosen`) and a dispreferred (`rejected`) completion."""
+    """A prompt with a preferred (`chosen`) and a dispreferred (`rejected`) completion.
 
-    prompt: str
+    Given as strings, `prompt` is the text. Given in TRL's conversational format (message lists),
+    `prompt` holds the turns before the reply as `(role, content)` pairs, rendered with the
+    tokenizer's chat template elsewhere (`data.encode_prompt`), and `chosen`/`rejected` are the
+    contents of the two final assistant replies.
+    """
+
+    prompt: str | Messages
     chosen: str
     rejected: str
 
@@ -192,7 +202,8 @@ def read_sft(path: PathLike) -> list[SFTRecord]:
 
 
 def read_preferences(path: PathLike) -> list[PreferenceRecord]:
-    """Read preference pairs: `{"prompt", "chosen", "rejected"}`."""
+    """Read preference pairs: `{"prompt", "chosen", "rejected"}` strings, or TRL's conversational records
+    (message lists, with the prompt explicit or implicit: see `_parse_conversational_preference`)."""
     return _read_all(path, _parse_preference, _PREFERENCE_EXPECTED)
 
 
@@ -230,18 +241,7 @@ def _read_all(path: PathLike, parse: Callable[[dict[str, Any], At], R], expected
 def _parse_sft(obj: dict[str, Any], at: At) -> SFTRecord:
     if "messages" not in obj:
         return SFTRecord(_string(obj, "prompt", at, _SFT_EXPECTED), _string(obj, "completion", at, _SFT_EXPECTED))
-    messages = obj["messages"]
-    if not isinstance(messages, list):
-        raise UserError(f"{at('messages')} must be a list of {{'role', 'content'}} objects, got {_type(messages)}")
-    pairs = []
-    for i, message in enumerate(messages):
-        name = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise UserError(f"{at(name)} must be an object with 'role' and 'content', got {_type(message)}")
-        role = _string(message, "role", at, _MESSAGE_EXPECTED, f"{name}.role")
-        if role not in ROLES:
-            raise UserError(f"{at(name + '.role')} must be one of {', '.join(ROLES)}, got {role!r}")
-        pairs.append((role, _string(message, "content", at, _MESSAGE_EXPECTED, f"{name}.content")))
+    pairs = _messages(obj, "messages", at)
     if not pairs or pairs[-1][0] != "assistant":
         raise UserError(f"{at('messages')} must end with an 'assistant' message (it is the completion)")
     if len(pairs) < 2:
@@ -249,7 +249,26 @@ def _parse_sft(obj: dict[str, Any], at: At) -> SFTRecord:
     return SFTRecord(prompt=None, completion=pairs[-1][1], messages=tuple(pairs[:-1]))
 
 
+def _messages(obj: dict[str, Any], key: str, at: At) -> list[tuple[str, str]]:
+    """`obj[key]`, a list of {'role', 'content'} objects, as (role, content) pairs."""
+    messages = obj[key]
+    if not isinstance(messages, list):
+        raise UserError(f"{at(key)} must be a list of {{'role', 'content'}} objects, got {_type(messages)}")
+    pairs = []
+    for i, message in enumerate(messages):
+        name = f"{key}[{i}]"
+        if not isinstance(message, dict):
+            raise UserError(f"{at(name)} must be an object with 'role' and 'content', got {_type(message)}")
+        role = _string(message, "role", at, _MESSAGE_EXPECTED, f"{name}.role")
+        if role not in ROLES:
+            raise UserError(f"{at(name + '.role')} must be one of {', '.join(ROLES)}, got {role!r}")
+        pairs.append((role, _string(message, "content", at, _MESSAGE_EXPECTED, f"{name}.content")))
+    return pairs
+
+
 def _parse_preference(obj: dict[str, Any], at: At) -> PreferenceRecord:
+    if any(isinstance(obj.get(key), list) for key in ("prompt", "chosen", "rejected")):
+        return _parse_conversational_preference(obj, at)
     prompt, chosen, rejected = (_string(obj, key, at, _PREFERENCE_EXPECTED) for key in ("prompt", "chosen", "rejected"))
     if chosen == rejected:
         raise UserError(f"{at('rejected')} is identical to 'chosen', so there is no preference to learn")
@@ -263,6 +282,51 @@ def _parse_unpaired(obj: dict[str, Any], at: At) -> UnpairedRecord:
     if not isinstance(obj["label"], bool):
         raise UserError(f"{at('label')} must be true (desirable) or false (undesirable), got {_type(obj['label'])}")
     return UnpairedRecord(prompt, completion, obj["label"])
+
+
+def _parse_conversational_preference(obj: dict[str, Any], at: At) -> PreferenceRecord:
+    """TRL's conversational preference record, in either of its forms (trl.data_utils.maybe_extract_prompt):
+
+        explicit prompt  {"prompt": [messages], "chosen": [assistant reply], "rejected": [assistant reply]}
+        implicit prompt  {"chosen": [conversation], "rejected": [conversation]}: the messages both begin
+                         with are the prompt (a string `prompt` beside them is ignored, as TRL ignores it)
+
+    Both read as two conversations, prompt + chosen and prompt + rejected, that must share every message
+    but the last, an assistant reply each. Departs from TRL in refusing replies of several messages: a
+    completion here is one reply's text."""
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise UserError(f"{at()}: missing field {key!r} (expected {_CONVERSATION_EXPECTED})")
+    prompt = _messages(obj, "prompt", at) if isinstance(obj.get("prompt"), list) else []
+    if isinstance(obj.get("prompt"), list) and not prompt:
+        raise UserError(f"{at('prompt')} is an empty list (expected the messages before the reply)")
+    chosen, rejected = (prompt + _assistant_ended(obj, key, at) for key in ("chosen", "rejected"))
+    if chosen == rejected:
+        raise UserError(f"{at('rejected')} is identical to 'chosen', so there is no preference to learn")
+    shared = _shared_prefix(chosen, rejected)
+    if shared == 0:
+        raise UserError(f"{at('rejected')}: chosen and rejected share no prompt (their first messages differ; "
+                        "give 'prompt' as a message list, or begin both with the same messages)")
+    if len(chosen) != shared + 1 or len(rejected) != shared + 1:
+        raise UserError(f"{at('rejected')}: chosen and rejected differ from chosen[{shared - len(prompt)}] on; "
+                        "they must share every message but the last (the assistant's reply)")
+    return PreferenceRecord(tuple(chosen[:shared]), chosen[-1][1], rejected[-1][1])
+
+
+def _assistant_ended(obj: dict[str, Any], key: str, at: At) -> list[tuple[str, str]]:
+    """`obj[key]`'s messages, which must end with the assistant's reply."""
+    messages = _messages(obj, key, at)
+    if not messages:
+        raise UserError(f"{at(key)} is an empty list (expected messages ending with the assistant's reply)")
+    if messages[-1][0] != "assistant":
+        raise UserError(f"{at(f'{key}[{len(messages) - 1}].role')}: last message must be from the assistant "
+                        f"(it is the reply), got {messages[-1][0]!r}")
+    return messages
+
+
+def _shared_prefix(a: list, b: list) -> int:
+    """How many leading items `a` and `b` have in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _parse_prompt(obj: dict[str, Any], at: At, fields: tuple[str, str]) -> PromptRecord:

@@ -25,14 +25,26 @@ likelihood head already does to predict the next token.
 Positions are counted over real tokens only (as the sampler does), so a row's values do not depend
 on whether the batch is padded on the left or the right.
 
-On disk a reward model is an ordinary folder: the transformer and tokenizer via `save_pretrained`
-(loadable with `AutoModel`/`AutoModelForCausalLM.from_pretrained`), `head.safetensors` (the head's
-parameters) and `reward_model.json` (kind, aggregate, head). `load_reward_model(path)` is the single
-entry point used by best-of-N, tree search and PPO/GRPO; `score(prompts, completions)` and
-`step_scores(...)` are its API.
+On disk a reward model is an ordinary folder with its tokenizer and `reward_model.json` (kind,
+aggregate, head), in one of two layouts:
+
+    classifier  a value head: the `*ForSequenceClassification` model TRL's RewardTrainer writes, the
+                backbone plus the head as its bias-free `score` layer, num_labels=1, pad_token_id set, so
+                `AutoModelForSequenceClassification.from_pretrained(folder)` loads it and its logits (read
+                at the last non-pad token) are the ORM's rewards. Exact when the pad token differs from EOS:
+                where they coincide, transformers reads the token before the final EOS instead.
+    backbone    the likelihood head, which has no classifier form (it reads token log-probs, so its
+                transformer keeps its LM head): the transformer via `save_pretrained` (loadable with
+                `AutoModelForCausalLM`) and `head.safetensors` (the three scalars). Value heads with a
+                bias are kept in this layout too (`AutoModel` for the backbone); a classifier has none.
+
+`load_reward_model(path)` reads both, and a TRL reward model folder without `reward_model.json` (an
+ORM); it is the single entry point used by best-of-N, tree search and PPO/GRPO;
+`score(prompts, completions)` and `step_scores(...)` are its API.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -200,16 +212,19 @@ class RewardModel(nn.Module):
 
 
 class ValueHeadRewardModel(RewardModel):
-    """v = linear(last hidden state): the classic scalar reward head."""
+    """v = w . (last hidden state): the classic scalar reward head, bias-free as TRL's `score` layer is, so
+    the model is exactly a `*ForSequenceClassification` (Bradley-Terry is blind to a constant, and the ORM
+    reads the EOS token, whose features can carry one). `head` is given when loading one saved with a bias."""
 
     head_name, auto_class = "value", "AutoModel"
 
-    def __init__(self, backbone, tokenizer, kind: str = "orm", aggregate: str = "min"):
+    def __init__(self, backbone, tokenizer, kind: str = "orm", aggregate: str = "min", head: nn.Linear | None = None):
         super().__init__(backbone, tokenizer, kind, aggregate)
         hidden = backbone.config.hidden_size
-        self.head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))  # TRL's init: rewards start near 0
-        nn.init.zeros_(self.head.bias)
+        if head is None:
+            head = nn.Linear(hidden, 1, bias=False)
+            nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))  # TRL's init: rewards start near 0
+        self.head = head
 
     def forward(self, batch: dict) -> torch.Tensor:
         """(B, T): the head applied to the last hidden state at every position."""
@@ -217,6 +232,27 @@ class ValueHeadRewardModel(RewardModel):
         hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=mask,
                                position_ids=real_positions(mask)).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
+
+    def as_sequence_classifier(self):
+        """A transformers `*ForSequenceClassification` sharing this model's weights: the backbone, and the
+        head as `score` (num_labels=1, pad_token_id the tokenizer's: where it reads the reward)."""
+        from transformers import AutoModelForSequenceClassification
+
+        config = copy.deepcopy(self.backbone.config)
+        config.num_labels, config.pad_token_id = 1, self.tokenizer.pad_token_id
+        classifier = AutoModelForSequenceClassification.from_config(config)
+        setattr(classifier, classifier.base_model_prefix, self.backbone)  # its fresh weights are dropped
+        classifier.score = self.head
+        return classifier
+
+    def save(self, path: str | Path) -> None:
+        """The classifier layout (see the module docstring); a head with a bias keeps the backbone layout."""
+        if self.head.bias is not None:
+            return super().save(path)
+        with atomic_dir(Path(path)) as tmp:
+            self.as_sequence_classifier().save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            write_json(Path(tmp) / SPEC, {"kind": self.kind, "aggregate": self.aggregate, "head": self.head_name})
 
 
 class LikelihoodHead(nn.Module):
@@ -280,14 +316,46 @@ def new_reward_model(model_name: str, kind: str, aggregate: str = "min", head: s
 
 
 def load_reward_model(path: str | Path) -> RewardModel:
-    """The reward model saved in folder `path` (by `RewardModel.save`), ready to score, in eval mode."""
+    """The reward model saved in folder `path`, ready to score, in eval mode: by `RewardModel.save` in
+    either layout, or by TRL's RewardTrainer (a `*ForSequenceClassification`: an ORM)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if not (path / SPEC).exists():
-        raise UserError(f"'{path}' is not a reward model folder (expected {SPEC}, {HEAD} and a transformer)")
-    spec = read_json(path / SPEC)
-    head = spec.get("head", "value")
-    model = REWARD_MODELS[head](_transformer(path, head), AutoTokenizer.from_pretrained(path), spec["kind"], spec["aggregate"])
-    model.head.load_state_dict(load_file(str(path / HEAD)))
+    spec = read_json(path / SPEC) if (path / SPEC).exists() else {"kind": "orm", "aggregate": "min", "head": "value"}
+    if (path / SPEC).exists() and (path / HEAD).exists():
+        model = _backbone_and_head(path, spec, AutoTokenizer.from_pretrained(path))
+    elif _is_sequence_classifier(path):
+        model = _classifier(path, spec, AutoTokenizer.from_pretrained(path))
+    else:
+        raise UserError(f"'{path}' is not a reward model folder (expected {SPEC} and {HEAD} beside a transformer, "
+                        "or a *ForSequenceClassification model with num_labels=1, as TRL's RewardTrainer saves)")
     return model.to(default_device()).eval()
+
+
+def _backbone_and_head(path: Path, spec: dict, tokenizer) -> RewardModel:
+    """The backbone layout: the transformer, and the head's parameters in HEAD."""
+    head, state = spec.get("head", "value"), load_file(str(path / HEAD))
+    transformer = _transformer(path, head)
+    if head == "value":  # a linear head, with or without a bias
+        linear = nn.Linear(transformer.config.hidden_size, 1, bias="bias" in state)
+        linear.load_state_dict(state)
+        return ValueHeadRewardModel(transformer, tokenizer, spec["kind"], spec["aggregate"], linear)
+    model = REWARD_MODELS[head](transformer, tokenizer, spec["kind"], spec["aggregate"])
+    model.head.load_state_dict(state)
+    return model
+
+
+def _is_sequence_classifier(path: Path) -> bool:
+    config = read_json(path / "config.json") if (path / "config.json").exists() else {}
+    return any(str(name).endswith("ForSequenceClassification") for name in config.get("architectures") or [])
+
+
+def _classifier(path: Path, spec: dict, tokenizer) -> ValueHeadRewardModel:
+    """The classifier layout: its base model is the backbone, its `score` layer the value head."""
+    from transformers import AutoModelForSequenceClassification
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    if classifier.config.num_labels != 1 or not isinstance(getattr(classifier, "score", None), nn.Linear):
+        raise UserError(f"'{path}' is a {type(classifier).__name__} with {classifier.config.num_labels} labels; a "
+                        "reward model has one (num_labels=1) and a linear `score` layer, as TRL's RewardTrainer saves")
+    return ValueHeadRewardModel(classifier.base_model, tokenizer, spec["kind"], spec["aggregate"], classifier.score)

@@ -244,6 +244,11 @@ def encode_records(tokenizer, records, limit: RowLimit | None = None) -> tuple[l
     return [(row[i], row[n + i]) for i in range(n) if i in row and n + i in row], encoded.counts
 
 
+def held_prompts(records) -> list:
+    """The distinct prompts of `records`, in a fixed order: strings, or message tuples (chat records)."""
+    return sorted({r.prompt for r in records}, key=str)
+
+
 def held_out_pairs(reference, tokenizer, records) -> dict:
     """The held-out pairs as (P, 2, T) tensors, with the reference's (the start policy's) log-probs of them,
     (P, 2), computed once."""
@@ -328,7 +333,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> dict:
         pair_info = {"pairs": len(pairs), **counts}
         held = held_out_pairs(model, tokenizer, held_records)  # `model` is the start policy: the reference
         measure = functools.partial(measure_on_records, tokenizer=tokenizer, held=held, loss=cfg.loss,
-                                    prompts=sorted({r.prompt for r in held_records}), start_path=start_path, seed=cfg.seed)
+                                    prompts=held_prompts(held_records), start_path=start_path, seed=cfg.seed)
     else:
         chat = has_chat_template(tokenizer)  # a chat model: world additions asked as requests (world/chat.py)
         held_out = world_held_out(cfg, tokenizer, start_path, chat)

@@ -30,8 +30,8 @@ from posttrain.lora import AdapterConfig
 from posttrain.losses.orpo import orpo_loss, orpo_metrics
 from posttrain.losses.sft import IGNORE
 from posttrain.methods.common import headline, is_main_process, prepare_output, save_policy, write_samples, write_summary
-from posttrain.methods.rl.dpo import (encode_records, frontier_points, held_out_eval, held_out_pairs, measure_on_records,
-                                      pair_batches, pair_logps, pair_tensors, policy_pairs, world_held_out)
+from posttrain.methods.rl.dpo import (encode_records, frontier_points, held_out_eval, held_out_pairs, held_prompts,
+                                      measure_on_records, pair_batches, pair_logps, pair_tensors, policy_pairs, world_held_out)
 from posttrain.models import load_model
 from posttrain.records import read_preferences, split_records
 from posttrain.report.plots import training_curve
@@ -98,9 +98,8 @@ def run(cfg: ORPOConfig, resume: bool = False) -> dict:
         pair_info = {"pairs": len(pairs), **counts}
         held = held_out_pairs(model, tokenizer, held_records)
         # reference-free: ORPO ranks by mean log-prob per token, as its odds ratio does (SimPO's margin)
-        prompts = sorted({r.prompt for r in held_records})
-        measure = functools.partial(measure_on_records, tokenizer=tokenizer, held=held, loss="simpo", prompts=prompts,
-                                    start_path=start_path, seed=cfg.seed)
+        measure = functools.partial(measure_on_records, tokenizer=tokenizer, held=held, loss="simpo",
+                                    prompts=held_prompts(held_records), start_path=start_path, seed=cfg.seed)
     else:
         chat = has_chat_template(tokenizer)  # a chat model: world additions asked as requests (world/chat.py)
         held_out = world_held_out(cfg, tokenizer, start_path, chat)

@@ -19,9 +19,14 @@ voting as N grows, the ordering "Let's Verify Step by Step" reports, whichever w
 With `--data`, the questions are the user's `{"prompt", "answer"}` records (the first `problems` of
 them), their answers read as rl/answers.py reads them.
 
+Without a reward model (a model that is not the shared policy, and no `reward_models`) the run selects
+by majority vote alone, beside the verifier's oracle (the answer matching self-consistency uses), and
+says so: best-of-N's ceiling and the vote's share of it, instead of no curve at all.
+
     posttrain best-of-n --output-dir runs/best-of-n
     posttrain best-of-n --model ./my-policy reward_models=runs/reward
     posttrain best-of-n --model ./my-policy --data prompts.jsonl reward_models=runs/my-orm max_n=16
+    posttrain best-of-n --model ./my-policy --data prompts.jsonl   # majority vote and the oracle only
 """
 from __future__ import annotations
 
@@ -43,6 +48,11 @@ from posttrain.rl.rollouts import POLICIES, policy_path
 from posttrain.training import TrainResult
 
 REWARD_MODELS = ("orm", "prm")
+
+
+class NoRewardModels(UserError):
+    """No reward model applies to this run: none given, none trained for the model."""
+
 SELECTORS = (*REWARD_MODELS, "majority", "oracle")
 
 
@@ -89,7 +99,8 @@ def reward_model_dir(cfg) -> Path:
         return trained_reward_models(quick=POLICIES[cfg.model])
     if METHODS["reward"].preset_overrides(cfg.model):
         return trained_reward_models(model=cfg.model)
-    raise UserError(f"model '{cfg.model}' is not the shared policy: give reward_models=DIR (a `posttrain reward` output)")
+    raise NoRewardModels(f"model '{cfg.model}' is not the shared policy: give reward_models=DIR (a `posttrain reward` "
+                         "output)")
 
 
 def selector_curves(samples, scores: dict, ns: list[int], subsets: int, seed: int) -> dict:
@@ -126,6 +137,18 @@ def reward_model_kinds(rm_dir: Path) -> list[str]:
     return kinds
 
 
+def selecting_reward_models(cfg) -> tuple[Path | None, list[str]]:
+    """(folder, kinds) of the reward models that select; (None, []) where none applies, said in one line:
+    majority voting then selects, and the verifier's oracle is the ceiling."""
+    try:
+        rm_dir = reward_model_dir(cfg)
+    except NoRewardModels:
+        print(f"best-of-n: no reward model for '{cfg.model}' (give reward_models=DIR to select with one): "
+              "selecting by majority vote, the verifier's answer matching as the oracle", flush=True)
+        return None, []
+    return rm_dir, reward_model_kinds(rm_dir)  # a folder without reward models fails before anything slow
+
+
 def score_samples(rm_dir: Path, kinds: list[str], samples) -> dict:
     """Each reward model's (`rm_dir`/kind) score of every sample, grouped per question."""
     k, scores = len(samples.texts[0]), {}
@@ -141,8 +164,7 @@ def run(cfg: BestOfNConfig, resume: bool = False) -> dict:
     start = time.perf_counter()
     records = read_prompts(cfg.data) if cfg.data else None  # bad data fails before anything slow
     out = prepare_output(cfg.output_dir, resume=False)
-    rm_dir = reward_model_dir(cfg)
-    kinds = reward_model_kinds(rm_dir)  # a folder without reward models fails before anything slow
+    rm_dir, kinds = selecting_reward_models(cfg)
     model, tokenizer = load_model(policy_path(cfg.model))
     questions = held_out_questions(cfg, records, tokenizer)
     baseline = greedy_baseline(model, tokenizer, questions)
@@ -158,14 +180,15 @@ def run(cfg: BestOfNConfig, resume: bool = False) -> dict:
             "sampling_seconds_per_problem": [n * seconds_per_sample for n in ns],
             "greedy_tokens_per_problem": baseline["generated_tokens"] / count}
     at = ns.index(cfg.headline_n)
-    better = max(scores, key=lambda kind: curves[kind][at])
+    better = max(scores or ["majority"], key=lambda kind: curves[kind][at])  # without reward models: the vote
     title = "Best-of-N on " + (f"{cfg.data}" if records else f"{'/'.join(map(str, cfg.difficulties))}-digit addition")
     accuracy_vs_n(ns, curves, baseline["accuracy"], out / "accuracy_vs_n.png", title)
     cost_vs_n(cost, out / "cost_vs_n.png")
-    metrics = {"accuracy": curves[better][at], "headline": f"best-of-{cfg.headline_n} with the {better.upper()}",
+    selector = f"the {better.upper()}" if scores else "majority vote"
+    metrics = {"accuracy": curves[better][at], "headline": f"best-of-{cfg.headline_n} with {selector}",
                "by_n": {"n": ns, **curves}, "ordering": ordering(curves, ns), "cost": cost,
                "sample_accuracy": sum(map(sum, samples.correct)) / (count * cfg.max_n),
-               "reward_models": str(rm_dir)}
+               "reward_models": str(rm_dir) if rm_dir else None}
     elapsed = time.perf_counter() - start
     result = TrainResult([], {}, elapsed, sum(map(sum, samples.tokens)) / samples.seconds)
     return write_summary(out, "best-of-n", cfg, metrics, baseline, model, result)
