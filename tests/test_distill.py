@@ -154,7 +154,9 @@ def test_distill_on_records_trains_every_student_on_them_and_scores_exact_matche
     summary = distill.run(load_config(distill.DistillConfig, None, QUICK + [f"output_dir={out}", f"data={data}",
                                                                             "steps=12", "warmup_steps=2"]))
     metrics = summary["metrics"]
-    assert summary["baseline"] == {"accuracy": 0.0, "n": 10} and metrics["teacher"]["accuracy"] == 1.0
+    assert summary["baseline"]["accuracy"] == 0.0 and summary["baseline"]["n"] == 10
+    assert "_main" not in summary["baseline"] and summary["baseline"]["heldout_nll"] > 0  # no completions in it
+    assert metrics["teacher"]["accuracy"] == 1.0
     assert metrics["train_prompts"] == 90 and metrics["seq_kd_data"]["identical_to_reference"] >= 0.95
     assert set(metrics["students"]) == {"sft", "seq_kd", "soft_kd", "on_policy"}
     assert all("step_accuracy" not in student for student in metrics["students"].values())  # no step checker here

@@ -273,7 +273,11 @@ def records_task(records: list, cfg: DistillConfig, tokenizer) -> tuple[list, Ca
     """The same for a user's records: every training record, exact match on the held-out tenth."""
     train_records, held_out = split_records(records, cfg.seed)
     pairs = [(prompt_of(r), r.completion) for r in train_records]
-    evaluate = lambda model: evaluate_records(model, tokenizer, held_out)  # noqa: E731
+    def evaluate(model) -> dict:
+        result = evaluate_records(model, tokenizer, held_out)
+        del result["_main"]  # the greedy completions, which sft writes to samples.jsonl: no summary holds them
+        return result
+
     return pairs, evaluate, lambda prompt, text, reference: text.strip() == reference.strip()
 
 
