@@ -77,7 +77,7 @@ from posttrain.methods.common import eval_skill, headline, prepare_output, resum
 from posttrain.methods.finetuning.sft import evaluate_records, prompt_of
 from posttrain.models import count_params, load_model
 from posttrain.records import read_sft, split_records
-from posttrain.rl.rollouts import sample_rollouts
+from posttrain.rollouts import sample_rollouts
 from posttrain.report.distill_plots import student_bars
 from posttrain.report.plots import training_curve
 from posttrain.training import CHECKPOINT, TrainingConfig, TrainResult, train

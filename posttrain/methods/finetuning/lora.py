@@ -67,13 +67,12 @@ from posttrain.chat_world import GeneralProbe, training_pairs, uses_chat_world
 from posttrain.data import EncodedDataset, RowLimit, encode_rows
 from posttrain.errors import UserError
 from posttrain.forward import causal_lm_loss
-from posttrain.methods.common import (eval_skill, headline, prepare_output, resumable, save_policy, world_examples,
-                                      write_samples, write_summary)
+from posttrain.methods.common import (eval_skill, headline, policy_path, prepare_output, resumable, save_policy,
+                                      world_examples, write_samples, write_summary)
 from posttrain.methods.finetuning.sft import evaluate_chat, evaluate_records, prompt_of
 from posttrain.models import DEFAULT_MODEL, count_params, load_model, resolve_model_path
 from posttrain.records import read_sft, split_records
 from posttrain.report.lora_plots import adaptation_curves, rank_sweep_panels
-from posttrain.rl.rollouts import policy_path
 from posttrain.training import CHECKPOINT, TrainingConfig, train
 from posttrain.world import FORMATS, MAIN_SKILL, SKILLS
 
