@@ -64,6 +64,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from posttrain import lora
 from posttrain.chat_world import GeneralProbe, training_pairs, uses_chat_world
+from posttrain.config import check_choice
 from posttrain.data import EncodedDataset, RowLimit, encode_rows
 from posttrain.errors import UserError
 from posttrain.forward import causal_lm_loss
@@ -103,10 +104,8 @@ class LoRAConfig(TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.skill not in SKILLS:
-            raise UserError(f"skill must be one of {', '.join(SKILLS)}, got '{self.skill}'")
-        if self.format not in FORMATS:
-            raise UserError(f"format must be one of {', '.join(FORMATS)}, got '{self.format}'")
+        check_choice("skill", self.skill, SKILLS)
+        check_choice("format", self.format, FORMATS)
         if self.r < 1 or any(r < 1 for r in self.ranks):
             raise UserError(f"LoRA ranks must be >= 1, got r={self.r}, ranks={self.ranks}")
         if not 0 <= self.dropout < 1:
