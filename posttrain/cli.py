@@ -252,7 +252,8 @@ def run_report(run_dir: str, results: str | None = None) -> int:
 def run_pretrain(args) -> int:
     import shutil
 
-    from posttrain.models import EMBEDDED, EMBEDDED_PREFIX, embedded_path, ensure_embedded
+    from posttrain.models import EMBEDDED_PREFIX, embedded_path, ensure_embedded
+    from posttrain.pretraining import EMBEDDED
 
     name = args.model.removeprefix(EMBEDDED_PREFIX)
     if name not in EMBEDDED:
