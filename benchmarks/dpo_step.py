@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 import tempfile
 
-import torch
 
 from benchmarks.common import (SEQ_LEN, device, load, main, timed_steps, trl_recomputation, trl_step_timer,
                                with_context)

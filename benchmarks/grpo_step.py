@@ -40,7 +40,7 @@ def completion_budget(size: str, tokenizer, todo) -> int:
 
 def run_posttrain(args) -> dict:
     from posttrain.methods.rl.grpo import GRPOConfig, optimise
-    from posttrain.rl.rollouts import cot_prompts, sample_rollouts
+    from posttrain.rollouts import cot_prompts, sample_rollouts
     from posttrain.training import (compiled_forward, forward_as, lr_lambda, make_accelerator, make_optimizer,
                                     prepare_for_losses)
 

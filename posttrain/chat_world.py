@@ -2,7 +2,7 @@
 
 When `--model` is a chat model (its tokenizer has a chat template) and no `--data` is given, the methods
 train and measure on the world's problems asked as requests (world/chat.py), the answers read by
-convention (rl/answers.py). Two ways to ask:
+convention (world/answers.py). Two ways to ask:
 
     answer   "What is 48 plus 80? Reply with just the number."          RL, best-of-N, self-consistency
     worked   "What is 48 plus 80? Work it out column by column, ..."    SFT and LoRA: worked solutions

@@ -121,7 +121,7 @@ def method_config(method, args):
 def check_data_has_model(name: str, cfg, given: set[str]) -> None:
     """Refuse `--data` on the default model when that is the shared SFT policy: it is trained on the embedded
     world's additions, and its first use builds it (pretraining included: tens of minutes)."""
-    from posttrain.rl.rollouts import POLICIES
+    from posttrain.rollouts import POLICIES
 
     if getattr(cfg, "data", None) and "model" not in given and cfg.model in POLICIES:
         raise UserError(f"{name} --data: give --model, the model to run on your records (the default "
@@ -252,7 +252,8 @@ def run_report(run_dir: str, results: str | None = None) -> int:
 def run_pretrain(args) -> int:
     import shutil
 
-    from posttrain.models import EMBEDDED, EMBEDDED_PREFIX, embedded_path, ensure_embedded
+    from posttrain.models import EMBEDDED_PREFIX, embedded_path, ensure_embedded
+    from posttrain.pretraining import EMBEDDED
 
     name = args.model.removeprefix(EMBEDDED_PREFIX)
     if name not in EMBEDDED:

@@ -239,6 +239,18 @@ def check_ranges(cfg: Any, ranges: dict[str, Range]) -> None:
             raise UserError(f"config key {key!r} must be {allowed}, got {value!r}")
 
 
+def check_choice(key: str, value: Any, choices: Sequence[Any], optional: bool = False) -> None:
+    """Raise a `UserError` naming `key` unless `value` is one of `choices` (or None, when `optional`)."""
+    if value not in choices and not (optional and value is None):
+        raise UserError(f"{key} must be one of {', '.join(map(str, choices))}, got '{value}'")
+
+
+def check_choices(key: str, values: Sequence[Any], choices: Sequence[Any]) -> None:
+    """Raise a `UserError` naming `key` unless `values` is a non-empty list of `choices`."""
+    if not values or any(v not in choices for v in values):
+        raise UserError(f"{key} must be a non-empty list among {', '.join(map(str, choices))}, got {list(values)}")
+
+
 def _list_items(text: str) -> list[str]:
     """The items of a list written on the command line: `1,2,4`, or as --help shows it, `[1, 2, 4]` or
     `['q_proj', 'v_proj']`; `[]` and the empty string are the empty list."""

@@ -18,6 +18,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import platform
+import signal
 import shutil
 import sys
 import time
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from posttrain.cache import stale_note
-from posttrain.errors import TrainingInterrupted, UserError
+from posttrain.errors import TrainingInterrupted, UserError, raise_on_sigterm
 from posttrain.io import atomic_dir, write_json
 from posttrain.methods import METHODS
 from posttrain.models import DEFAULT_MODEL, resolve_model_path
@@ -172,10 +173,14 @@ def run_side_by_side(methods: list, out: Path, quick: bool, jobs: int, started: 
                     bar.update(progress - credited.get(name, 0.0))
                     credited[name] = progress
                 bar.set_postfix_str("running: " + ", ".join(running))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            if signum == signal.SIGTERM:  # sent to this process alone (Ctrl-C reaches the whole process group)
+                for worker in multiprocessing.active_children():
+                    worker.terminate()  # SIGTERM: each stops as after Ctrl-C (raise_on_sigterm)
             pool.shutdown(wait=True, cancel_futures=True)  # each running stage saves its checkpoint first
             raise TrainingInterrupted("demo interrupted: finished stages are cached and interrupted ones "
-                                      "checkpointed; the same command continues") from None
+                                      "checkpointed; the same command continues", signum) from None
 
 
 def expected_seconds(name: str, quick: bool, model: str | None = None) -> float:
@@ -211,6 +216,7 @@ BAR = "{desc} {percentage:3.0f}%|{bar:20}| elapsed {elapsed}, about {remaining} 
 
 def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
+    raise_on_sigterm()
     os.environ["TQDM_MININTERVAL"] = "10"  # progress bars into a log file: one line per 10 s, not per step
 
 

@@ -48,11 +48,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous = raise_on_sigterm()
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def raise_on_sigterm():
+    """From now on SIGTERM raises `Interrupted(SIGTERM)` in the main thread; returns the handler it replaces.
+    What a worker process (the demonstration's stages) calls, so a SIGTERM saves its checkpoint."""
+    return signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:

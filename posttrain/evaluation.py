@@ -1,7 +1,7 @@
 """Evaluation: accuracy on world problems, and the estimators test-time methods report.
 
     accuracy      fraction of problems whose greedy answer the verifier accepts (a user's prompts with
-                  reference answers: `evaluate_answers`, rl/answers.py judging)
+                  reference answers: `evaluate_answers`, world/answers.py judging)
     held-out NLL  mean negative log-likelihood per completion token of a user's held-out completions,
                   teacher-forced (`completion_nll`)
     pass@k        chance that at least one of k samples is right (unbiased, Chen et al. 2021, Eq. 1)
@@ -23,7 +23,7 @@ import torch
 from posttrain.data import encode_pair, pad_batch
 from posttrain.forward import causal_lm_loss
 from posttrain.generation import generate
-from posttrain.rl.answers import answer_rewards
+from posttrain.world.answers import answer_rewards
 from posttrain.world import check_steps, render, verify
 from posttrain.world.skills import Problem
 
@@ -68,7 +68,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, fmt: str = "direct", 
 
 def evaluate_answers(model, tokenizer, prompts: list, answers: list[str], max_new_tokens: int) -> dict:
     """Greedy accuracy on a user's prompts, each completion's answer checked against its reference by
-    rl/answers.py; with the completions, verdicts and prompts."""
+    world/answers.py; with the completions, verdicts and prompts."""
     start = time.perf_counter()
     samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                        desc=f"greedy answers to {len(prompts)} held-out prompts")

@@ -1,4 +1,4 @@
-"""Loading models, and the embedded base model the project pretrains itself.
+"""Loading models: the embedded base models (built by pretraining.py on first use), packaged ones, folders and hub ids.
 
 `load_model(name)` is the one entry point every method uses. `name` is either
   - `posttrain:tiny` (the default) or `posttrain:tiny-quick`: the embedded base models, a tiny
@@ -8,70 +8,26 @@
     converted on first use and cached beside them (posttrain/packaged.py); or
   - a local folder or a hub id of any `AutoModelForCausalLM` (safetensors weights, no remote code
     unless asked).
-
-The embedded model is deliberately small (about a million parameters) so every method runs on a
-laptop CPU in minutes; its corpus is mostly easy problems, so it knows the world's formats but is
-weak at the main task's harder difficulties.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
-import random
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from posttrain import locks
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir, write_json
 from posttrain.packaged import PACKAGED, PackageMissing, convert_gguf, ensure_gguf
-from posttrain.world.corpus import CorpusMix, sample_document
+from posttrain.pretraining import EMBEDDED, pretrain
 
 EMBEDDED_PREFIX = "posttrain:"
 DEFAULT_MODEL = "posttrain:tiny"
-PAD, EOS = "<pad>", "<eos>"
-WORLD_VERSION = 2  # bump when the world's text formats change: it invalidates cached base models
 
 hf_logging.disable_progress_bar()  # per-file load/save bars would drown our own progress bars
-
-
-@dataclasses.dataclass(frozen=True)
-class BaseModelConfig:
-    """Architecture, tokenizer, corpus and pretraining schedule of an embedded base model."""
-
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 384
-    vocab_size: int = 384  # byte-level BPE trained on the corpus; digits stay single tokens
-    seq_len: int = 256  # pretraining window, also the model's maximum context
-    corpus_tokens: int = 2_000_000  # size of the token stream windows are cut from
-    steps: int = 900
-    batch_size: int = 16
-    lr: float = 3e-3
-    warmup_steps: int = 50
-    seed: int = 0
-
-    def fingerprint(self) -> str:
-        blob = json.dumps({**dataclasses.asdict(self), "world": WORLD_VERSION, "mix": repr(CorpusMix())}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-EMBEDDED = {
-    "tiny": BaseModelConfig(),
-    # Seconds to build: for tests and `--quick` runs. Knows the formats, not much arithmetic.
-    "tiny-quick": BaseModelConfig(corpus_tokens=600_000, steps=400, seq_len=128),
-    # Under a quarter of tiny's parameters (0.21M vs 0.90M), same tokenizer and corpus: the distillation student.
-    "tiny-student": BaseModelConfig(hidden_size=64, intermediate_size=160),
-    # its quick twin, for `--quick` runs
-    "tiny-student-quick": BaseModelConfig(hidden_size=64, intermediate_size=160, corpus_tokens=600_000, steps=400,
-                                          seq_len=128),
-}
 
 
 def cache_dir() -> Path:
@@ -85,86 +41,6 @@ def embedded_path(name: str) -> Path:
     return cache_dir() / "base-models" / f"{name}-{EMBEDDED[name].fingerprint()}"
 
 
-def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts`, saved and loaded as a standard HF tokenizer.
-
-    Each digit is its own pre-token (with its leading space, if any), so numbers are spelled
-    digit by digit: column arithmetic is then a matter of attention, not of memorising numbers.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r" ?\d| ?[A-Za-z']+| ?[^\sA-Za-z\d]+|\s+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, model_max_length=4096)
-
-
-def new_model(cfg: BaseModelConfig, tokenizer) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=max(cfg.seq_len, 1024), tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )
-    torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(config)
-
-
-def corpus_stream(cfg: BaseModelConfig, tokenizer) -> torch.Tensor:
-    """A 1-D token stream of whole documents, about `corpus_tokens` long."""
-    rng = random.Random(cfg.seed)
-    ids: list[int] = []
-    while len(ids) < cfg.corpus_tokens:
-        docs = [sample_document(rng, CorpusMix(), EOS) for _ in range(512)]
-        for row in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-            ids.extend(row)
-    return torch.tensor(ids[: cfg.corpus_tokens])
-
-
-def pretrain(name: str = "tiny", output_dir: Path | None = None) -> Path:
-    """Pretrain embedded model `name` from scratch and save it (HF format) to the cache."""
-    from posttrain.forward import causal_lm_loss
-    from posttrain.training import TrainingConfig, train
-
-    cfg = EMBEDDED[name]
-    final = output_dir or embedded_path(name)
-    rng = random.Random(cfg.seed)
-    tokenizer = build_tokenizer([sample_document(rng, CorpusMix(), EOS) for _ in range(4000)], cfg.vocab_size)
-    stream = corpus_stream(cfg, tokenizer)
-    model = new_model(cfg, tokenizer)
-
-    def batch(step: int) -> dict:
-        # Random windows of the stream, a pure function of (seed, step) so a resumed run sees the same data.
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        starts = torch.randint(0, len(stream) - cfg.seq_len, (cfg.batch_size,), generator=g)
-        input_ids = torch.stack([stream[s : s + cfg.seq_len] for s in starts.tolist()])
-        return {"input_ids": input_ids, "labels": input_ids}
-
-    loop = TrainingConfig(
-        steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-        weight_decay=0.1, log_every=50, checkpoint_every=0, seed=cfg.seed,
-    )
-    work = final.parent / f".{final.name}.work"
-    result = train(model, batch, causal_lm_loss, loop, work, desc=f"pretraining {name}")
-    with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(Path(tmp) / "posttrain_base.json", {
-            "name": name, "config": dataclasses.asdict(cfg), "fingerprint": cfg.fingerprint(),
-            "final_loss": result.final_metrics.get("loss"), "time_s": result.time_s,
-            "tokens_per_s": result.tokens_per_s, "params": sum(p.numel() for p in model.parameters()),
-        })
-    return final
-
-
 def ensure_embedded(name: str) -> Path:
     """The cached folder of embedded model `name`, pretraining it first if it is not there yet. This process
     uses it from then on: `posttrain cache` leaves it alone until the process ends (posttrain/locks.py)."""
@@ -174,7 +50,7 @@ def ensure_embedded(name: str) -> Path:
         with locks.building(path):  # parallel runs wait for one build instead of racing
             if not built():
                 print(f"posttrain: building the embedded base model '{name}' (once; cached in {path})")
-                pretrain(name)
+                pretrain(name, path)
     return path
 
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from posttrain.errors import TrainingInterrupted, UserError, sigterm_as_interrupt
 from posttrain.io import JsonlWriter, read_json, recover_dir
 from posttrain.rewards import warn_if_all_zero
-from posttrain.rl.rollouts import Rollouts, completion_stats, step_rollouts
+from posttrain.rollouts import Rollouts, completion_stats, step_rollouts
 from posttrain.training import (CHECKPOINT, interrupts_held, load_checkpoint, mean_over_processes,
                                 save_checkpoint)
 
@@ -50,7 +50,7 @@ class OnPolicy:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     accelerator: Any
-    held_out: Any  # rl.frontier.HeldOut: the held-out problems, their completion budget, the KL probe
+    held_out: Any  # heldout.HeldOut: the held-out problems, their completion budget, the KL probe
     prompts: list
     answers: list
     reward_fn: Callable

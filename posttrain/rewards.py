@@ -69,7 +69,7 @@ def check_reward_choice(reward: str, weights: Sequence[float], builtin: tuple[st
 
 
 def user_reward_answers(cfg, records: list | None) -> list[str] | None:
-    """The references of a PPO/GRPO run's held-out user records (the split of rl.frontier.run_prompts), whose
+    """The references of a PPO/GRPO run's held-out user records (the split of heldout.run_prompts), whose
     mean reward (the run's own reward function) over the greedy completions is reported beside accuracy;
     None for world problems."""
     if records is None:
@@ -139,7 +139,7 @@ def _cwd_importable():
 
 @dataclasses.dataclass
 class UserReward:
-    """A RewardFn (rl.rollouts): the weighted sum of the user's functions, each given the columns of the
+    """A RewardFn (rollouts.py): the weighted sum of the user's functions, each given the columns of the
     records its (prompt, answer) rows came from."""
 
     functions: list[tuple[str, Callable, float]]  # (entry, function, weight)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from posttrain.models import EOS, build_tokenizer
+from posttrain.pretraining import EOS, build_tokenizer
 from posttrain.world.corpus import CorpusMix, sample_document
 
 

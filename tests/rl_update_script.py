@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from posttrain.cli import leave_process_group
 from posttrain.data import encode_pair, pad_batch
 from posttrain.models import load_model
-from posttrain.rl.rollouts import Rollouts, rank_share
+from posttrain.rollouts import Rollouts, rank_share
 from posttrain.training import make_accelerator, prepare_for_losses
 
 GROUPS = [  # (prompt, completions, rewards): one GRPO group each

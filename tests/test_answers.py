@@ -1,7 +1,7 @@
 """The verifier of user prompts: which answer a completion gives, and when it matches the reference."""
 import pytest
 
-from posttrain.rl.answers import answer_matches, answer_rewards, extract_answer, reference_key
+from posttrain.world.answers import answer_matches, answer_rewards, extract_answer, reference_key
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
 
 

@@ -13,7 +13,7 @@ import pytest
 from posttrain import locks, stages
 from posttrain.cache import stale_note
 from posttrain.cli import main
-from posttrain.models import EMBEDDED
+from posttrain.pretraining import EMBEDDED
 
 
 @pytest.fixture

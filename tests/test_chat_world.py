@@ -15,7 +15,7 @@ from posttrain.cli import main
 from posttrain.demo import selected_methods
 from posttrain.stages import stage_overrides
 from posttrain.methods import METHODS
-from posttrain.rl.answers import answer_matches
+from posttrain.world.answers import answer_matches
 from posttrain.world import sample_problems
 from posttrain.world.chat import REPLY, WORKED_REPLY, chat_question, worked_solution
 

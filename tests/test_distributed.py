@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain import cli
-from posttrain.rl.rollouts import rank_share
+from posttrain.rollouts import rank_share
 from tests import rl_update_script
 from tests.conftest import random_model
 

@@ -12,17 +12,12 @@ from posttrain import lora
 from posttrain.config import load_config
 from posttrain.errors import UserError
 from posttrain.losses.grpo import AGGREGATIONS, grpo_loss, sequence_mean, token_mean
+from posttrain.methods.common import policy_path
 from posttrain.methods.rl import grpo
 from posttrain.models import load_model
 from posttrain.reward_models import new_reward_model
 from posttrain.rl.advantages import group_advantages
-from posttrain.rl.rollouts import (
-    cot_prompts,
-    forward_logprobs,
-    policy_path,
-    sample_rollouts,
-    training_problems,
-)
+from posttrain.rollouts import cot_prompts, forward_logprobs, sample_rollouts, training_problems
 from posttrain.training import make_accelerator
 from tests import rl_update_script
 

@@ -164,7 +164,7 @@ def test_memory_probe_silences_stderr_only_while_it_runs(capfd):
 @pytest.fixture(scope="module")
 def quick_base():
     """The model QUICK adapts: the shared quick SFT policy (built once, cached)."""
-    from posttrain.rl.rollouts import policy_path
+    from posttrain.methods.common import policy_path
 
     return policy_path(lora_method.QUICK["model"])
 

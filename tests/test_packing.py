@@ -138,7 +138,7 @@ def test_rollout_logprobs_and_entropy_equal_the_full_computation_packed_or_not(t
     """GRPO's update: per-token log-probs and entropies on the (N, T-1) grid, 0 where no completion token follows."""
     from posttrain.generation import token_logprobs
     from posttrain.losses.ppo import token_entropy
-    from posttrain.rl.rollouts import forward_logprobs
+    from posttrain.rollouts import forward_logprobs
 
     batch = batch_of_mixed_lengths(tokenizer, rows=5)
     model = random_model(tokenizer)

@@ -8,11 +8,12 @@ import torch
 from posttrain.config import load_config
 from posttrain.errors import UserError
 from posttrain.losses.ppo import clipped_surrogate, clipped_value_loss, entropy_bonus, token_entropy
+from posttrain.methods.common import policy_path
 from posttrain.methods.rl import ppo
 from posttrain.models import load_model
 from posttrain.reward_models import new_reward_model
 from posttrain.rl.advantages import masked_mean
-from posttrain.rl.rollouts import cot_prompts, policy_path, sample_rollouts, training_problems
+from posttrain.rollouts import cot_prompts, sample_rollouts, training_problems
 
 
 def test_clipped_surrogate_inside_and_outside_the_clip_range():

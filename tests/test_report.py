@@ -12,7 +12,6 @@ from posttrain.config import load_config
 from posttrain.demo import selected_methods
 from posttrain.methods import METHODS
 from posttrain.methods.finetuning import sft
-from posttrain.report.table import load_summaries
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

@@ -47,3 +47,19 @@ def test_a_signal_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, tiny_
     assert done.returncode == 0, done.stderr
     assert (out / "summary.json").exists() and not (out / "checkpoint").exists()
     assert metric_steps(out)[-1] == STEPS and len(set(metric_steps(out))) == len(metric_steps(out))
+
+
+def test_a_demonstration_worker_takes_sigterm_as_ctrl_c():
+    """The demonstration's stages run in worker processes; a SIGTERM forwarded to one must stop its stage as
+    Ctrl-C does (checkpoint saved), not kill it where it stands."""
+    script = ("import os, signal, time\n"
+              "from posttrain.demo import _worker_init\n"
+              "_worker_init(1)\n"
+              "try:\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(5)\n"
+              "except KeyboardInterrupt as exc:\n"
+              "    print('interrupted', exc.signum)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["interrupted", str(int(signal.SIGTERM))]

@@ -9,10 +9,10 @@ from posttrain.config import load_config
 from posttrain.errors import UserError
 from posttrain.evaluation import best_of_n, majority_at_n, majority_vote, max_new_tokens_for, pass_at_k
 from posttrain.generation import generate
+from posttrain.methods.common import policy_path
 from posttrain.methods.test_time import SampledSolutions, best_of_n as bon, cot_prompting, self_consistency, tree_search
 from posttrain.models import load_model
 from posttrain.reward_models import new_reward_model
-from posttrain.rl.rollouts import policy_path
 from posttrain.world import MAIN_SKILL, extract_answer, render, sample_problems
 from tests.conftest import random_model
 
@@ -153,7 +153,7 @@ def test_quick_cot_prompt(tmp_path):
 
 
 def test_a_users_records_give_the_world_runs_numbers(tmp_path):
-    """The world's test problems written as `{"prompt", "answer"}` records (answers read by rl/answers.py
+    """The world's test problems written as `{"prompt", "answer"}` records (answers read by world/answers.py
     instead of the world's `A:` line), with the world's completion budget: the same samples, judged the
     same, so self-consistency and best-of-N (an untrained ORM its only reward model) measure the same
     accuracies. Majority votes may differ: a sample without an `A:` line votes with its last number here."""

@@ -11,7 +11,7 @@ from posttrain.methods.rl import grpo, ppo
 from posttrain.methods.test_time import self_consistency
 from posttrain.records import PromptRecord
 from posttrain.rewards import held_out_reward, load_user_reward, warn_if_all_zero
-from posttrain.rl.rollouts import cot_prompts, reward_function, training_problems
+from posttrain.rollouts import cot_prompts, reward_function, training_problems
 
 REWARDS = '''
 def length(prompts, completions, answers, **columns):
@@ -54,7 +54,7 @@ def test_a_users_function_gets_the_records_columns_and_weights_sum(rewards_file)
 
 
 def test_reward_function_hands_user_entries_to_the_loader(rewards_file):
-    reward = reward_function(f"{rewards_file}:one", "sft-policy", records=RECORDS)
+    reward = reward_function(f"{rewards_file}:one", records=RECORDS)
     assert reward(["Q: 1+2"], ["anything"], ["3"]) == [1.0]
 
 

@@ -69,7 +69,7 @@ def is_users_model(name: str) -> bool:
     """True for a model the user brings (a folder or hub id); False for the embedded names (`posttrain:*`) and
     the shared stages built from them (`sft-policy[-quick]`), whose defaults and presets are the modules' own."""
     from posttrain.models import EMBEDDED_PREFIX
-    from posttrain.rl.rollouts import POLICIES
+    from posttrain.rollouts import POLICIES
 
     return not name.startswith(EMBEDDED_PREFIX) and name not in POLICIES
 

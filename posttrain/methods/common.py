@@ -16,10 +16,33 @@ from posttrain.evaluation import evaluate
 from posttrain.io import JsonlWriter, atomic_dir, read_json, recover_dir, write_json
 from posttrain.methods import METHODS
 from posttrain.models import count_params
+from posttrain.rollouts import POLICIES
 from posttrain.training import CHECKPOINT, state_bytes
 from posttrain.world import render, sample_problems
 from posttrain.world.flaws import demonstration
 
+
+def policy_path(name: str) -> str:
+    """A model name for load_model: the shared SFT policy for 'sft-policy[-quick]' (built and cached on first
+    use: minutes), else `name` itself. Called at the top of a method's `run`, so a run says what it starts from
+    before anything slow."""
+    if name not in POLICIES:
+        return name
+    from posttrain.stages import policy  # stages imports the methods: resolved here, at call time
+
+    return str(policy(quick=POLICIES[name]) / "model")
+
+
+def reward_model_path(reward: str, reward_model: str | None, policy: str) -> str | None:
+    """The reward-model folder a run scores with: `reward_model` if given; for reward=orm/prm on the shared SFT
+    policy, that kind's model of the cached `reward` stage (built on first use); None for other rewards."""
+    if reward not in ("orm", "prm") or reward_model:
+        return reward_model
+    if policy not in POLICIES:
+        raise UserError(f"reward={reward} with model '{policy}': give reward_model=FOLDER (one `posttrain reward` wrote)")
+    from posttrain.stages import cached_run
+
+    return str(cached_run("reward", METHODS["reward"].quick_overrides() if POLICIES[policy] else []) / reward)
 
 def prepare_output(output_dir: str, resume: bool) -> Path:
     """Check the output folder before anything slow; refuse to mix a fresh run into an older run's files.

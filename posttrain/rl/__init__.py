@@ -1,1 +1,1 @@
-"""RL maths: advantages (GAE, group-normalised, whitening), KL estimators, rollouts, held-out KL."""
+"""RL maths, pure functions of tensors: advantage estimators (GAE, group-normalised, RLOO, REINFORCE++) and KL estimators."""

@@ -8,7 +8,7 @@ followed by one sentence saying how to answer:
     I have 48 apples and get 80 more. How many apples do I have? Reply with just the number.
 
 The model's chat template turns it into a user turn (data.encode_prompt). Its answer is read by the
-conventions of any model's output (rl/answers.py: `\\boxed{}`, `####`, "the answer is", else the
+conventions of any model's output (world/answers.py: `\\boxed{}`, `####`, "the answer is", else the
 last number) and compared with the reference by value, so "48 + 80 = 128" and "128." both count.
 
 Asked for a worked solution instead (`WORKED_REPLY`), the reference is the column steps of

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from functools import partial
 
+from posttrain.config import check_choice
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate
@@ -57,8 +58,7 @@ class CoTConfig(TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.skill not in SKILLS:
-            raise UserError(f"skill must be one of {', '.join(SKILLS)}, got '{self.skill}'")
+        check_choice("skill", self.skill, SKILLS)
         if not self.difficulties or min(self.difficulties) < 1:
             raise UserError(f"difficulties must be a non-empty list of positive ints, got {self.difficulties}")
 

@@ -67,6 +67,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from posttrain.config import check_choice
 from posttrain.data import EncodedDataset, encode_pair, pad_batch
 from posttrain.errors import UserError
 from posttrain.forward import causal_lm_loss, labelled_logits
@@ -77,7 +78,7 @@ from posttrain.methods.common import eval_skill, headline, prepare_output, resum
 from posttrain.methods.finetuning.sft import evaluate_records, prompt_of
 from posttrain.models import count_params, load_model
 from posttrain.records import read_sft, split_records
-from posttrain.rl.rollouts import sample_rollouts
+from posttrain.rollouts import sample_rollouts
 from posttrain.report.distill_plots import student_bars
 from posttrain.report.plots import training_curve
 from posttrain.training import CHECKPOINT, TrainingConfig, TrainResult, train
@@ -120,10 +121,8 @@ class DistillConfig(TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.skill not in SKILLS:
-            raise UserError(f"skill must be one of {', '.join(SKILLS)}, got '{self.skill}'")
-        if self.format not in FORMATS:
-            raise UserError(f"format must be one of {', '.join(FORMATS)}, got '{self.format}'")
+        check_choice("skill", self.skill, SKILLS)
+        check_choice("format", self.format, FORMATS)
         for name in ("divergence", "on_policy_divergence"):
             if getattr(self, name) not in DIVERGENCES:
                 raise UserError(f"{name} must be one of {', '.join(DIVERGENCES)}, got '{getattr(self, name)}'")

@@ -66,6 +66,7 @@ import dataclasses
 import itertools
 import random
 
+from posttrain.config import check_choices
 from posttrain.data import EncodedDataset, encode_pair
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate
@@ -113,8 +114,7 @@ class InstructionConfig(TrainingConfig):
             raise UserError(f"completion must be one of {', '.join(COMPLETIONS)}, got '{self.completion}'")
         if not 0 <= self.symbolic_fraction < 1:
             raise UserError(f"symbolic_fraction must be in [0, 1), got {self.symbolic_fraction}")
-        if not self.skills or any(s not in SKILLS for s in self.skills):
-            raise UserError(f"skills must be a non-empty list among {', '.join(SKILLS)}, got {self.skills}")
+        check_choices("skills", self.skills, SKILLS)
 
 
 CONFIG = InstructionConfig

@@ -64,16 +64,16 @@ from torch.profiler import ProfilerActivity, profile
 
 from posttrain import lora
 from posttrain.chat_world import GeneralProbe, training_pairs, uses_chat_world
+from posttrain.config import check_choice
 from posttrain.data import EncodedDataset, RowLimit, encode_rows
 from posttrain.errors import UserError
 from posttrain.forward import causal_lm_loss
-from posttrain.methods.common import (eval_skill, headline, prepare_output, resumable, save_policy, world_examples,
-                                      write_samples, write_summary)
+from posttrain.methods.common import (eval_skill, headline, policy_path, prepare_output, resumable, save_policy,
+                                      world_examples, write_samples, write_summary)
 from posttrain.methods.finetuning.sft import evaluate_chat, evaluate_records, prompt_of
 from posttrain.models import DEFAULT_MODEL, count_params, load_model, resolve_model_path
 from posttrain.records import read_sft, split_records
 from posttrain.report.lora_plots import adaptation_curves, rank_sweep_panels
-from posttrain.rl.rollouts import policy_path
 from posttrain.training import CHECKPOINT, TrainingConfig, train
 from posttrain.world import FORMATS, MAIN_SKILL, SKILLS
 
@@ -104,10 +104,8 @@ class LoRAConfig(TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.skill not in SKILLS:
-            raise UserError(f"skill must be one of {', '.join(SKILLS)}, got '{self.skill}'")
-        if self.format not in FORMATS:
-            raise UserError(f"format must be one of {', '.join(FORMATS)}, got '{self.format}'")
+        check_choice("skill", self.skill, SKILLS)
+        check_choice("format", self.format, FORMATS)
         if self.r < 1 or any(r < 1 for r in self.ranks):
             raise UserError(f"LoRA ranks must be >= 1, got r={self.r}, ranks={self.ranks}")
         if not 0 <= self.dropout < 1:

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 
 from posttrain.chat_world import (CHAT_MAX_NEW_TOKENS, CHAT_WORKED_TOKENS, GeneralProbe, held_out_accuracy,
                                   training_pairs, uses_chat_world)
+from posttrain.config import check_choice, check_choices
 from posttrain.data import EncodedDataset, RowLimit, encode_pair, encode_rows, has_chat_template
 from posttrain.errors import UserError
 from posttrain.evaluation import completion_nll, max_new_tokens_for
@@ -112,10 +113,9 @@ class SFTConfig(TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.skill not in SKILLS or any(s not in SKILLS for s in self.old_skills):
-            raise UserError(f"skills must be among {', '.join(SKILLS)}")
-        if self.format not in FORMATS:
-            raise UserError(f"format must be one of {', '.join(FORMATS)}, got '{self.format}'")
+        check_choice("skill", self.skill, SKILLS)
+        check_choices("old_skills", self.old_skills, SKILLS)
+        check_choice("format", self.format, FORMATS)
         if not 0 <= self.slip_rate < 1:
             raise UserError(f"slip_rate must be in [0, 1), got {self.slip_rate}")
         if not self.variants:

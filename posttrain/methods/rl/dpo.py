@@ -36,7 +36,7 @@ down and the KL grows; 12 steps stop near the peak at a small KL.
     posttrain dpo --model posttrain:smollm2-135m     # the real pretrained LLM, on its own replies (its preset)
 
 With a chat model and no `--data` (`--model posttrain:smollm2-135m`), the pairs come from its own replies to
-world additions asked in words (world/chat.py), right and wrong read by convention (rl/answers.py).
+world additions asked in words (world/chat.py), right and wrong read by convention (world/answers.py).
 
 With `--data`, a seeded tenth of the pairs is held out (at most `eval_problems` of them measured) and
 `accuracy` (also named `preference_accuracy`) is the share of them whose implicit reward margin prefers the
@@ -63,16 +63,15 @@ from posttrain.generation import sequence_logprobs
 from posttrain.lora import AdapterConfig
 from posttrain.losses.dpo import DPO_LOSSES, PairLogps, chosen_nll, preference_metrics
 from posttrain.losses.sft import IGNORE
-from posttrain.methods.common import (headline, is_main_process, prepare_output, save_policy, write_samples,
-                                      write_summary)
+from posttrain.methods.common import (headline, is_main_process, policy_path, prepare_output, save_policy,
+                                      write_samples, write_summary)
 from posttrain.models import load_model
 from posttrain.records import read_preferences, split_records
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import beta_sweep_plot, draw_frontier
-from posttrain.rl.answers import answer_rewards
-from posttrain.rl.frontier import HeldOut, reference_kl
-from posttrain.rl.rollouts import (Rollouts, cot_prompts, policy_path, sample_rollouts, training_problems,
-                                   verifier_rewards)
+from posttrain.world.answers import answer_rewards
+from posttrain.heldout import HeldOut, reference_kl
+from posttrain.rollouts import Rollouts, cot_prompts, sample_rollouts, training_problems, verifier_rewards
 from posttrain.training import TrainingConfig, row_count, train
 from posttrain.world.chat import chat_requests
 
@@ -144,7 +143,7 @@ def bind_loss(cfg: DPOConfig, beta: float):
 def policy_rollouts(model, tokenizer, cfg, n_prompts: int, max_new_tokens: int, chat: bool = False) -> Rollouts:
     """`cfg.samples_per_prompt` samples of the policy for each of `n_prompts` training prompts, rewarded 1 (right)
     or 0: world problems as CoT prompts judged by the world's verifier, or with `chat` as a chat model's requests,
-    the answers read by convention (rl/answers.py)."""
+    the answers read by convention (world/answers.py)."""
     problems = training_problems(cfg.difficulties, n_prompts, cfg.seed)
     prompts, answers = chat_requests(problems) if chat else cot_prompts(problems)
     return sample_rollouts(model, tokenizer, prompts, answers, num_samples=cfg.samples_per_prompt,

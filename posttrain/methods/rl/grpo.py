@@ -27,7 +27,7 @@ parameters of 935,040).
 
 With a chat model and no `--data` (`--model posttrain:smollm2-135m`, the real pretrained LLM), the prompts
 are world additions asked in words ("What is 48 plus 80? Reply with just the number.", world/chat.py) and
-the reward reads the reply's answer by convention (rl/answers.py): GRPO from the instruct model itself, no
+the reward reads the reply's answer by convention (world/answers.py): GRPO from the instruct model itself, no
 SFT first. Its preset (`PRESETS`) departs from the defaults where a 135M-parameter model needs it:
 learning rate 1e-5, sampling at temperature 0.7 (at 1.0 the model's samples are rarely right, so most
 groups teach nothing), beta = 0 (as TRL's default: no reference in memory; the KL to the start model is
@@ -36,7 +36,7 @@ still measured at each evaluation) and 15 rollout batches of 16 x 8.
 With `--data`, the prompts are the user's (`{"prompt", "answer"}` records; a seeded tenth held out for
 the accuracy, reward and KL measurements, at most `eval_problems` of them measured) and the verifier reads
 the completion's answer by common conventions (`\\boxed{}`, `####`, `A:` or "the answer is", else the last
-number; rl/answers.py). Beside accuracy, `reward` is the mean reward the run trains with (verifier, reward
+number; world/answers.py). Beside accuracy, `reward` is the mean reward the run trains with (verifier, reward
 model or the user's functions) of the held-out greedy completions, before and after.
 
     posttrain grpo --output-dir runs/grpo
@@ -67,8 +67,8 @@ from posttrain.data import has_chat_template
 from posttrain.errors import UserError
 from posttrain.lora import AdapterConfig
 from posttrain.losses.grpo import AGGREGATIONS, LOSS_TYPES, constant_mean, grpo_loss
-from posttrain.methods.common import (headline, prepare_output, remove_checkpoints, save_policy, write_samples,
-                                      write_summary)
+from posttrain.methods.common import (headline, policy_path, prepare_output, remove_checkpoints, reward_model_path,
+                                      save_policy, write_samples, write_summary)
 from posttrain.models import load_model
 from posttrain.onpolicy import OnPolicy, train_on_policy
 from posttrain.records import read_prompts
@@ -76,9 +76,9 @@ from posttrain.rewards import check_reward_choice, held_out_reward, user_reward_
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import ADVANTAGE_ESTIMATORS, group_advantages, masked_mean, overlong_penalty
-from posttrain.rl.answers import answer_rewards
-from posttrain.rl.frontier import run_prompts
-from posttrain.rl.rollouts import forward_logprobs, policy_path, reference_logprobs, reward_function
+from posttrain.world.answers import answer_rewards
+from posttrain.heldout import run_prompts
+from posttrain.rollouts import forward_logprobs, reference_logprobs, reward_function
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
                                 make_accelerator, make_optimizer, prepare_for_losses,
                                 share_of_all_processes)
@@ -168,7 +168,8 @@ LARGE_MODEL = {"lr": 1e-6}
 
 def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     records = read_prompts(cfg.data, cfg.prompt_field, cfg.answer_field) if cfg.data else None  # bad data fails first
-    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None,
+    reward_model = reward_model_path(cfg.reward, cfg.reward_model, cfg.model)  # orm/prm: built on first use
+    reward_fn = reward_function(cfg.reward, reward_model, user_prompts=records is not None,
                                 records=records, weights=tuple(cfg.reward_weights))  # a user's: loaded and tried
     held_answers = user_reward_answers(cfg, records)
     out = prepare_output(cfg.output_dir, resume)

@@ -41,15 +41,16 @@ from posttrain.generation import sequence_logprobs
 from posttrain.lora import AdapterConfig
 from posttrain.losses.kto import kl_reference_point, kto_loss, kto_metrics
 from posttrain.losses.sft import IGNORE
-from posttrain.methods.common import headline, is_main_process, prepare_output, save_policy, write_samples, write_summary
+from posttrain.methods.common import (headline, is_main_process, policy_path, prepare_output, save_policy,
+                                      write_samples, write_summary)
 from posttrain.methods.rl.dpo import (all_pair_logps, frontier_points, held_out_eval, pair_batches, pair_tensors,
                                       policy_rollouts, world_held_out)
 from posttrain.models import load_model
 from posttrain.records import read_unpaired, split_records
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
-from posttrain.rl.frontier import reference_kl
-from posttrain.rl.rollouts import Rollouts, policy_path
+from posttrain.heldout import reference_kl
+from posttrain.rollouts import Rollouts
 from posttrain.training import TrainingConfig, row_count, train
 
 

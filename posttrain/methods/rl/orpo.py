@@ -29,14 +29,14 @@ from posttrain.errors import UserError
 from posttrain.lora import AdapterConfig
 from posttrain.losses.orpo import orpo_loss, orpo_metrics
 from posttrain.losses.sft import IGNORE
-from posttrain.methods.common import headline, is_main_process, prepare_output, save_policy, write_samples, write_summary
+from posttrain.methods.common import (headline, is_main_process, policy_path, prepare_output, save_policy,
+                                      write_samples, write_summary)
 from posttrain.methods.rl.dpo import (encode_records, frontier_points, held_out_eval, held_out_pairs, held_prompts,
                                       measure_on_records, pair_batches, pair_logps, pair_tensors, policy_pairs, world_held_out)
 from posttrain.models import load_model
 from posttrain.records import read_preferences, split_records
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
-from posttrain.rl.rollouts import policy_path
 from posttrain.training import TrainingConfig, row_count, train
 
 

@@ -43,8 +43,8 @@ from posttrain.forward import labelled_forward
 from posttrain.generation import labelled_token_logprobs, target_logprobs
 from posttrain.lora import AdapterConfig
 from posttrain.losses.ppo import clipped_surrogate, clipped_value_loss, entropy_bonus, token_entropy
-from posttrain.methods.common import (headline, prepare_output, remove_checkpoints, save_policy, write_samples,
-                                      write_summary)
+from posttrain.methods.common import (headline, policy_path, prepare_output, remove_checkpoints, reward_model_path,
+                                      save_policy, write_samples, write_summary)
 from posttrain.models import load_model
 from posttrain.onpolicy import OnPolicy, train_on_policy
 from posttrain.records import read_prompts
@@ -52,10 +52,10 @@ from posttrain.rewards import check_reward_choice, held_out_reward, user_reward_
 from posttrain.report.plots import training_curve
 from posttrain.report.rl_plots import draw_frontier
 from posttrain.rl.advantages import gae, masked_mean, whiten
-from posttrain.rl.answers import answer_rewards
-from posttrain.rl.frontier import run_prompts
+from posttrain.world.answers import answer_rewards
+from posttrain.heldout import run_prompts
 from posttrain.rl.kl import kl_k1
-from posttrain.rl.rollouts import on_completion_grid, policy_path, reference_logprobs, reward_function
+from posttrain.rollouts import on_completion_grid, reference_logprobs, reward_function
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
                                 make_accelerator, make_optimizer, prepare_for_losses,
                                 share_of_all_processes, sum_over_processes)
@@ -146,7 +146,8 @@ def forward_with_values(model, head, batch: dict, entropy_grad: bool = False):
 
 def run(cfg: PPOConfig, resume: bool = False) -> dict:
     records = read_prompts(cfg.data, cfg.prompt_field, cfg.answer_field) if cfg.data else None  # bad data fails first
-    reward_fn = reward_function(cfg.reward, cfg.model, cfg.reward_model, user_prompts=records is not None,
+    reward_model = reward_model_path(cfg.reward, cfg.reward_model, cfg.model)  # orm/prm: built on first use
+    reward_fn = reward_function(cfg.reward, reward_model, user_prompts=records is not None,
                                 records=records, weights=tuple(cfg.reward_weights))  # a user's: loaded and tried
     held_answers = user_reward_answers(cfg, records)
     out = prepare_output(cfg.output_dir, resume)

@@ -66,14 +66,13 @@ from posttrain.evaluation import auc, best_of_n, calibration, max_new_tokens_for
 from posttrain.generation import generate, token_logprobs
 from posttrain.losses.reward import AGGREGATES, bradley_terry_loss, outcome_bce_loss, prm_step_loss
 from posttrain.losses.sft import IGNORE
-from posttrain.methods.common import prepare_output, write_summary
+from posttrain.methods.common import policy_path, prepare_output, write_summary
 from posttrain.models import load_model
 from posttrain.records import read_preferences, split_records
 from posttrain.report.reward_plots import hacking_plot, reliability_plot, reward_histograms
 from posttrain.reward_models import (REWARD_MODELS, RewardModel, at_last_token, at_steps, collate, encode,
                                      new_reward_model)
-from posttrain.rl.answers import answer_matches
-from posttrain.rl.rollouts import policy_path
+from posttrain.world.answers import answer_matches
 from posttrain.training import TrainingConfig, TrainResult, row_count, train
 from posttrain.world import MAIN_SKILL, check_steps, first_error, render, sample_problems, verify
 from posttrain.world.chat import chat_requests
@@ -162,7 +161,7 @@ def sample_solutions(model, tokenizer, cfg: RewardConfig, split: str, n_problems
 
 def chat_solutions(model, tokenizer, cfg: RewardConfig, split: str, n_problems: int, k: int) -> list[Solution]:
     """`k` replies of a chat model to each of `n_problems` world additions of `split` asked as requests
-    (world/chat.py), labelled by their answer (rl/answers.py); a bare answer has no steps to label."""
+    (world/chat.py), labelled by their answer (world/answers.py); a bare answer has no steps to label."""
     problems = sample_problems(MAIN_SKILL, cfg.difficulties, n_problems, split, cfg.seed + 1)
     prompts, answers = chat_requests(problems)
     texts = generate(model, tokenizer, prompts, max_new_tokens=CHAT_MAX_NEW_TOKENS, temperature=cfg.temperature,

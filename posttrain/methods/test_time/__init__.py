@@ -10,7 +10,7 @@ from posttrain.data import has_chat_template
 from posttrain.evaluation import evaluate, evaluate_answers, max_new_tokens_for
 from posttrain.generation import generate
 from posttrain.records import PromptRecord
-from posttrain.rl.answers import completion_key, reference_key
+from posttrain.world.answers import completion_key, reference_key
 from posttrain.world import MAIN_SKILL, extract_answer, render, sample_problems
 from posttrain.world.chat import chat_requests
 from posttrain.world.skills import Problem
@@ -20,7 +20,7 @@ from posttrain.world.skills import Problem
 class Questions:
     """Held-out prompts with their reference answers, and how a completion's answer is read: world
     problems (chain-of-thought prompts, the `A:` line) or a user's `{"prompt", "answer"}` records
-    (rl/answers.py: `\\boxed{}`, `####`, `A:` ..., numbers compared by value)."""
+    (world/answers.py: `\\boxed{}`, `####`, `A:` ..., numbers compared by value)."""
 
     prompts: list[str]
     references: list[str]  # each reference answer as answers are compared with it

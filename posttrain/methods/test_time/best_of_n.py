@@ -17,7 +17,7 @@ cost times N/k). The summary says, with numbers, whether PRM selection beats ORM
 voting as N grows, the ordering "Let's Verify Step by Step" reports, whichever way it comes out here.
 
 With `--data`, the questions are the user's `{"prompt", "answer"}` records (the first `problems` of
-them), their answers read as rl/answers.py reads them.
+them), their answers read as world/answers.py reads them.
 
 Without a reward model (a model that is not the shared policy, and no `reward_models`) the run selects
 by majority vote alone, beside the verifier's oracle (the answer matching self-consistency uses), and
@@ -37,14 +37,14 @@ from pathlib import Path
 from posttrain.errors import UserError
 from posttrain.evaluation import best_of_n, majority_at_n, pass_at_k
 from posttrain.methods import METHODS
-from posttrain.methods.common import prepare_output, write_summary
+from posttrain.methods.common import policy_path, prepare_output, write_summary
 from posttrain.methods.rl.reward_model import trained_reward_models
 from posttrain.methods.test_time import greedy_baseline, held_out_questions, sample_solutions
 from posttrain.models import load_model
 from posttrain.records import read_prompts
 from posttrain.report.test_time_plots import accuracy_vs_n, cost_vs_n
 from posttrain.reward_models import load_reward_model
-from posttrain.rl.rollouts import POLICIES, policy_path
+from posttrain.rollouts import POLICIES
 from posttrain.training import TrainResult
 
 REWARD_MODELS = ("orm", "prm")

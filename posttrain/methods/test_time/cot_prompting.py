@@ -31,10 +31,9 @@ from posttrain.data import encode_prompt
 from posttrain.errors import UserError
 from posttrain.evaluation import calibration, majority_vote, max_new_tokens_for
 from posttrain.generation import generate, token_logprobs
-from posttrain.methods.common import prepare_output, write_summary
+from posttrain.methods.common import policy_path, prepare_output, write_summary
 from posttrain.models import DEFAULT_MODEL, load_model
 from posttrain.report.test_time_plots import reliability, style_bars
-from posttrain.rl.rollouts import policy_path
 from posttrain.training import TrainResult
 from posttrain.world import COT_TRIGGER, MAIN_SKILL, check_steps, extract_answer, render, sample_problems, verify
 

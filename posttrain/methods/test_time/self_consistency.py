@@ -16,10 +16,10 @@ voting gains where errors scatter. The gain over greedy is a few problems in a h
 noise of 100 problems: hence 300 problems by default.
 
 With a chat model and no `--data` (`--model posttrain:smollm2-135m`), the questions are world additions
-asked in words (world/chat.py) and the answers are read from the replies as rl/answers.py reads them.
+asked in words (world/chat.py) and the answers are read from the replies as world/answers.py reads them.
 
 With `--data`, the questions are the user's `{"prompt", "answer"}` records (the first `problems` of
-them) and answers are read as rl/answers.py reads them, numbers voted and compared by value.
+them) and answers are read as world/answers.py reads them, numbers voted and compared by value.
 
     posttrain self-consistency --output-dir runs/self-consistency
     posttrain self-consistency --model Qwen/Qwen2.5-0.5B-Instruct --data math.jsonl k=8 max_new_tokens=512
@@ -31,13 +31,12 @@ import time
 
 from posttrain.errors import UserError
 from posttrain.evaluation import calibration, majority_at_n, majority_vote
-from posttrain.methods.common import prepare_output, write_summary
+from posttrain.methods.common import policy_path, prepare_output, write_summary
 from posttrain.methods.test_time import greedy_baseline, held_out_questions, sample_solutions
 from posttrain.models import load_model
 from posttrain.records import read_prompts
 from posttrain.rewards import warn_if_all_zero
 from posttrain.report.test_time_plots import accuracy_vs_n, reliability
-from posttrain.rl.rollouts import policy_path
 from posttrain.training import TrainResult
 
 

@@ -27,12 +27,11 @@ from typing import Callable
 from posttrain.errors import UserError
 from posttrain.evaluation import best_of_n
 from posttrain.generation import generate
-from posttrain.methods.common import prepare_output, write_summary
+from posttrain.methods.common import policy_path, prepare_output, write_summary
 from posttrain.methods.test_time import Questions, greedy_baseline, sample_solutions
 from posttrain.methods.test_time.best_of_n import reward_model_dir
 from posttrain.models import load_model
 from posttrain.reward_models import load_reward_model
-from posttrain.rl.rollouts import policy_path
 from posttrain.training import TrainResult
 
 

@@ -7,7 +7,7 @@
 Every per-token quantity of the RL losses (log-probs, values, advantages, KL) lives on that
 (N, T-1) grid, where position t scores token t+1. The shared sampler shares one prompt prefill
 across the G samples of a prompt. Rewards follow the world's contract: a function of the prompt,
-the completion and the reference answer (posttrain.world.verify is one; rl/answers.py the one of
+the completion and the reference answer (posttrain.world.verify is one; world/answers.py the one of
 prompts a user brings).
 """
 from __future__ import annotations
@@ -24,26 +24,18 @@ from posttrain.errors import UserError
 from posttrain.generation import generate, labelled_token_logprobs
 from posttrain.losses.sft import IGNORE
 from posttrain.rewards import is_user_reward, load_user_reward
-from posttrain.rl.answers import answer_rewards
 from posttrain.world import MAIN_SKILL, render, sample_problems, verify
+from posttrain.world.answers import answer_rewards
 from posttrain.world.chat import chat_requests
 from posttrain.world.skills import Problem
 
-# The shared chain-of-thought SFT policy (posttrain.stages.policy) by name, so configs can say it.
+# The shared chain-of-thought SFT policy (posttrain.stages.policy) by name, so configs can say it
+# (methods.common.policy_path resolves it).
 POLICIES = {"sft-policy": False, "sft-policy-quick": True}
 
 PROMPT_STREAM = 7919  # seed offset of RL training prompts (see training_problems)
 
 RewardFn = Callable[[list[str], list[str], list[str]], list[float]]  # (prompts, completions, answers) -> rewards
-
-
-def policy_path(name: str) -> str:
-    """A model name for load_model: the shared SFT policy for 'sft-policy[-quick]', else `name` itself."""
-    if name not in POLICIES:
-        return name
-    from posttrain.stages import policy  # builds it on first use (cached afterwards)
-
-    return str(policy(quick=POLICIES[name]) / "model")
 
 
 def training_problems(difficulties, n: int, seed: int) -> list[Problem]:
@@ -81,13 +73,13 @@ def verifier_rewards(prompts: list[str], completions: list[str], answers: list[s
     return [verify(q, c, a) for q, c, a in zip(prompts, completions, answers)]
 
 
-def reward_function(name: str, policy: str, reward_model: str | None = None, user_prompts: bool = False,
+def reward_function(name: str, reward_model: str | None = None, user_prompts: bool = False,
                     records: list | None = None, weights: tuple[float, ...] = ()) -> RewardFn:
     """The reward a run optimises: a verifier (the world's, or with `user_prompts` the answer matcher of
-    rl/answers.py), the score of a learned reward model, or the user's own functions.
+    world/answers.py), the score of a learned reward model, or the user's own functions.
 
     For 'orm' / 'prm' the model is `reward_model` (a folder `posttrain reward` wrote: the ORM's reward,
-    or the PRM's aggregate of step probabilities); by default the one trained on the shared SFT policy.
+    or the PRM's aggregate of step probabilities), resolved by the caller (methods.common.reward_model_path).
     `file.py:function` or `module:function` entries (comma-separated, summed with `weights`) are loaded
     and tried on the first of `records` now, before any model loads (posttrain/rewards.py); the
     records' other fields reach them as keyword columns.
@@ -100,18 +92,10 @@ def reward_function(name: str, policy: str, reward_model: str | None = None, use
         raise UserError(f"reward must be verifier, orm, prm or FILE.py:FUNCTION, got '{name}'")
     from posttrain.reward_models import load_reward_model
 
-    scorer = load_reward_model(reward_model or default_reward_model(name, policy))
+    if reward_model is None:
+        raise UserError(f"reward={name} needs reward_model=FOLDER (one `posttrain reward` wrote)")
+    scorer = load_reward_model(reward_model)
     return lambda prompts, completions, answers: scorer.score(prompts, completions)
-
-
-def default_reward_model(kind: str, policy: str) -> str:
-    """The ORM or PRM folder of the cached `reward` stage trained on the shared SFT policy `policy`."""
-    if policy not in POLICIES:
-        raise UserError(f"reward={kind} with model '{policy}': give reward_model=FOLDER (one `posttrain reward` wrote)")
-    from posttrain.methods import METHODS
-    from posttrain.stages import cached_run
-
-    return str(cached_run("reward", METHODS["reward"].quick_overrides() if POLICIES[policy] else []) / kind)
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 
     accuracy   greedy chain-of-thought accuracy on held-out test problems (the verifier decides), or,
                asked as requests, a chat model's (world/chat.py), or on the held-out share of a user's
-               prompts (`--data`); rl/answers.py decides those two
+               prompts (`--data`); world/answers.py decides those two
     kl         KL(pi || ref) of whole completions, in nats: the exact per-position KL (a sum over
                the vocabulary) added up along completions the policy samples at temperature 1.
                That is an unbiased estimate of the sequence KL with less noise than sampled
@@ -24,7 +24,7 @@ from posttrain.evaluation import evaluate, evaluate_answers, max_new_tokens_for
 from posttrain.models import load_model
 from posttrain.records import PromptRecord, split_records
 from posttrain.rl.kl import exact_kl
-from posttrain.rl.rollouts import cot_prompts, sample_rollouts, training_prompts
+from posttrain.rollouts import cot_prompts, sample_rollouts, training_prompts
 from posttrain.world import MAIN_SKILL, sample_problems
 from posttrain.world.chat import chat_requests
 
@@ -71,7 +71,7 @@ class HeldOut:
     @classmethod
     def of_chat(cls, difficulties, n: int, n_kl: int, reference_path: str, seed: int, max_new_tokens: int) -> "HeldOut":
         """World addition problems of the test split asked as a chat model's requests (world/chat.py),
-        the answers read from its replies by rl/answers.py."""
+        the answers read from its replies by world/answers.py."""
         prompts, answers = chat_requests(sample_problems(MAIN_SKILL, difficulties, n, "test", seed))
         kl_prompts = chat_requests(sample_problems(MAIN_SKILL, difficulties, n_kl, "val", seed))[0]
         held_out = cls.of_records([PromptRecord(q, a) for q, a in zip(prompts, answers)], 0, reference_path, seed,
@@ -80,7 +80,7 @@ class HeldOut:
 
     @classmethod
     def of_records(cls, records: list, n_kl: int, reference_path: str, seed: int, max_new_tokens: int) -> "HeldOut":
-        """A user's held-out PromptRecords, their answers checked by rl/answers.py; KL on the first `n_kl`."""
+        """A user's held-out PromptRecords, their answers checked by world/answers.py; KL on the first `n_kl`."""
         prompts, answers = [r.prompt for r in records], [r.answer for r in records]
 
         def greedy(model, tokenizer) -> dict:

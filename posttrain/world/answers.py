@@ -102,6 +102,6 @@ def answer_matches(completion: str, reference: str) -> float:
 
 
 def answer_rewards(prompts: list[str], completions: list[str], answers: list[str]) -> list[float]:
-    """The RewardFn of user prompts (rl.rollouts): each completion's `answer_matches` against its reference."""
+    """The RewardFn of user prompts (rollouts.py): each completion's `answer_matches` against its reference."""
     del prompts  # the answer alone decides
     return [answer_matches(c, a) for c, a in zip(completions, answers)]
