@@ -315,11 +315,13 @@ def train(
     eval_every: int = 0,
     desc: str = "train",
     averages_over: Callable[[dict], int] = labelled_token_count,
+    batch_reads_model: bool = False,
 ) -> TrainResult:
     """Optimise the trainable parameters of `model` for `cfg.steps` steps; see the module docstring.
     `averages_over(batch)` counts what `loss_fn`'s mean is taken over (`labelled_token_count` or `row_count`).
     Under `sharding=fsdp` the steps train a sharded copy (sharding.py), gathered back into `model` for
-    `eval_fn` and at the end, so the caller finds `model` trained either way."""
+    `eval_fn`, for `batch_fn` if `batch_reads_model` (a student sampling its own rows) and at the end, so the
+    caller finds `model` trained either way."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg.precision)
@@ -350,7 +352,8 @@ def train(
     try:
         with sigterm_as_interrupt():
             for step in range(start, cfg.steps):
-                global_batch = batch_fn(step)
+                with sharding.gathered(home, unwrapped) if batch_reads_model else contextlib.nullcontext():
+                    global_batch = batch_fn(step)
                 _check_enough_rows(row_count(global_batch), accelerator.num_processes, cfg.grad_accum)
                 batch = _shard(global_batch, accelerator.process_index, accelerator.num_processes)
                 with forward_as(unwrapped, compiled), interrupts_held():
