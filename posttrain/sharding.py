@@ -100,6 +100,7 @@ def release(home: torch.nn.Module) -> None:
         param.data = torch.empty(0, dtype=param.dtype, device=param.device)
 
 
+@torch.no_grad()
 def fill(home: torch.nn.Module, sharded: torch.nn.Module) -> None:
     """Gather every parameter of `sharded` whole into `home` (a collective: every rank calls it)."""
     params = dict(home.named_parameters())

@@ -11,9 +11,11 @@ Accelerate places the model and data (CPU, one GPU, or several processes under t
 `accelerate launch`, where each rank takes its share of every global batch). A checkpoint holds
 the model, optimizer and scheduler state and the step; with batches a pure function of the step,
 a run killed and resumed ends where an uninterrupted run ends. With `sharding=fsdp` the processes
-shard the weights, gradients and optimizer state (FSDP2, posttrain/sharding.py) instead of each holding them. Ctrl-C saves a checkpoint before
-stopping, and so does SIGTERM (held while a step updates the weights, so the checkpoint counts exactly the
-updates it holds; the metrics of its last step are written); a NaN or infinite loss stops the run and keeps the last good checkpoint.
+shard the weights, gradients and optimizer state (FSDP2, posttrain/sharding.py) instead of each
+holding them all. Ctrl-C saves a checkpoint before stopping, and so does SIGTERM (held while a
+step updates the weights, so the checkpoint counts exactly the updates it holds; the metrics of its
+last step are written; a sharded run saves none: sharding.py says why); a NaN or infinite loss stops
+the run and keeps the last good checkpoint.
 
 A loss is a mean: over the labelled tokens (SFT, distillation: `labelled_token_count`) or over the
 rows (DPO's pairs, reward models: `row_count`). Split over micro-batches and processes, the step's
