@@ -6,7 +6,8 @@ two CPU processes (gloo), sharded as `training.train` shards it (`shard_for_trai
 local shard): the weights, the gradients after the backward pass, and AdamW's state after the step; and its
 resident memory (VmRSS) after the steps and its peak (ru_maxrss). RSS includes torch itself, the activations
 and, at its peak, the whole model each rank builds before sharding (and under FSDP the copy it shards), so the
-counted bytes are the figure to compare with docs/SCALING.md's arithmetic. Run by hand, not in the test suite:
+counted bytes are the figure to compare with docs/SCALING.md's arithmetic. The ranks run with a fixed glibc
+mmap threshold, so the tensors they free leave the RSS. Run by hand, not in the test suite:
 
     python -m benchmarks.fsdp_memory            # both shardings, a table
 """
@@ -82,9 +83,12 @@ def worker(sharding: str, steps: int) -> None:
 
 
 def launch(sharding: str, steps: int) -> list[dict]:
+    # a fixed mmap threshold: glibc's moving one serves large tensors from the heap after the first frees, and
+    # memory freed there (the whole model each rank builds before sharding) stays in the RSS
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "benchmarks.fsdp_memory", "--worker", sharding, "--steps", str(steps)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     if ran.returncode:
         sys.exit(ran.stderr[-3000:])
     return sorted((json.loads(line[len("RESULT "):]) for line in ran.stdout.splitlines()
