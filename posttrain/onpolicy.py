@@ -13,6 +13,11 @@ Resuming (`--resume`) loads the checkpoint's trainable weights (the policy's and
 optimizer and scheduler, and continues at the next rollout batch. Every rollout batch is drawn with a seed
 of (seed, step) (rollouts.rollout_seed) and every update shuffles with a generator of its own, so a resumed
 run samples and updates as the uninterrupted one would, and ends with the same weights and metrics.
+
+Under `sharding=fsdp` (posttrain/sharding.py) the updates train a sharded copy of the policy; each rollout
+batch and held-out measurement first gathers its weights whole into `policy` (one all-gather of the model per
+batch: ranks sampling their own prompts run different numbers of decode steps, which sharded forwards, each
+a collective, cannot), and the loop ends with `policy` holding the trained weights.
 """
 from __future__ import annotations
 
@@ -26,12 +31,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from posttrain import sharding
 from posttrain.errors import TrainingInterrupted, UserError, sigterm_as_interrupt
 from posttrain.io import JsonlWriter, read_json, recover_dir
 from posttrain.rewards import warn_if_all_zero
 from posttrain.rollouts import Rollouts, completion_stats, step_rollouts
-from posttrain.training import (CHECKPOINT, interrupts_held, load_checkpoint, mean_over_processes,
-                                save_checkpoint)
+from posttrain.training import (CHECKPOINT, interrupted_sharded, interrupts_held, load_checkpoint,
+                                mean_over_processes, save_checkpoint)
 
 PROGRESS = "progress.json"  # in the checkpoint: the loop's own state beside the weights and optimizer
 
@@ -43,8 +49,8 @@ class OnPolicy:
     name: str  # the method: progress bar, messages
     cfg: Any  # steps, prompts_per_step, temperature, seed, eval_every, checkpoint_every, rollout_decode
     samples_per_prompt: int
-    model: torch.nn.Module  # the policy as the accelerator prepared it (DDP-wrapped on several processes)
-    policy: torch.nn.Module  # the same policy unwrapped: sampling, evaluation, saving
+    model: torch.nn.Module  # the policy as trained: DDP-wrapped on several processes, its sharded copy under fsdp
+    policy: torch.nn.Module  # the same policy unwrapped (gathered, under fsdp): sampling, evaluation, saving
     tokenizer: Any
     reference: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
@@ -74,6 +80,7 @@ class Progress:
 def train_on_policy(run: OnPolicy, out: Path, start_point: dict, resume: bool) -> tuple[list[dict], Progress]:
     """Run `run.cfg.steps` rollout batches (or the rest of them, resuming); returns the logged metrics and the
     loop's final state. `start_point` is the frontier's first point, measured before training."""
+    check_sharding_wired(run)
     ckpt = out / CHECKPOINT
     recover_dir(ckpt)  # a checkpoint write killed part-way
     progress = Progress(frontier=[start_point])
@@ -93,15 +100,17 @@ def train_on_policy(run: OnPolicy, out: Path, start_point: dict, resume: bool) -
                 history.append(metrics)
                 if writer:
                     writer.log(metrics)
-                if run.cfg.checkpoint_every and progress.step % run.cfg.checkpoint_every == 0 and main_process:
-                    save_progress(ckpt, run, progress)
+                if run.cfg.checkpoint_every and progress.step % run.cfg.checkpoint_every == 0:
+                    save_progress(ckpt, run, progress)  # every rank: a sharded policy is gathered from all
                 bar.set_postfix(run.postfix(metrics))
                 bar.update(1)
     except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if sharding.is_sharded(run.model):
+            raise interrupted_sharded(signum, progress.step, ckpt) from None
         if main_process:
             progress.elapsed = time.perf_counter() - t0
             save_progress(ckpt, run, progress)
-        signum = getattr(exc, "signum", signal.SIGINT)
         raise TrainingInterrupted(
             f"interrupted ({signal.Signals(signum).name}) after rollout batch {progress.step}; checkpoint saved in "
             f"{ckpt}. Run the same command with --resume to continue.", signum) from None
@@ -109,16 +118,26 @@ def train_on_policy(run: OnPolicy, out: Path, start_point: dict, resume: bool) -
         bar.close()
         if writer:
             writer.close()
+    if sharding.is_sharded(run.model):
+        sharding.fill(run.policy, run.model)  # the trained weights, for the final measurement and saving
     return history, progress
+
+
+def check_sharding_wired(run: OnPolicy) -> None:
+    """A method whose setup does not shard (`training.shard_for_training`) refuses `sharding=fsdp` on several
+    processes rather than running as DDP."""
+    if sharding.active(run.cfg, run.accelerator) and not sharding.is_sharded(run.model):
+        raise UserError(f"sharding=fsdp is not available for {run.name}; use sharding=ddp (the default)")
 
 
 def one_step(run: OnPolicy, step: int, progress: Progress) -> dict:
     """Sample and reward one rollout batch, update on it, and measure a frontier point when one is due."""
     cfg = run.cfg
-    rollouts = step_rollouts(run.policy, run.tokenizer, run.prompts, run.answers, step, cfg.prompts_per_step,
-                             num_samples=run.samples_per_prompt, max_new_tokens=run.held_out.max_new_tokens,
-                             temperature=cfg.temperature, seed=cfg.seed, reward_fn=run.reward_fn,
-                             accelerator=run.accelerator, decode=cfg.rollout_decode)
+    with sharding.gathered(run.policy, run.model):
+        rollouts = step_rollouts(run.policy, run.tokenizer, run.prompts, run.answers, step, cfg.prompts_per_step,
+                                 num_samples=run.samples_per_prompt, max_new_tokens=run.held_out.max_new_tokens,
+                                 temperature=cfg.temperature, seed=cfg.seed, reward_fn=run.reward_fn,
+                                 accelerator=run.accelerator, decode=cfg.rollout_decode)
     if step == 0:
         progress.all_rewards_zero = warn_if_all_zero(rollouts.rewards.tolist(), f"{run.name}'s first rollout batch")
     with interrupts_held():  # the update, the scheduler and the count of batches done move together
@@ -129,15 +148,18 @@ def one_step(run: OnPolicy, step: int, progress: Progress) -> dict:
                                   run.accelerator)
     metrics = {"step": step + 1, **metrics, "lr": run.scheduler.get_last_lr()[0]}
     if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-        point = run.held_out.measure(run.policy, run.tokenizer, run.reference)
+        with sharding.gathered(run.policy, run.model):
+            point = run.held_out.measure(run.policy, run.tokenizer, run.reference)
         progress.frontier.append({"step": step + 1, "accuracy": point["accuracy"], "kl": point["kl"]})
         metrics.update({"eval/accuracy": point["accuracy"], "eval/kl": point["kl"]})
     return metrics
 
 
 def trained_modules(run: OnPolicy) -> torch.nn.ModuleDict:
-    """Everything the optimizer updates, under one name each: what a checkpoint's weights hold."""
-    return torch.nn.ModuleDict({"policy": run.policy, **run.trained})
+    """Everything the optimizer updates, under one name each: what a checkpoint's weights hold (the sharded
+    copy of the policy under fsdp)."""
+    policy = run.model if sharding.is_sharded(run.model) else run.policy
+    return torch.nn.ModuleDict({"policy": policy, **run.trained})
 
 
 def save_progress(ckpt: Path, run: OnPolicy, progress: Progress) -> None:

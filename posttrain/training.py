@@ -10,9 +10,12 @@
 Accelerate places the model and data (CPU, one GPU, or several processes under torchrun /
 `accelerate launch`, where each rank takes its share of every global batch). A checkpoint holds
 the model, optimizer and scheduler state and the step; with batches a pure function of the step,
-a run killed and resumed ends where an uninterrupted run ends. Ctrl-C saves a checkpoint before
-stopping, and so does SIGTERM (held while a step updates the weights, so the checkpoint counts exactly the
-updates it holds; the metrics of its last step are written); a NaN or infinite loss stops the run and keeps the last good checkpoint.
+a run killed and resumed ends where an uninterrupted run ends. With `sharding=fsdp` the processes
+shard the weights, gradients and optimizer state (FSDP2, posttrain/sharding.py) instead of each
+holding them all. Ctrl-C saves a checkpoint before stopping, and so does SIGTERM (held while a
+step updates the weights, so the checkpoint counts exactly the updates it holds; the metrics of its
+last step are written; a sharded run saves none: sharding.py says why); a NaN or infinite loss stops
+the run and keeps the last good checkpoint.
 
 A loss is a mean: over the labelled tokens (SFT, distillation: `labelled_token_count`) or over the
 rows (DPO's pairs, reward models: `row_count`). Split over micro-batches and processes, the step's
@@ -40,7 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from posttrain import packing
+from posttrain import packing, sharding
 from posttrain.data import TRUNCATION
 from posttrain.config import Range, check_ranges
 from posttrain.errors import Interrupted, TrainingInterrupted, UserError, sigterm_as_interrupt
@@ -73,6 +76,7 @@ class TrainingConfig:
     keep_checkpoint: bool = False  # keep checkpoint/ after the run finishes (removed by default: it would mark the folder as an interrupted run)
     max_length: int = 0  # longest row of SFT/LoRA/DPO data in tokens (0: the model's context, max_position_embeddings)
     truncation: str = "truncate"  # a longer row: truncate (cut its completion; drop it if its prompt fills it) | error
+    sharding: str = "ddp"  # several processes: ddp (every rank holds everything) | fsdp (FSDP2 shards; sharding.py)
 
     @property
     def rollout_decode(self) -> str:
@@ -87,6 +91,10 @@ class TrainingConfig:
             raise UserError(f"precision must be auto, fp32 or bf16, got '{self.precision}'")
         if self.truncation not in TRUNCATION:
             raise UserError(f"config key 'truncation' must be one of {', '.join(TRUNCATION)}, got '{self.truncation}'")
+        sharding.check_sharding(self.sharding)
+        if self.sharding == "fsdp" and self.compile:
+            raise UserError("sharding=fsdp does not run with compile=true (its training steps run on the sharded "
+                            "copy, not the compiled model); drop one of them")
 
 
 # What each shared key means bounds it: a negative max_grad_norm would clip by a negative factor (gradient
@@ -209,9 +217,14 @@ def _count_tokens(batch: dict) -> int:
 def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, extra: dict | None = None) -> None:
     """The model's trainable weights and buffers, the optimizer's and scheduler's state and the step, written
     atomically, with `extra` (file name -> JSON object: a caller's own state) beside them; a disk without room for
-    them fails in one line, the previous checkpoint left as it was."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if _trainable_or_buffer(model, k)}
-    optimization = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    them fails in one line, the previous checkpoint left as it was. Every rank calls it (a sharded model's state
+    is gathered from all of them); rank 0 writes."""
+    weights, optimizer_state = (sharding.full_state(model, optimizer) if sharding.is_sharded(model)
+                                else (model.state_dict(), optimizer.state_dict()))
+    if not sharding.main_rank():
+        return
+    state = {k: v.detach().contiguous() for k, v in weights.items() if _trainable_or_buffer(model, k)}
+    optimization = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
     with atomic_dir(directory, state_bytes(state, optimization), "a checkpoint") as tmp:
         for name, obj in (extra or {}).items():
             write_json(Path(tmp) / name, obj)
@@ -249,20 +262,24 @@ def _untie(state: dict) -> dict:
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> int:
-    """Restore a checkpoint into the live objects; returns the number of steps already done. A damaged file or
-    another model's checkpoint is a `UserError` naming it, raised before the model changes; the checkpoint's
-    files are only read."""
+    """Restore a checkpoint into the live objects (a sharded model: every rank reads it whole and keeps its
+    shards); returns the number of steps already done. A damaged file or another model's checkpoint is a
+    `UserError` naming it, raised before the model changes; the checkpoint's files are only read."""
     weights = _read_checkpoint_file(directory / "model.safetensors", lambda path: load_file(str(path)))
     _check_weights_fit(directory, model, weights)
     saved = _read_checkpoint_file(directory / "optimizer.pt", lambda path: torch.load(path, weights_only=True))
     step = _read_checkpoint_file(directory / "state.json", lambda path: int(read_json(path)["step"]))
     try:
-        optimizer.load_state_dict(saved["optimizer"])
+        if sharding.is_sharded(model):
+            sharding.load_full_state(model, optimizer, weights, saved["optimizer"])
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise UserError(f"{directory / 'optimizer.pt'} does not fit this run's optimizer ({_first_line(exc)}); "
-                        "the checkpoint is from another run or model") from None
-    model.load_state_dict(weights, strict=False)
+                        "the checkpoint is from another run or model, or of the other sharding") from None
+    if not sharding.is_sharded(model):
+        model.load_state_dict(weights, strict=False)
     return step
 
 
@@ -300,13 +317,20 @@ def train(
     eval_every: int = 0,
     desc: str = "train",
     averages_over: Callable[[dict], int] = labelled_token_count,
+    batch_reads_model: bool = False,
 ) -> TrainResult:
     """Optimise the trainable parameters of `model` for `cfg.steps` steps; see the module docstring.
-    `averages_over(batch)` counts what `loss_fn`'s mean is taken over (`labelled_token_count` or `row_count`)."""
+    `averages_over(batch)` counts what `loss_fn`'s mean is taken over (`labelled_token_count` or `row_count`).
+    Under `sharding=fsdp` the steps train a sharded copy (sharding.py), gathered back into `model` for
+    `eval_fn`, for `batch_fn` if `batch_reads_model` (a student sampling its own rows) and at the end, so the
+    caller finds `model` trained either way."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg.precision)
     torch.manual_seed(cfg.seed)
+    prepare_for_losses(model, cfg)
+    home = model  # what the caller holds: evaluated between steps, trained at the end
+    model = shard_for_training(home, cfg, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -317,8 +341,7 @@ def train(
         if not (ckpt / "state.json").exists():
             raise UserError(f"--resume: no checkpoint in {output_dir} (expected {ckpt}/state.json)")
         start = load_checkpoint(ckpt, model, optimizer, scheduler)
-    prepare_for_losses(model, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare_trained(accelerator, model, optimizer)
     model.train()
     unwrapped = accelerator.unwrap_model(model)
     compiled = compiled_forward(unwrapped, cfg.compile)
@@ -331,7 +354,8 @@ def train(
     try:
         with sigterm_as_interrupt():
             for step in range(start, cfg.steps):
-                global_batch = batch_fn(step)
+                with sharding.gathered(home, unwrapped) if batch_reads_model else contextlib.nullcontext():
+                    global_batch = batch_fn(step)
                 _check_enough_rows(row_count(global_batch), accelerator.num_processes, cfg.grad_accum)
                 batch = _shard(global_batch, accelerator.process_index, accelerator.num_processes)
                 with forward_as(unwrapped, compiled), interrupts_held():
@@ -349,24 +373,27 @@ def train(
                     )
                 evaluated = bool(eval_fn and eval_every and (step + 1) % eval_every == 0)
                 if evaluated:
-                    last_metrics.update(eval_fn(step + 1))
+                    with sharding.gathered(home, unwrapped):
+                        last_metrics.update(eval_fn(step + 1))
                     model.train()
                 if evaluated or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                     history.append(last_metrics)
                     if main_process:
                         writer.log(last_metrics)
                     logged = completed
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and main_process:
-                    save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, step + 1)
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                    save_checkpoint(ckpt, unwrapped, optimizer, scheduler, step + 1)  # every rank: see its docstring
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
                 bar.update(1)
     except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if sharding.is_sharded(unwrapped):
+            raise interrupted_sharded(signum, completed, ckpt) from None
         if main_process:
             if logged < completed:  # the metrics of the step the checkpoint ends with
                 writer.log(last_metrics)
-            save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, completed)
-        signum = getattr(exc, "signum", signal.SIGINT)
+            save_checkpoint(ckpt, unwrapped, optimizer, scheduler, completed)
         raise TrainingInterrupted(
             f"interrupted ({signal.Signals(signum).name}) after step {completed}; checkpoint saved in {ckpt}. "
             "Run the same command with --resume to continue.", signum
@@ -377,7 +404,33 @@ def train(
             writer.close()
     elapsed = time.perf_counter() - t0
     model.eval()
+    if sharding.is_sharded(unwrapped):
+        sharding.fill(home, unwrapped)
+        home.eval()
     return TrainResult(history, last_metrics, elapsed, tokens / max(elapsed, 1e-9))
+
+
+def shard_for_training(model, cfg: TrainingConfig, accelerator):
+    """The module the optimizer trains: `model` itself, or under `sharding=fsdp` on several processes its
+    FSDP2-sharded copy, `model` holding no weights until `sharding.fill` gathers them (sharding.py). Call it
+    after `prepare_for_losses`, which the copy inherits."""
+    return sharding.shard_copy(model) if sharding.active(cfg, accelerator) else model
+
+
+def prepare_trained(accelerator, model, optimizer):
+    """Accelerate's preparation: the model (DDP-wrapped on several processes) and the optimizer; a sharded
+    model is left to FSDP2, only its optimizer prepared."""
+    if sharding.is_sharded(model):
+        return model, accelerator.prepare(optimizer)
+    return accelerator.prepare(model, optimizer)
+
+
+def interrupted_sharded(signum: int, completed: int, ckpt: Path) -> TrainingInterrupted:
+    """The interruption of a sharded run, which saves no checkpoint (sharding.py says why)."""
+    where = (f"--resume continues from the last periodic checkpoint in {ckpt}" if (ckpt / "state.json").exists()
+             else "no periodic checkpoint was written (checkpoint_every)")
+    return TrainingInterrupted(f"interrupted ({signal.Signals(signum).name}) after step {completed}; a sharded "
+                               f"run (sharding=fsdp) saves no checkpoint on an interrupt: {where}", signum)
 
 
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -458,7 +511,7 @@ def _optimizer_step(model, optimizer, batch: dict, loss_fn, cfg: TrainingConfig,
     reduced = mean_over_processes({k: v for k, v in totals.items() if k != "_tokens"}, accelerator)
     totals.update({k: v * accelerator.num_processes if k in COUNT_METRICS else v for k, v in reduced.items()})
     if cfg.max_grad_norm:
-        totals["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        totals["grad_norm"] = sharding.as_float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return totals

@@ -253,7 +253,7 @@ def train_student(kind: str, cfg: DistillConfig, recipe: Recipe, seed: int, out:
                                      recipe.max_new_tokens, seed, cfg.sample_every)
     resume = resume and (out / CHECKPOINT / "state.json").exists()
     result = train(student, batch_fn, recipe.loss_fn, dataclasses.replace(cfg, seed=seed), out, resume=resume,
-                   desc=f"{kind} seed {seed}")
+                   desc=f"{kind} seed {seed}", batch_reads_model=recipe.on_policy_prompts is not None)
     training_curve(result.history, out / "training_curve.png", f"{kind} student, seed {seed}")
     evaluation = evaluate(student)
     steps = {"step_accuracy": evaluation["step_accuracy"]} if "step_accuracy" in evaluation else {}  # world problems

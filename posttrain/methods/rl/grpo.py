@@ -80,8 +80,8 @@ from posttrain.world.answers import answer_rewards
 from posttrain.heldout import run_prompts
 from posttrain.rollouts import forward_logprobs, reference_logprobs, reward_function
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
-                                make_accelerator, make_optimizer, prepare_for_losses,
-                                share_of_all_processes)
+                                make_accelerator, make_optimizer, prepare_for_losses, prepare_trained,
+                                shard_for_training, share_of_all_processes)
 
 
 @dataclasses.dataclass
@@ -189,11 +189,12 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     rows = cfg.prompts_per_step * cfg.num_generations
     updates = cfg.steps * cfg.epochs * -(-rows // cfg.batch_size)
+    prepare_for_losses(model, cfg, reference)  # packed updates and reference passes
+    policy = model  # for sampling and evaluation: no gradient sync there
+    model = shard_for_training(policy, cfg, accelerator)  # itself, or its sharded copy (sharding=fsdp)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
-    prepare_for_losses(model, cfg, reference)  # packed updates and reference passes
-    model, optimizer = accelerator.prepare(model, optimizer)
-    policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
+    model, optimizer = prepare_trained(accelerator, model, optimizer)
     compiled = compiled_forward(policy, cfg.compile)
     if reference is not None:
         reference.to(accelerator.device)

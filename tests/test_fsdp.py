@@ -1,0 +1,147 @@
+"""`sharding=fsdp`: FSDP2 over two CPU processes (gloo, torchrun) trains as one process does, saves the same
+Hugging Face folder, and resumes from its gathered checkpoint; one process ignores it; a bad value is one line.
+
+SFT and DPO (with LoRA adapters sharded inside their decoder layers) follow the single process's loss and
+gradient-norm curves and end with its weights. GRPO's ranks sample their own prompts, so two processes never
+equal one: its sharded run equals the two-process DDP run instead, sampling and measuring on the gathered policy.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain import cli, lora, sharding
+from posttrain.errors import UserError
+from posttrain.onpolicy import check_sharding_wired
+from tests.conftest import random_model
+from tests.test_distributed import dpo_data, grad_norms, losses, sft_data
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "posttrain"]
+
+
+def torchrun(args, out):
+    launched = subprocess.run([*TORCHRUN, *args, "--output-dir", str(out)], capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def assert_same_weights(one, two, atol):
+    first, second = weights(one), weights(two)
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=atol, msg=name)
+
+
+def assert_same_curves(one, two):
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    assert grad_norms(two) == pytest.approx(grad_norms(one), rel=1e-4)
+
+
+def resume_from_checkpoint_of(run_dir, args, out):
+    """A fresh folder holding only `run_dir`'s kept checkpoint, as a killed run leaves it, resumed there."""
+    out.mkdir()
+    shutil.copytree(run_dir / "checkpoint", out / "checkpoint")
+    torchrun([*args, "--resume"], out)
+
+
+def test_a_bad_sharding_value_stops_in_one_line(tmp_path, tiny_model_dir, capsys):
+    args = ["sft", "--model", str(tiny_model_dir), "--data", sft_data(tmp_path / "train.jsonl"), "sharding=zero3",
+            "--output-dir", str(tmp_path / "run")]
+    assert cli.main(args) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "'sharding'" in lines[0] and "ddp, fsdp" in lines[0] and "zero3" in lines[0]
+
+
+def test_one_process_ignores_fsdp_and_runs_as_before(tmp_path, tiny_model_dir):
+    data = sft_data(tmp_path / "train.jsonl")
+    args = ["sft", "--model", str(tiny_model_dir), "--data", data, "steps=3", "batch_size=8", "log_every=1"]
+    assert cli.main([*args, "--output-dir", str(tmp_path / "ddp")]) == 0
+    assert cli.main([*args, "sharding=fsdp", "--output-dir", str(tmp_path / "fsdp")]) == 0
+    plain, sharded = ((tmp_path / run / "metrics.jsonl").read_text() for run in ("ddp", "fsdp"))
+    assert sharded == plain
+    assert not sharding.active(SimpleNamespace(sharding="fsdp"), SimpleNamespace(num_processes=1))
+
+
+def test_decoder_layers_are_the_models_no_split_modules_with_their_adapters(tokenizer):
+    model = random_model(tokenizer, layers=3)
+    lora.inject(model, ["q_proj", "v_proj"], 4, 8, seed=0)
+    layers = sharding.decoder_layers(model)
+    assert layers == list(model.model.layers) and len(layers) == 3
+    assert any(p.requires_grad for p in layers[0].parameters())  # the adapters are sharded with their layer
+
+
+def test_a_method_that_does_not_shard_refuses_fsdp_on_several_processes():
+    run = SimpleNamespace(name="ppo", cfg=SimpleNamespace(sharding="fsdp"), model=torch.nn.Linear(2, 2),
+                          accelerator=SimpleNamespace(num_processes=2))
+    with pytest.raises(UserError, match="sharding=fsdp is not available for ppo"):
+        check_sharding_wired(run)
+    run.accelerator.num_processes = 1
+    check_sharding_wired(run)
+
+
+def test_sharded_sft_matches_one_process_and_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
+    """A checkpoint after step 4 of 6, kept: the sharded run gathers weights and AdamW's state whole into it, and
+    a resumed run shards them back and ends where the uninterrupted one did."""
+    args = ["sft", "--model", str(tiny_model_dir), "--data", sft_data(tmp_path / "train.jsonl"), "steps=6",
+            "batch_size=8", "log_every=1", "lr=3e-3", "warmup_steps=1", "sharding=fsdp", "checkpoint_every=4"]
+    single, sharded, resumed = tmp_path / "single", tmp_path / "sharded", tmp_path / "resumed"
+    assert cli.main([*args, "--output-dir", str(single)]) == 0
+    torchrun([*args, "keep_checkpoint=true"], sharded)
+    assert_same_curves(single, sharded)
+    assert losses(single)[-1] < losses(single)[0]
+    assert_same_weights(single, sharded, atol=1e-5)
+    assert json.loads((sharded / "model" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert json.loads((sharded / "checkpoint" / "state.json").read_text())["step"] == 4
+    resume_from_checkpoint_of(sharded, args, resumed)
+    assert [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()] == [5, 6]
+    assert_same_weights(sharded, resumed, atol=1e-6)
+
+
+def test_sharded_dpo_with_lora_matches_one_process(tmp_path, tiny_model_dir):
+    args = ["dpo", "--model", str(tiny_model_dir), "--data", dpo_data(tmp_path / "pairs.jsonl"), "steps=5",
+            "batch_size=8", "log_every=1", "lr=1e-3", "warmup_steps=1", "eval_every=0", "beta=0.5", "lora_r=4",
+            "sharding=fsdp"]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert cli.main([*args, "--output-dir", str(single)]) == 0
+    torchrun(args, sharded)
+    assert_same_curves(single, sharded)
+    assert_same_weights(single, sharded, atol=1e-5)
+    assert (sharded / "adapter" / "adapter_model.safetensors").exists()
+
+
+VOWELS = '''
+def vowels(prompts, completions, answers, **columns):
+    return [sum(ch in "aeiou" for ch in c) / (1 + len(c)) for c in completions]
+'''
+
+
+def test_sharded_grpo_equals_two_process_ddp_and_resumes(tmp_path, tiny_model_dir):
+    """A reward that differs between a random model's completions, so the updates move the weights; a held-out
+    measurement at step 2 and every rollout batch sample from the gathered policy."""
+    prompts, reward = tmp_path / "prompts.jsonl", tmp_path / "reward.py"
+    prompts.write_text("".join(json.dumps({"prompt": f"Q: {a}+{b}\n", "answer": str(a + b)}) + "\n"
+                               for a in range(1, 6) for b in range(1, 6)))
+    reward.write_text(VOWELS)
+    args = ["grpo", "--model", str(tiny_model_dir), "--data", str(prompts), f"reward={reward}:vowels", "steps=3",
+            "prompts_per_step=4", "num_generations=4", "batch_size=8", "eval_every=2", "eval_problems=4",
+            "kl_problems=4", "max_new_tokens=12", "lr=1e-3", "warmup_steps=0", "checkpoint_every=2"]
+    ddp, sharded, resumed = tmp_path / "ddp", tmp_path / "sharded", tmp_path / "resumed"
+    torchrun(args, ddp)
+    torchrun([*args, "sharding=fsdp", "keep_checkpoint=true"], sharded)
+    assert_same_curves(ddp, sharded)
+    assert logged_kl(sharded) == pytest.approx(logged_kl(ddp), rel=1e-4) and logged_kl(sharded)[-1] > 0
+    assert_same_weights(ddp, sharded, atol=1e-5)
+    resume_from_checkpoint_of(sharded, [*args, "sharding=fsdp"], resumed)
+    assert_same_weights(sharded, resumed, atol=1e-6)
+
+
+def logged_kl(run_dir):
+    return [json.loads(line)["kl"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
