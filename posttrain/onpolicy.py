@@ -37,7 +37,7 @@ from posttrain.io import JsonlWriter, read_json, recover_dir
 from posttrain.rewards import warn_if_all_zero
 from posttrain.rollouts import Rollouts, completion_stats, step_rollouts
 from posttrain.training import (CHECKPOINT, interrupted_sharded, interrupts_held, load_checkpoint,
-                                mean_over_processes, save_checkpoint)
+                                mean_over_processes, save_checkpoint, sum_over_processes)
 
 PROGRESS = "progress.json"  # in the checkpoint: the loop's own state beside the weights and optimizer
 
@@ -64,6 +64,7 @@ class OnPolicy:
     rollout_metrics: Callable[[Rollouts], dict] = lambda rollouts: {}  # what the method reports of a batch
     postfix: Callable[[dict], dict] = lambda metrics: {}  # the progress bar's figures
     trained: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)  # beside the policy (value head)
+    refills: int = 0  # dynamic sampling (DAPO): refill batches replacing groups whose rewards agree (0: off)
 
 
 @dataclasses.dataclass
@@ -71,10 +72,11 @@ class Progress:
     """The loop's state: what a checkpoint holds beside the weights, the optimizer and the scheduler."""
 
     step: int = 0  # rollout batches done
-    frontier: list = dataclasses.field(default_factory=list)  # held-out {step, accuracy, kl} points so far
+    frontier: list = dataclasses.field(default_factory=list)  # held-out {step, accuracy, kl, samples} points so far
     tokens: int = 0  # tokens of the rollouts trained on
     elapsed: float = 0.0  # seconds of the loop, over every resumed part
     all_rewards_zero: bool = False  # the first rollout batch earned no reward at all
+    samples: int = 0  # completions sampled for training so far, over all processes
 
 
 def train_on_policy(run: OnPolicy, out: Path, start_point: dict, resume: bool) -> tuple[list[dict], Progress]:
@@ -137,20 +139,25 @@ def one_step(run: OnPolicy, step: int, progress: Progress) -> dict:
         rollouts = step_rollouts(run.policy, run.tokenizer, run.prompts, run.answers, step, cfg.prompts_per_step,
                                  num_samples=run.samples_per_prompt, max_new_tokens=run.held_out.max_new_tokens,
                                  temperature=cfg.temperature, seed=cfg.seed, reward_fn=run.reward_fn,
-                                 accelerator=run.accelerator, decode=cfg.rollout_decode)
+                                 accelerator=run.accelerator, decode=cfg.rollout_decode, refills=run.refills,
+                                 steps=cfg.steps)
     if step == 0:
         progress.all_rewards_zero = warn_if_all_zero(rollouts.rewards.tolist(), f"{run.name}'s first rollout batch")
     with interrupts_held():  # the update, the scheduler and the count of batches done move together
         metrics = run.update(rollouts)
         progress.step = step + 1
         progress.tokens += int(rollouts.batch["attention_mask"].sum())
+        drawn = int(sum_over_processes(torch.tensor(rollouts.samples_drawn, device=run.accelerator.device),
+                                       run.accelerator))
+        progress.samples += drawn
     metrics = mean_over_processes({**metrics, **run.rollout_metrics(rollouts), **completion_stats(rollouts)},
                                   run.accelerator)
-    metrics = {"step": step + 1, **metrics, "lr": run.scheduler.get_last_lr()[0]}
+    metrics = {"step": step + 1, **metrics, "samples_drawn": drawn, "lr": run.scheduler.get_last_lr()[0]}
     if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
         with sharding.gathered(run.policy, run.model):
             point = run.held_out.measure(run.policy, run.tokenizer, run.reference)
-        progress.frontier.append({"step": step + 1, "accuracy": point["accuracy"], "kl": point["kl"]})
+        progress.frontier.append({"step": step + 1, "accuracy": point["accuracy"], "kl": point["kl"],
+                                  "samples": progress.samples})
         metrics.update({"eval/accuracy": point["accuracy"], "eval/kl": point["kl"]})
     return metrics
 

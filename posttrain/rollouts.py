@@ -107,6 +107,8 @@ class Rollouts:
     rewards: torch.Tensor  # (N,); zeros when nothing scored them
     batch: dict  # input_ids, attention_mask, labels: (N, T)
     stopped: list[bool]  # ended with EOS (False: cut at max_new_tokens)
+    samples_drawn: int = 0  # completions sampled to make this batch (with dynamic sampling: more than N)
+    groups_dropped: int = 0  # prompt groups sampled but left out, their rewards all equal (dynamic sampling)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -139,14 +141,52 @@ def rollout_seed(seed: int, step: int, accelerator) -> int:
 
 def step_rollouts(policy, tokenizer, prompts: list[str], answers: list[str], step: int, prompts_per_step: int, *,
                   num_samples: int, max_new_tokens: int, temperature: float, seed: int, reward_fn: RewardFn,
-                  accelerator, decode: str = "dynamic") -> Rollouts:
+                  accelerator, decode: str = "dynamic", refills: int = 0, steps: int = 0) -> Rollouts:
     """This rank's rollouts of training step `step` (PPO and GRPO): its share of the step's prompts (of the
-    run's `training_prompts`), sampled and scored."""
-    window = slice(step * prompts_per_step, (step + 1) * prompts_per_step)
-    share = rank_share(prompts[window], accelerator), rank_share(answers[window], accelerator)
-    return sample_rollouts(policy, tokenizer, *share, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                           temperature=temperature, seed=rollout_seed(seed, step, accelerator), reward_fn=reward_fn,
-                           decode=decode)
+    run's `training_prompts`), sampled and scored.
+
+    With `refills` > 0, DAPO's dynamic sampling (Yu et al. 2025, Sec. 3.2; verl's `filter_groups`): groups whose
+    rewards all agree carry no advantage, so they are dropped and up to `refills` more batches are sampled
+    until the step holds its share of informative groups. Refill r of step s is the rollout batch of the
+    virtual step r * steps + s (its prompt window and its seed; `prompts` holds (refills + 1) * steps windows),
+    so a resumed run draws the same refills. Departure: where verl stops with an error once its refills are
+    spent, the batch is filled up with the dropped groups, in the order drawn, and trains on."""
+    def batch(at: int) -> Rollouts:
+        window = slice(at * prompts_per_step, (at + 1) * prompts_per_step)
+        share = rank_share(prompts[window], accelerator), rank_share(answers[window], accelerator)
+        return sample_rollouts(policy, tokenizer, *share, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                               temperature=temperature, seed=rollout_seed(seed, at, accelerator),
+                               reward_fn=reward_fn, decode=decode)
+
+    first = batch(step)
+    if not refills:
+        return first
+    wanted = len(first.texts) // num_samples  # this rank's groups per step
+    drawn = [first]
+    while len(informative_groups(drawn, num_samples)) < wanted and len(drawn) <= refills:
+        drawn.append(batch(len(drawn) * steps + step))
+    return informative_batch(drawn, num_samples, wanted, tokenizer.pad_token_id)
+
+
+def informative_groups(drawn: list[Rollouts], group_size: int) -> list[tuple[int, int]]:
+    """(batch, group) of every group among the `drawn` batches whose rewards are not all equal, in order."""
+    return [(b, g) for b, rollouts in enumerate(drawn)
+            for g, rewards in enumerate(rollouts.rewards.view(-1, group_size)) if rewards.max() > rewards.min()]
+
+
+def informative_batch(drawn: list[Rollouts], group_size: int, wanted: int, pad_id: int) -> Rollouts:
+    """The first `wanted` informative groups of the `drawn` batches, topped up with uninformative ones (in the
+    order drawn) when too few were found, as one batch; it counts every completion drawn and the groups left
+    out."""
+    informative = informative_groups(drawn, group_size)
+    everything = [(b, g) for b, rollouts in enumerate(drawn) for g in range(len(rollouts.texts) // group_size)]
+    chosen = (informative + [bg for bg in everything if bg not in informative])[:wanted]
+    rows = [(b, g * group_size + i) for b, g in chosen for i in range(group_size)]
+    sampled = sum(len(rollouts.texts) for rollouts in drawn)
+    return Rollouts([drawn[b].prompts[i] for b, i in rows], [drawn[b].texts[i] for b, i in rows],
+                    torch.stack([drawn[b].rewards[i] for b, i in rows]),
+                    pad_batch([drawn[b].row(i) for b, i in rows], pad_id), [drawn[b].stopped[i] for b, i in rows],
+                    samples_drawn=sampled, groups_dropped=sampled // group_size - wanted)
 
 
 def sample_rollouts(model, tokenizer, prompts: list[str], answers: list[str] | None = None, *, num_samples: int,
@@ -162,7 +202,7 @@ def sample_rollouts(model, tokenizer, prompts: list[str], answers: list[str] | N
     else:
         scores = reward_fn(row_prompts, samples.texts, [a for a in answers for _ in range(num_samples)])
     return Rollouts(row_prompts, samples.texts, torch.tensor(scores, dtype=torch.float32),
-                    pad_batch(rows, tokenizer.pad_token_id), samples.stopped)
+                    pad_batch(rows, tokenizer.pad_token_id), samples.stopped, samples_drawn=len(rows))
 
 
 def forward_logprobs(model, batch: dict, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

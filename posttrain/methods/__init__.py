@@ -9,6 +9,11 @@ model (a folder or hub id) gets, in their place, the module's optional `USER_DEF
 model or `--data`: e.g. lora's one adapter instead of its rank sweep) and `LARGE_MODEL` (with a user's
 model over LARGE_MODEL_PARAMS parameters: TRL's learning rates), each only for keys the YAML file, the
 preset and the command line leave unset.
+
+GRPO's named variants (rloo, reinforce-pp, dapo, gspo) are thin modules of data: a GRPOConfig subclass
+holding the method's published settings as its defaults and its name (`METHOD`), GRPO's QUICK and PRESETS,
+and `run = grpo.run`, which names the run, its summary and plots after the config's METHOD. Every key of the
+variant stays a GRPO key a user can set; its steps, prompts and generations stay GRPO's (equal samples).
 """
 from __future__ import annotations
 
@@ -97,6 +102,14 @@ METHODS = {m.name: m for m in [
            PREFERENCE_RECORDS),
     Method("ppo", "rl", "proximal policy optimisation", "posttrain.methods.rl.ppo", ANSWER_RECORDS),
     Method("grpo", "rl", "group relative policy optimisation", "posttrain.methods.rl.grpo", ANSWER_RECORDS),
+    Method("rloo", "rl", "REINFORCE leave-one-out: GRPO with the other completions' mean as baseline",
+           "posttrain.methods.rl.rloo", ANSWER_RECORDS),
+    Method("reinforce-pp", "rl", "REINFORCE++: GRPO with rewards normalised over the whole batch",
+           "posttrain.methods.rl.reinforce_pp", ANSWER_RECORDS),
+    Method("dapo", "rl", "DAPO: clip-higher, dynamic sampling, token-level loss, overlong shaping",
+           "posttrain.methods.rl.dapo", ANSWER_RECORDS),
+    Method("gspo", "rl", "group sequence policy optimisation: one clipped ratio per completion",
+           "posttrain.methods.rl.gspo", ANSWER_RECORDS),
     Method("best-of-n", "test-time", "best-of-N sampling with reward-model selection",
            "posttrain.methods.test_time.best_of_n", ANSWER_RECORDS),
     Method("self-consistency", "test-time", "majority vote over sampled chains of thought",

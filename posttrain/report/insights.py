@@ -145,7 +145,9 @@ def tree_search(s: dict) -> str | None:
 
 SPECIFIC = {"sft": forgetting, "lora": lora, "cot-ft": cot_ft, "instruction": instruction, "distill": distill,
             "reward": reward, "dpo": policy_optimisation("DPO"), "ppo": policy_optimisation("PPO"),
-            "grpo": policy_optimisation("GRPO"), "best-of-n": best_of_n, "self-consistency": self_consistency,
+            "grpo": policy_optimisation("GRPO"), "rloo": policy_optimisation("RLOO"),
+            "reinforce-pp": policy_optimisation("REINFORCE++"), "dapo": policy_optimisation("DAPO"),
+            "gspo": policy_optimisation("GSPO"), "best-of-n": best_of_n, "self-consistency": self_consistency,
             "cot-prompt": cot_prompt, "tree-search": tree_search}
 
 

@@ -1,7 +1,9 @@
-"""Figures of the preference and RL methods: the reward-KL frontier and DPO's beta sweep.
+"""Figures of the preference and RL methods: the reward-KL frontier, DPO's beta sweep and the policy-gradient
+family at equal samples.
 
-Both read only what the runs wrote: each DPO/PPO/GRPO summary.json keeps `metrics.frontier`, a
-list of {step, accuracy, kl} measured on held-out problems during the run (step 0 is the start).
+All read only what the runs wrote: each DPO/PPO/GRPO summary.json keeps `metrics.frontier`, a list of
+{step, accuracy, kl} measured on held-out problems during the run (step 0 is the start); the on-policy runs'
+points also hold `samples`, the completions sampled for training by then.
 """
 from __future__ import annotations
 
@@ -11,7 +13,11 @@ from posttrain.io import read_json
 from posttrain.report.plots import plt, save_figure
 
 RL_METHODS = ("dpo", "ppo", "grpo")
-COLOURS = {"dpo": "tab:blue", "ppo": "tab:orange", "grpo": "tab:green"}
+COLOURS = {"dpo": "tab:blue", "ppo": "tab:orange", "grpo": "tab:green", "rloo": "tab:red",
+           "reinforce-pp": "tab:purple", "dapo": "tab:brown", "gspo": "tab:pink"}
+# The policy-gradient family: GRPO, its named variants and PPO, compared at equal completions sampled.
+PG_FAMILY = ("grpo", "rloo", "reinforce-pp", "dapo", "gspo", "ppo")
+PG_FAMILY_PLOT = "pg_family.png"
 
 
 def latest_runs(folder: Path) -> dict[str, dict]:
@@ -69,3 +75,40 @@ def draw_frontier(out: Path) -> None:
     """Write `<out>/reward_kl_frontier.png` with this run and the newest sibling runs of the other methods."""
     this = read_json(Path(out) / "summary.json")
     reward_kl_frontier({**latest_runs(Path(out).parent), this["method"]: this}, Path(out) / "reward_kl_frontier.png")
+
+
+def family_curves(summaries: dict[str, dict]) -> dict[str, list[tuple[int, float]]]:
+    """method -> its held-out (samples drawn, accuracy) points in order, for each run of the policy-gradient
+    family whose frontier counts samples, in PG_FAMILY's order."""
+    curves = {}
+    for summary in summaries.values():
+        method, points = summary.get("method"), summary.get("metrics", {}).get("frontier", [])
+        counted = sorted((p["samples"], p["accuracy"]) for p in points if p.get("samples") is not None)
+        if method in PG_FAMILY and counted:
+            curves[method] = counted
+    return {m: curves[m] for m in PG_FAMILY if m in curves}
+
+
+def pg_family_plot(curves: dict[str, list[tuple[int, float]]], path) -> None:
+    """Held-out accuracy against completions sampled for training, one line per method of the family: at equal
+    samples, the higher line learned more from what it drew."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, points in curves.items():
+        samples, accuracy = zip(*points)
+        ax.plot(samples, accuracy, "o-", color=COLOURS.get(method),
+                label=f"{method} ({accuracy[0]:.2f} -> {accuracy[-1]:.2f}, {samples[-1]:,} samples)")
+    ax.set_xlabel("completions sampled for training")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_title("The policy-gradient family at equal samples")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def draw_pg_family(summaries: dict[str, dict], folder: Path) -> Path | None:
+    """`<folder>/pg_family.png` when two or more of the family's runs counted their samples; its path, else None."""
+    curves = family_curves(summaries)
+    if len(curves) < 2:
+        return None
+    pg_family_plot(curves, Path(folder) / PG_FAMILY_PLOT)
+    return Path(folder) / PG_FAMILY_PLOT

@@ -48,7 +48,11 @@ model or the user's functions) of the held-out greedy completions, before and af
 GRPO's successors, under TRL's option names where TRL has one (losses/grpo.py, rl/advantages.py):
 `advantage_estimator` grpo | rloo | reinforce++ | reinforce++_baseline (OpenRLHF's name, verl's
 `adv_estimator`); `loss_type` grpo | dapo | dr_grpo | cispo; `epsilon_high` (DAPO's clip-higher);
-`importance_sampling_level=sequence` (GSPO); `overlong_buffer` (DAPO's soft overlong penalty).
+`importance_sampling_level=sequence` (GSPO); `overlong_buffer` (DAPO's soft overlong penalty);
+`dynamic_sampling` (DAPO's: groups whose rewards all agree are dropped and refilled from fresh prompts, at most
+`max_refills` more rollout batches per step; rollouts.step_rollouts). Every run counts the completions it sampled
+(`samples_drawn`, also at each frontier point) so that runs compare at equal samples. `posttrain rloo`,
+`reinforce-pp`, `dapo` and `gspo` are this run under their papers' settings (methods/rl/rloo.py ...).
 
     posttrain grpo advantage_estimator=rloo loss_type=dapo epsilon_high=0.28
     posttrain grpo loss_type=grpo importance_sampling_level=sequence clip_eps=0.0003 epsilon_high=0.0004   # GSPO
@@ -58,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from functools import partial
+from typing import ClassVar
 
 import torch
 
@@ -86,6 +91,7 @@ from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, f
 
 @dataclasses.dataclass
 class GRPOConfig(AdapterConfig, TrainingConfig):
+    METHOD: ClassVar[str] = "grpo"  # the name the run writes (summary, plots): each named variant's own
     model: str = "sft-policy"  # starting policy: sft-policy (shared CoT SFT model), a model folder or hub id
     data: str | None = None  # JSONL of prompt/answer records (a tenth held out); default: world addition problems
     output_dir: str = "runs/grpo"  # where summary.json, metrics.jsonl, plots and the model go
@@ -109,6 +115,8 @@ class GRPOConfig(AdapterConfig, TrainingConfig):
     epsilon_high: float | None = None  # upper clip of the ratio: 1 + this (DAPO: 0.28; default clip_eps), cispo's too
     importance_sampling_level: str = "token"  # token | sequence (GSPO: one ratio per completion)
     overlong_buffer: int = 0  # DAPO's soft penalty over the completion budget's last this many tokens (0: off)
+    dynamic_sampling: bool = False  # DAPO's: drop groups whose rewards all agree, sample more prompts in their place
+    max_refills: int = 3  # dynamic sampling: at most this many more rollout batches per step
     eval_every: int = 15  # steps between held-out accuracy/KL measurements (0: start and end only)
     eval_problems: int = 300  # held-out test problems for accuracy
     kl_problems: int = 100  # held-out prompts whose samples measure KL to the reference
@@ -136,6 +144,8 @@ class GRPOConfig(AdapterConfig, TrainingConfig):
                             f"got advantage_estimator={self.advantage_estimator}; drop scale_rewards")
         if (self.epsilon_high is not None and self.epsilon_high <= 0) or self.overlong_buffer < 0:
             raise UserError("epsilon_high must be > 0 (or unset) and overlong_buffer >= 0")
+        if self.max_refills < 0:
+            raise UserError(f"max_refills must be >= 0 (refill batches of dynamic sampling), got {self.max_refills}")
         if self.beta < 0 or self.clip_eps <= 0 or self.temperature <= 0 or self.epochs < 1:
             raise UserError("beta must be >= 0; clip_eps, temperature and epochs must be > 0")
 
@@ -143,6 +153,10 @@ class GRPOConfig(AdapterConfig, TrainingConfig):
         """The per-token surrogate and the aggregation of the loss (losses/grpo.py) that loss_type names, else
         the clipped surrogate aggregated by loss_aggregation."""
         return LOSS_TYPES[self.loss_type] if self.loss_type else ("clip", self.loss_aggregation or "token")
+
+    def refills(self) -> int:
+        """Refill batches per step that dynamic sampling may draw (0: off)."""
+        return self.max_refills if self.dynamic_sampling else 0
 
 
 def check_choice(key: str, value, choices, optional: bool = False) -> None:
@@ -167,6 +181,9 @@ LARGE_MODEL = {"lr": 1e-6}
 
 
 def run(cfg: GRPOConfig, resume: bool = False) -> dict:
+    """Train by cfg's settings; the run, its summary and plots are named after cfg.METHOD (grpo or a named variant
+    such as rloo or dapo, whose modules reuse this run)."""
+    name = cfg.METHOD
     records = read_prompts(cfg.data, cfg.prompt_field, cfg.answer_field) if cfg.data else None  # bad data fails first
     reward_model = reward_model_path(cfg.reward, cfg.reward_model, cfg.model)  # orm/prm: built on first use
     reward_fn = reward_function(cfg.reward, reward_model, user_prompts=records is not None,
@@ -180,7 +197,8 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     if cfg.lora_r:  # the reference is then the policy with its adapters off: no second model
         lora.inject(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed)
     reference = load_model(start_path)[0].requires_grad_(False) if cfg.beta and not cfg.lora_r else None
-    held_out, prompts, answers = run_prompts(cfg, records, tokenizer, start_path)
+    pool = dataclasses.replace(cfg, steps=cfg.steps * (1 + cfg.refills()))  # dynamic sampling's refill prompts too
+    held_out, prompts, answers = run_prompts(pool, records, tokenizer, start_path)
     probe = GeneralProbe.of(model, tokenizer) if uses_chat_world(tokenizer, cfg.data) else None  # what it loses
     baseline = {**held_out.measure(model, tokenizer, kl=False), **general_nll(probe, model, tokenizer)}
     baseline.update(held_out_reward(reward_fn, baseline, held_answers))
@@ -204,24 +222,26 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
             return optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg, held_out.max_new_tokens)
 
     loop = OnPolicy(
-        "grpo", cfg, cfg.num_generations, model, policy, tokenizer, reference, optimizer, scheduler, accelerator,
+        name, cfg, cfg.num_generations, model, policy, tokenizer, reference, optimizer, scheduler, accelerator,
         held_out, prompts, answers, reward_fn, update,
-        rollout_metrics=lambda rollouts: reward_stats(rollouts.rewards, cfg.num_generations),
-        postfix=lambda m: {"reward": f"{m['reward']:.2f}", "kl": f"{m.get('kl', 0.0):.3f}"})
-    history, progress = train_on_policy(loop, out, {"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0}, resume)
+        rollout_metrics=lambda rollouts: rollout_stats(rollouts, cfg),
+        postfix=lambda m: {"reward": f"{m['reward']:.2f}", "kl": f"{m.get('kl', 0.0):.3f}"}, refills=cfg.refills())
+    start = {"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0, "samples": 0}
+    history, progress = train_on_policy(loop, out, start, resume)
 
     after = {**held_out.measure(policy, tokenizer, reference), **general_nll(probe, policy, tokenizer)}
     after.update(held_out_reward(reward_fn, after, held_answers))
-    frontier = [*progress.frontier, {"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]}]
+    frontier = [*progress.frontier, {"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"],
+                                     "samples": progress.samples}]
     save_policy(policy, tokenizer, out, start_path)
     write_samples(out / "samples.jsonl", after)
     if accelerator.is_main_process:
-        training_curve(history, out / "training_curve.png", "GRPO: mean reward of the rollouts", metric="reward",
-                       eval_metric="eval/accuracy")
+        training_curve(history, out / "training_curve.png", f"{name.upper()}: mean reward of the rollouts",
+                       metric="reward", eval_metric="eval/accuracy")
     metrics = {**headline(after), "all_rewards_zero": progress.all_rewards_zero, "frontier": frontier,
-               "completions_sampled": cfg.steps * rows}
+               "completions_sampled": cfg.steps * rows, "samples_drawn": progress.samples}
     result = TrainResult(history, history[-1], progress.elapsed, progress.tokens / progress.elapsed)
-    summary = write_summary(out, "grpo", cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
+    summary = write_summary(out, name, cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
     remove_checkpoints(out, cfg)
     if accelerator.is_main_process:
         draw_frontier(out)
@@ -301,6 +321,12 @@ def accumulate_gradients(model, batch, rows, old_logp, ref_logp, advantages, mas
             accelerator.backward(loss * weight * rank_share)
         totals = {k: totals.get(k, 0.0) + v * weight for k, v in metrics.items()}
     return totals
+
+
+def rollout_stats(rollouts, cfg: GRPOConfig) -> dict:
+    """reward_stats of the batch trained on; with dynamic sampling also the groups it left out."""
+    dropped = {"groups_dropped": rollouts.groups_dropped} if cfg.dynamic_sampling else {}
+    return {**reward_stats(rollouts.rewards, cfg.num_generations), **dropped}
 
 
 def reward_stats(rewards: torch.Tensor, group_size: int) -> dict:

@@ -187,11 +187,13 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
         held_out, prompts, answers, reward_fn, update,
         postfix=lambda m: {"score": f"{m['objective/scores']:.2f}", "kl": f"{m['objective/kl']:.2f}"},
         trained={"value_head": accelerator.unwrap_model(head)})
-    history, progress = train_on_policy(loop, out, {"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0}, resume)
+    start = {"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0, "samples": 0}
+    history, progress = train_on_policy(loop, out, start, resume)
 
     after = held_out.measure(policy, tokenizer, reference)
     after.update(held_out_reward(reward_fn, after, held_answers))
-    frontier = [*progress.frontier, {"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"]}]
+    frontier = [*progress.frontier, {"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"],
+                                     "samples": progress.samples}]
     save_policy(policy, tokenizer, out, start_path)
     if accelerator.is_main_process:
         save_file(accelerator.unwrap_model(head).state_dict(), str(out / "model" / "value_head.safetensors"))
@@ -200,7 +202,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
         training_curve(history, out / "training_curve.png", "PPO: mean verifier score of the rollouts",
                        metric="objective/scores", eval_metric="eval/accuracy")
     metrics = {**headline(after), "all_rewards_zero": progress.all_rewards_zero, "frontier": frontier,
-               "completions_sampled": cfg.steps * rows}
+               "completions_sampled": cfg.steps * rows, "samples_drawn": progress.samples}
     result = TrainResult(history, history[-1], progress.elapsed, progress.tokens / progress.elapsed)
     summary = write_summary(out, "ppo", cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
     remove_checkpoints(out, cfg)
