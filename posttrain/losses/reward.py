@@ -40,7 +40,7 @@ def prm_step_loss(step_logits: torch.Tensor, step_labels: torch.Tensor, mask: to
     per_step = F.binary_cross_entropy_with_logits(step_logits, step_labels.float(), reduction="none")  # (B, S)
     n_steps = mask.sum().clamp(min=1)
     loss = (per_step * mask).sum() / n_steps
-    right = ((step_logits > 0) == step_labels.bool()).float()
+    right = ((step_logits > 0) == (step_labels > 0.5)).float()  # soft labels (a share) read as right above 0.5
     return loss, {"prm_loss": loss.item(), "step_accuracy": ((right * mask).sum() / n_steps).item()}
 
 

@@ -1,1 +1,1 @@
-"""RL maths, pure functions of tensors: advantage estimators (GAE, group-normalised, RLOO, REINFORCE++) and KL estimators."""
+"""RL maths, pure functions of tensors: advantage estimators (GAE, group-normalised, RLOO, REINFORCE++), KL estimators and Math-Shepherd process labels."""

@@ -12,6 +12,12 @@ verifier labels each solution right or wrong, the step checker labels each reaso
           for the answer; per-step BCE (Lightman et al. 2023); solution score = min or product of
           the step probabilities (`prm_aggregate`)
 
+The PRM's step labels (`prm_labels`) come from the world's step checker, or without a checker from
+Math-Shepherd (Wang et al. 2024, posttrain/rl/process_labels.py): from the prefix that ends at each step
+the policy samples `mc_rollouts` completions, and the step's label is 1 if any reaches the verified
+answer (hard) or the share that do (soft). Where we depart: the answer's own label is its verdict (no
+completion is left to sample after it), and identical prefixes of different samples are completed once.
+
 Held out (test-split problems, samples of the same policy): ORM pairwise accuracy and AUC; PRM step
 accuracy and first-error localisation (among solutions with a wrong step, how often the first step
 the PRM rejects is the first wrong one); calibration of the PRM's probabilities (reliability plot).
@@ -71,7 +77,8 @@ from posttrain.models import load_model
 from posttrain.records import read_preferences, split_records
 from posttrain.report.reward_plots import hacking_plot, reliability_plot, reward_histograms
 from posttrain.reward_models import (REWARD_MODELS, RewardModel, at_last_token, at_steps, collate, encode,
-                                     new_reward_model)
+                                     new_reward_model, step_end_chars)
+from posttrain.rl.process_labels import MC_LABELS, hard_labels, label_agreement, mc_labels, soft_labels
 from posttrain.world.answers import answer_matches
 from posttrain.training import TrainingConfig, TrainResult, row_count, train
 from posttrain.world import MAIN_SKILL, check_steps, first_error, render, sample_problems, verify
@@ -86,6 +93,9 @@ class RewardConfig(TrainingConfig):
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
     train_problems: int = 192  # training problems (train split)
     samples: int = 4  # solutions sampled per training problem
+    prm_labels: str = "checker"  # PRM step labels: checker (world step checker) | math-shepherd (Monte-Carlo) | both
+    mc_rollouts: int = 8  # math-shepherd: completions sampled from each step prefix (K)
+    mc_label: str = "hard"  # math-shepherd: hard (1 if any completion is right) | soft (the share that are)
     test_problems: int = 64  # held-out problems (test split)
     test_samples: int = 16  # solutions per held-out problem that the ORM and PRM are judged on
     hacking_samples: int = 128  # solutions per held-out problem best-of-N picks from: the hacking curve's largest N
@@ -113,6 +123,9 @@ class RewardConfig(TrainingConfig):
         if self.hacking_samples < self.test_samples:
             raise UserError(f"hacking_samples ({self.hacking_samples}) must be >= test_samples ({self.test_samples}): "
                             "the judged solutions are the first test_samples of each problem's pool")
+        if self.prm_labels not in PRM_LABELS or self.mc_label not in MC_LABELS or self.mc_rollouts < 1:
+            raise UserError(f"prm_labels must be one of {', '.join(PRM_LABELS)}, mc_label one of {', '.join(MC_LABELS)} "
+                            f"and mc_rollouts >= 1 (got {self.prm_labels}, {self.mc_label}, {self.mc_rollouts})")
         if self.temperature <= 0 or self.orm_bce_weight < 0 or self.trainable_layers < 0:
             raise UserError("temperature must be > 0; orm_bce_weight and trainable_layers must be >= 0")
 
@@ -120,7 +133,7 @@ class RewardConfig(TrainingConfig):
 CONFIG = RewardConfig
 # --quick: the smoke-sized twin policy on 2-digit addition.
 QUICK = {"model": "sft-policy-quick", "difficulties": "2", "train_problems": 48, "test_problems": 16,
-         "test_samples": 8, "hacking_samples": 8, "steps": 20, "log_every": 1}
+         "test_samples": 8, "hacking_samples": 8, "steps": 20, "log_every": 1, "mc_rollouts": 4}
 # The real pretrained chat model: an ORM on its own replies to 2-digit additions asked in words (sampled as
 # GRPO samples them, temperature 0.7), the outcome reward model best-of-N selects with on that model.
 PRESETS = {"posttrain:smollm2-135m": {
@@ -141,6 +154,7 @@ class Solution:
     completion: str
     correct: bool
     steps: list[bool]  # per reasoning step: equal to the reference step?
+    answer: str = ""  # the reference answer (world problems), what Math-Shepherd's completions are verified against
 
     @property
     def prm_labels(self) -> list[bool]:
@@ -156,7 +170,7 @@ def sample_solutions(model, tokenizer, cfg: RewardConfig, split: str, n_problems
     texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens_for(tokenizer, problems),
                      temperature=cfg.temperature, num_samples=k, seed=cfg.seed + (split == "test")).texts
     return [Solution(i // k, prompts[i // k], text, bool(verify(prompts[i // k], text, problems[i // k].answer)),
-                     check_steps(problems[i // k], text)) for i, text in enumerate(texts)]
+                     check_steps(problems[i // k], text), problems[i // k].answer) for i, text in enumerate(texts)]
 
 
 def chat_solutions(model, tokenizer, cfg: RewardConfig, split: str, n_problems: int, k: int) -> list[Solution]:
@@ -168,6 +182,55 @@ def chat_solutions(model, tokenizer, cfg: RewardConfig, split: str, n_problems: 
                      num_samples=k, seed=cfg.seed + (split == "test")).texts
     return [Solution(i // k, prompts[i // k], text, bool(answer_matches(text, answers[i // k])), [])
             for i, text in enumerate(texts)]
+
+
+# Where each PRM goes (its folder, and its summary keys' prefix with "-" as "_"), by the labels it learns from.
+PRM_FOLDERS = {"checker": "prm", "math-shepherd": "prm-ms"}
+PRM_LABELS = (*PRM_FOLDERS, "both")
+
+
+def step_prefixes(completion: str) -> list[str]:
+    """The completion up to and including the newline that ends each reasoning step: the prefixes whose
+    last step the PRM judges (reward_models.step_end_chars, `world.completion_steps`' steps)."""
+    return [completion[: end + 1] for end in step_end_chars(completion)]
+
+
+def rollout_outcomes(model, tokenizer, cfg: RewardConfig, solutions: list[Solution]) -> dict[tuple[str, str], torch.Tensor]:
+    """Math-Shepherd's completions: `cfg.mc_rollouts` policy samples from every distinct (prompt, step prefix) of
+    `solutions` in one batched `generate`, each outcome 1.0 when the verifier finds the right answer in prefix +
+    completion: {(prompt, prefix): outcomes (K,)}. The prefix continues the prompt as text, as tree search
+    continues a partial solution; a completion needs at most the longest sampled solution's tokens (+ slack)."""
+    answers = {(s.prompt, prefix): s.answer for s in solutions for prefix in step_prefixes(s.completion)}
+    keys, k = list(answers), cfg.mc_rollouts
+    budget = max(len(tokenizer(s.completion, add_special_tokens=False)["input_ids"]) for s in solutions) + 8
+    texts = generate(model, tokenizer, [q + prefix for q, prefix in keys], max_new_tokens=budget,
+                     temperature=cfg.temperature, num_samples=k, seed=cfg.seed + 2, desc="math-shepherd rollouts").texts
+    return {(q, prefix): torch.tensor([verify(q, prefix + t, answers[q, prefix]) for t in texts[i * k : (i + 1) * k]])
+            for i, (q, prefix) in enumerate(keys)}
+
+
+def math_shepherd_labels(solutions: list[Solution], outcomes: dict, estimate: str) -> list[list[float]]:
+    """Each solution's PRM targets: the hard or soft label (`estimate`) of every step from its completions'
+    outcomes, then the answer's own verdict (nothing is left to complete after it)."""
+    return [[mc_labels(outcomes[s.prompt, prefix], estimate).item() for prefix in step_prefixes(s.completion)]
+            + [float(s.correct)] for s in solutions]
+
+
+def mc_label_report(solutions: list[Solution], outcomes: dict, estimate: str) -> dict:
+    """How the Monte-Carlo labels of the training steps agree with the step checker's (each step of each
+    solution counted, as the PRM trains on them), and the mean soft label of the steps it calls right and wrong."""
+    pairs = [(outcomes[s.prompt, prefix], ok) for s in solutions for prefix, ok in zip(step_prefixes(s.completion), s.steps)]
+    if not pairs:  # a policy that writes no steps: nothing to compare
+        return {"mc_label_agreement": None, "mc_labels": {"estimate": estimate, "steps": 0}}
+    found = torch.stack([o for o, _ in pairs])  # (steps, K)
+    checker = torch.tensor([ok for _, ok in pairs])  # (steps,)
+    soft = soft_labels(found)
+    mean = lambda x: x.mean().item() if len(x) else None  # noqa: E731
+    return {"mc_label_agreement": label_agreement(mc_labels(found, estimate), checker),
+            "mc_labels": {"estimate": estimate, "rollouts": found.shape[1], "prefixes": len(outcomes), "steps": len(pairs),
+                          "hard_agreement": label_agreement(hard_labels(found), checker),
+                          "soft_agreement": label_agreement(soft, checker),
+                          "soft_label_of_right_steps": mean(soft[checker]), "soft_label_of_wrong_steps": mean(soft[~checker])}}
 
 
 def by_problem(solutions: list[Solution]) -> list[list[Solution]]:
@@ -265,8 +328,10 @@ def train_orm(cfg: RewardConfig, pairs: list[tuple], name: str, out: Path, resum
     return rm, result
 
 
-def train_prm(cfg: RewardConfig, solutions: list[Solution], out: Path, resume: bool) -> tuple[RewardModel, TrainResult]:
-    """A PRM on every training solution: BCE at each step's newline and at the final token."""
+def train_prm(cfg: RewardConfig, solutions: list[Solution], labels: list[list[float]], name: str, out: Path,
+              resume: bool) -> tuple[RewardModel, TrainResult]:
+    """A PRM on every training solution: BCE at each step's newline and at the final token against `labels`
+    (per solution: each step's, then the answer's; 0/1, or a share for Math-Shepherd's soft labels)."""
     torch.manual_seed(cfg.seed)
     rm = new_reward_model(policy_path(cfg.model), "prm", cfg.prm_aggregate, cfg.head)
     freeze_lower_layers(rm, cfg.trainable_layers)
@@ -277,16 +342,15 @@ def train_prm(cfg: RewardConfig, solutions: list[Solution], out: Path, resume: b
         picks = batch_indices(len(solutions), cfg.batch_size, cfg.seed, step)
         batch = collate([encoded[i] for i in picks], tok.pad_token_id)
         width = batch["steps"].shape[1]
-        batch["step_labels"] = torch.tensor([[float(x) for x in solutions[i].prm_labels] + [0.0] * (width - len(solutions[i].prm_labels))
-                                             for i in picks])
+        batch["step_labels"] = torch.tensor([[float(x) for x in labels[i]] + [0.0] * (width - len(labels[i])) for i in picks])
         return batch
 
     def loss_fn(model, batch):
         loss, metrics = prm_step_loss(at_steps(model(batch), batch), batch["step_labels"], batch["step_mask"])
         return loss, {"loss": loss.item(), **metrics}
 
-    logs = out / "training" / "prm"
-    result = train(rm, batch_fn, loss_fn, cfg, logs, resume=resume and (logs / "checkpoint").exists(), desc="prm",
+    logs = out / "training" / name
+    result = train(rm, batch_fn, loss_fn, cfg, logs, resume=resume and (logs / "checkpoint").exists(), desc=name,
                    averages_over=lambda batch: int(batch["step_mask"].sum()))  # the labelled steps
     return rm, result
 
@@ -382,41 +446,90 @@ def hacking_experiment(cfg: RewardConfig, proxy: RewardModel, orm: RewardModel, 
     return result
 
 
+def label_sources(prm_labels: str) -> list[str]:
+    """The label sources a PRM is trained on: `prm_labels`, or both checker and math-shepherd."""
+    return list(PRM_FOLDERS) if prm_labels == "both" else [prm_labels]
+
+
+def train_prms(cfg: RewardConfig, train_set: list[Solution], outcomes: dict | None, out: Path,
+               resume: bool) -> dict[str, tuple[RewardModel, TrainResult]]:
+    """One PRM per label source of `cfg.prm_labels`, by folder name: prm/ on the checker's labels, prm-ms/ on
+    Math-Shepherd's from the completion `outcomes`."""
+    labels = {"checker": lambda: [s.prm_labels for s in train_set],
+              "math-shepherd": lambda: math_shepherd_labels(train_set, outcomes, cfg.mc_label)}
+    return {PRM_FOLDERS[source]: train_prm(cfg, train_set, labels[source](), PRM_FOLDERS[source], out, resume)
+            for source in label_sources(cfg.prm_labels)}
+
+
+def evaluate_prms(prms: dict, test: list[Solution], out: Path) -> tuple[dict, dict]:
+    """Each PRM's held-out metrics against the checker (prm/'s as `prm_*`, prm-ms/'s as `prm_ms_*`), its
+    reliability plot, and its solution scores by histogram label."""
+    metrics, scores = {}, {}
+    for name, (prm, _) in prms.items():
+        found = evaluate_prm(prm, test)
+        scores["PRM score" if name == "prm" else "PRM score (Math-Shepherd labels)"] = found.pop("_scores")
+        reliability_plot(found.pop("_step_calibration"), out / f"{name}_reliability.png")
+        prefix = name.replace("-", "_") + "_"
+        metrics.update({prefix + key.removeprefix("prm_"): value for key, value in found.items()})
+    return metrics, scores
+
+
+def require_checker_labels(cfg: RewardConfig, what: str) -> None:
+    """Runs without step-by-step solutions train no PRM: a Math-Shepherd setting there is a mistake."""
+    if cfg.prm_labels != "checker":
+        raise UserError(f"prm_labels={cfg.prm_labels}: {what} trains an ORM only, with no reasoning steps to label; "
+                        "drop prm_labels (Math-Shepherd labels need the world's chain-of-thought solutions)")
+
+
 def run(cfg: RewardConfig, resume: bool = False) -> dict:
+    """ORM, PRM(s) and the hacking experiment on the policy's own solutions (the module docstring).
+
+    `prm_labels` picks the PRM's step labels: `checker` (the world's step checker, prm/), `math-shepherd`
+    (Monte-Carlo labels from `mc_rollouts` completions of every step prefix of the training solutions,
+    `mc_label` hard or soft estimation, prm-ms/), or `both`: one run trains both PRMs on the same solutions
+    and judges both on the same held-out samples against the checker (`prm_*` and `prm_ms_*`), the cheaper
+    way to compare them; best-of-N and tree search read prm-ms/ as the reward model kind `prm-ms`. With
+    Math-Shepherd labels the summary also has `mc_label_agreement`: the share of training steps whose MC
+    label (read right when > 0.5) equals the checker's, and `mc_labels` with the detail.
+    """
     if cfg.data:
+        require_checker_labels(cfg, "--data")
         return run_on_preferences(cfg, read_preferences(cfg.data), resume)
     out = prepare_output(cfg.output_dir, resume)
     policy, tokenizer = load_model(policy_path(cfg.model))
     if uses_chat_world(tokenizer, cfg.data):
+        require_checker_labels(cfg, "a chat model (bare answers, no steps)")
         return run_on_chat_world(cfg, policy, tokenizer, out, resume)
     train_set = sample_solutions(policy, tokenizer, cfg, "train", cfg.train_problems, cfg.samples)
+    outcomes = rollout_outcomes(policy, tokenizer, cfg, train_set) if cfg.prm_labels != "checker" else None
     pool = sample_solutions(policy, tokenizer, cfg, "test", cfg.test_problems, cfg.hacking_samples)
     test = first_of_each(pool, cfg.test_samples)
     _, baseline = likelihood_baseline(policy, tokenizer, test)
     del policy
     orm, orm_run = train_orm(cfg, triples(correctness_pairs(train_set)), "orm", out, resume, cfg.orm_bce_weight)
-    prm, prm_run = train_prm(cfg, train_set, out, resume)
+    prms = train_prms(cfg, train_set, outcomes, out, resume)
     # the flawed rater's preferences alone: it never sees the verifier (no BCE on correctness)
     proxy, proxy_run = train_orm(dataclasses.replace(cfg, steps=cfg.proxy_steps), triples(length_biased_pairs(train_set)),
                                  "proxy", out, resume)
 
-    orm_eval, prm_eval = evaluate_orm(orm, test), evaluate_prm(prm, test)
+    orm_eval = evaluate_orm(orm, test)
+    prm_eval, prm_scores = evaluate_prms(prms, test, out)
     hacking = hacking_experiment(cfg, proxy, orm, pool)
-    for rm, name in ((orm, "orm"), (prm, "prm"), (proxy, "proxy")):
+    saved = {"orm": orm, **{name: prm for name, (prm, _) in prms.items()}, "proxy": proxy}
+    for name, rm in saved.items():
         rm.save(out / name)
-    reward_histograms(test, {"ORM reward": orm_eval.pop("_scores"), "PRM score": prm_eval.pop("_scores")},
-                      out / "reward_distributions.png")
-    reliability_plot(prm_eval.pop("_step_calibration"), out / "prm_reliability.png")
+    reward_histograms(test, {"ORM reward": orm_eval.pop("_scores"), **prm_scores}, out / "reward_distributions.png")
     hacking_plot(hacking, out / "reward_hacking.png")
 
     correct = [s.correct for s in test]
-    metrics = {**orm_eval, **prm_eval, "accuracy": orm_eval["orm_pair_accuracy"], "hacking": hacking,
+    labels = mc_label_report(train_set, outcomes, cfg.mc_label) if outcomes is not None else {}
+    metrics = {**orm_eval, **prm_eval, **labels, "accuracy": orm_eval["orm_pair_accuracy"], "hacking": hacking,
                "train_solutions": len(train_set), "train_solution_accuracy": sum(s.correct for s in train_set) / len(train_set),
                "test_solutions": len(test), "test_solution_accuracy": sum(correct) / len(correct)}
-    time_s = orm_run.time_s + prm_run.time_s + proxy_run.time_s
+    time_s = orm_run.time_s + sum(r.time_s for _, r in prms.values()) + proxy_run.time_s
     result = TrainResult(orm_run.history, orm_run.final_metrics, time_s, orm_run.tokens_per_s)
     return write_summary(out, "reward", cfg, metrics, baseline, orm, result,
-                         reward_models={name: str(out / name) for name in ("orm", "prm", "proxy")})
+                         reward_models={name: str(out / name) for name in saved})
 
 
 def run_on_chat_world(cfg: RewardConfig, policy, tokenizer, out: Path, resume: bool) -> dict:

@@ -47,7 +47,7 @@ from posttrain.reward_models import load_reward_model
 from posttrain.rollouts import POLICIES
 from posttrain.training import TrainResult
 
-REWARD_MODELS = ("orm", "prm")
+REWARD_MODELS = ("orm", "prm", "prm-ms")  # prm-ms: the PRM on Math-Shepherd labels (`posttrain reward prm_labels=...`)
 
 
 class NoRewardModels(UserError):
@@ -121,8 +121,8 @@ def ordering(curves: dict, ns: list[int]) -> dict:
         return [n for n, x, y in zip(ns, curves[a], curves[b]) if x > y]
 
     last = ", ".join(f"{name.upper() if name in REWARD_MODELS else name} {round(curves[name][-1], 3)}"
-                     for name in ("prm", "orm", "majority", "oracle") if name in curves)
-    if not all(kind in curves for kind in REWARD_MODELS):
+                     for name in ("prm", "prm-ms", "orm", "majority", "oracle") if name in curves)
+    if not all(kind in curves for kind in ("orm", "prm")):
         return {"summary": f"At N={ns[-1]}: {last}."}
     sentence = (f"At N={ns[-1]}: {last}. PRM beats ORM at N in {wins('prm', 'orm') or 'none'} and majority voting "
                 f"at N in {wins('prm', 'majority') or 'none'}.")
@@ -130,7 +130,7 @@ def ordering(curves: dict, ns: list[int]) -> dict:
 
 
 def reward_model_kinds(rm_dir: Path) -> list[str]:
-    """Which of orm/, prm/ `rm_dir` holds (at least one)."""
+    """Which of orm/, prm/, prm-ms/ `rm_dir` holds (at least one)."""
     kinds = [kind for kind in REWARD_MODELS if (rm_dir / kind).is_dir()]
     if not kinds:
         raise UserError(f"'{rm_dir}' holds no orm/ or prm/ folder (expected the output folder of `posttrain reward`)")

@@ -39,6 +39,7 @@ from posttrain.training import TrainResult
 class TreeSearchConfig:
     model: str = "sft-policy"  # the policy that proposes steps: sft-policy (shared CoT SFT model), a folder or hub id
     reward_models: str = ""  # folder with prm/ from `posttrain reward` ("": the cached stage on the policy)
+    prm: str = "prm"  # the PRM that guides: prm (checker labels) | prm-ms (Math-Shepherd labels, prm_labels=both)
     output_dir: str = "runs/tree-search"  # where summary.json goes
     difficulties: list[int] = dataclasses.field(default_factory=lambda: [4])  # digits of the addition problems
     problems: int = 40  # held-out test problems
@@ -50,6 +51,8 @@ class TreeSearchConfig:
     seed: int = 0  # seeds the test problems and the sampling
 
     def validate(self) -> None:
+        if self.prm not in ("prm", "prm-ms"):
+            raise UserError(f"prm must be prm or prm-ms (the folder of the reward_models output), got '{self.prm}'")
         if min(self.beam_width, self.expansions, self.max_depth, self.problems) < 1 or self.pool < 2:
             raise UserError("beam_width, expansions, max_depth and problems must be >= 1, pool >= 2")
 
@@ -138,7 +141,7 @@ def run(cfg: TreeSearchConfig, resume: bool = False) -> dict:
     del resume  # nothing to resume: no training
     start = time.perf_counter()
     out = prepare_output(cfg.output_dir, resume=False)
-    prm = load_reward_model(reward_model_dir(cfg) / "prm")
+    prm = load_reward_model(reward_model_dir(cfg) / cfg.prm)
     model, tokenizer = load_model(policy_path(cfg.model))
     questions = Questions.world(tokenizer, cfg.difficulties, cfg.problems, cfg.seed)
     prompts, problems = questions.prompts, questions.problems
