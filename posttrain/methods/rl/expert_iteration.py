@@ -18,7 +18,9 @@ Departures from the papers: STaR and ReST-EM fine-tune the original model afresh
 samples; here each round continues from the current policy (cheaper, and what a few short rounds on a small
 model need), each round a call of the shared training loop (training.train: its own AdamW state and warmup).
 STaR's rationalisation (re-asking a failed problem with its answer as a hint) is left out: a prompt with no
-right sample teaches nothing. The kept rows are the sampled token ids themselves (Rollouts.row, laid out as
+right sample teaches nothing. The verifier reads the answer alone, so a sample that reaches the right answer by wrong
+steps is kept too (STaR's false positives); from a policy whose samples are mostly wrong such lucky ones are a
+large share of what is kept, and fine-tuning on them teaches the wrong steps: sample cooler there. The kept rows are the sampled token ids themselves (Rollouts.row, laid out as
 data.encode_pair lays out a demonstration), not their text re-encoded.
 
 Samples against GRPO: a run draws rounds x prompts_per_round x num_generations completions (`samples_drawn` in
@@ -88,9 +90,10 @@ ROUND_RANGES = {"rounds": Range(1), "prompts_per_round": Range(1), "num_generati
                 "max_per_prompt": Range(0), "temperature": Range(0.0, low_open=True)}
 
 CONFIG = ExpertIterationConfig
-# --quick: the smoke-sized twin policy on 2-digit addition.
+# --quick: the smoke-sized twin policy on 2-digit addition. Its samples at temperature 1 are mostly wrong, and
+# many of its right ones reach the answer by wrong steps (the docstring's false positives): it samples cooler.
 QUICK = {"model": "sft-policy-quick", "difficulties": "2", "rounds": 2, "prompts_per_round": 64, "steps": 10,
-         "eval_problems": 100, "kl_problems": 32}
+         "temperature": 0.5, "lr": 5e-5, "eval_problems": 100, "kl_problems": 32}
 # A user's model over LARGE_MODEL_PARAMS parameters (methods/__init__.py): TRL 1.16's SFTConfig learning rate.
 LARGE_MODEL = {"lr": 2e-5}
 
