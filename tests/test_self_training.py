@@ -10,7 +10,7 @@ from posttrain.config import load_config
 from posttrain.data import pad_batch
 from posttrain.errors import UserError
 from posttrain.losses.sft import IGNORE
-from posttrain.methods.rl import expert_iteration, online_dpo
+from posttrain.methods.rl import dpo, expert_iteration, grpo, online_dpo
 from posttrain.methods.rl.dpo import group_pairs
 from posttrain.methods.rl.expert_iteration import verified_rows
 from posttrain.rollouts import Rollouts
@@ -60,6 +60,17 @@ def test_settings_out_of_range_name_the_key():
         load_config(online_dpo.OnlineDPOConfig, None, ["loss_type=kto"])
     with pytest.raises(UserError, match="num_generations"):
         load_config(online_dpo.OnlineDPOConfig, None, ["num_generations=1"])
+
+
+def test_the_defaults_sample_as_much_as_what_they_are_compared_with():
+    """Expert iteration draws GRPO's completions; online DPO draws offline DPO's and takes as many steps."""
+    ei, grpo_cfg = expert_iteration.ExpertIterationConfig(), grpo.GRPOConfig()
+    assert ei.rounds * ei.prompts_per_round * ei.num_generations == \
+        grpo_cfg.steps * grpo_cfg.prompts_per_step * grpo_cfg.num_generations
+    online, offline = online_dpo.OnlineDPOConfig(), dpo.DPOConfig()
+    assert online.rounds * online.prompts_per_round * online.num_generations == \
+        offline.pair_prompts * offline.samples_per_prompt
+    assert online.rounds * online.steps == offline.steps
 
 
 # ---- end to end on a tiny random model and a user's prompt/answer records ------------------------------------------

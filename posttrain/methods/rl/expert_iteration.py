@@ -24,8 +24,8 @@ large share of what is kept, and fine-tuning on them teaches the wrong steps: sa
 data.encode_pair lays out a demonstration), not their text re-encoded.
 
 Samples against GRPO: a run draws rounds x prompts_per_round x num_generations completions (`samples_drawn` in
-summary.json); GRPO draws steps x prompts_per_step x num_generations (its `completions_sampled`). The default
-run draws 3 x 256 x 8 = 6,144 completions, GRPO's 45 x 16 x 8 = 5,760: about the same budget.
+summary.json); GRPO draws steps x prompts_per_step x num_generations (its `completions_sampled`). The defaults
+draw GRPO's: 3 x 240 x 8 = 45 x 16 x 8 = 5,760 completions.
 
 With `--data` (prompt/answer records, as GRPO reads them), the prompts are the user's, a seeded tenth held out
 for the accuracy, and the verifier reads the completion's answer by convention (world/answers.py); a chat
@@ -68,7 +68,7 @@ class ExpertIterationConfig(TrainingConfig):
     prompt_field: str = "prompt"  # the --data field holding the prompt (GSM8K: question)
     answer_field: str = "answer"  # the --data field holding the reference answer
     rounds: int = 3  # sample -> filter -> fine-tune rounds
-    prompts_per_round: int = 256  # fresh training prompts sampled in each round
+    prompts_per_round: int = 240  # fresh training prompts sampled in each round (GRPO's samples: docstring)
     num_generations: int = 8  # completions sampled per prompt
     temperature: float = 1.0  # sampling temperature
     max_per_prompt: int = 0  # keep at most this many distinct right completions of a prompt (0: all)
