@@ -92,8 +92,8 @@ ONLINE_RANGES = {"beta": Range(0.0, low_open=True), "rpo_alpha": Range(0.0), "ro
                  "temperature": Range(0.0, low_open=True)}
 
 CONFIG = OnlineDPOConfig
-# --quick: the smoke-sized twin policy on 2-digit addition, sampled cooler: at temperature 1 its pairs are mostly
-# garbage against garbage (expert_iteration's QUICK says why).
+# --quick: the smoke-sized twin policy on 2-digit addition, sampled cooler: at temperature 1 few of its samples are
+# right, many of those by wrong steps (expert_iteration's docstring).
 QUICK = {"model": "sft-policy-quick", "difficulties": "2", "rounds": 2, "prompts_per_round": 64, "steps": 3,
          "temperature": 0.5, "eval_problems": 100, "kl_problems": 32}
 # A user's model over LARGE_MODEL_PARAMS parameters (methods/__init__.py): TRL 1.16's OnlineDPOConfig learning rate.
