@@ -182,14 +182,15 @@ def frontier_line(line: dict, last_round: bool) -> dict:
 
 def finish(out, method: str, title: str, cfg, model, tokenizer, start_path: str, baseline: dict, after: dict,
            lines: list[dict], timing: TrainResult, metrics: dict) -> dict:
-    """Save the policy, samples.jsonl, training_curve.png (each round's share of right samples and held-out
-    accuracy after it), summary.json with `metrics` beside the shared ones, and the reward-KL frontier."""
+    """Save the policy, samples.jsonl, training_curve.png (each round's share of right samples where it was drawn,
+    and held-out accuracy after it), summary.json with `metrics` beside the shared ones, and the reward-KL frontier."""
     save_policy(model, tokenizer, out, start_path)
     write_samples(out / "samples.jsonl", after)
     if is_main_process():
-        points = [{"step": 0, "accuracy": baseline["accuracy"]},
-                  *({"step": line["step"], "sampled_accuracy": line["sampled_accuracy"], "accuracy": line["accuracy"]}
-                    for line in lines)]
+        sampled = [{"step": line["step"] - cfg.steps, "sampled_accuracy": line["sampled_accuracy"]} for line in lines]
+        held = [{"step": 0, "accuracy": baseline["accuracy"]}, *({"step": line["step"], "accuracy": line["accuracy"]}
+                                                                 for line in lines)]
+        points = sampled + held  # a round's samples are drawn at its first step, measured after its last
         training_curve(points, out / "training_curve.png", f"{title}: share of right samples, held-out accuracy",
                        metric="sampled_accuracy", eval_metric="accuracy")
     metrics = {**headline(after), **metrics, "samples_drawn": sum(line["samples"] for line in lines), "rounds": lines,
