@@ -40,8 +40,8 @@ from posttrain.stages import cached_run, stage_dir, stage_overrides
 # of what is left and the weights of the side-by-side progress bar use them.
 EXPECTED_SECONDS = {"sft": 300, "lora": 170, "cot-ft": 75, "instruction": 80, "distill": 160, "reward": 180,
                     "dpo": 75, "ppo": 140, "grpo": 165, "rloo": 165, "reinforce-pp": 165, "dapo": 200, "gspo": 155,
-                    "best-of-n": 45, "self-consistency": 20, "cot-prompt": 110,
-                    "tree-search": 35}
+                    "expert-iteration": 170, "online-dpo": 100, "best-of-n": 45, "self-consistency": 20,
+                    "cot-prompt": 110, "tree-search": 35}
 QUICK_FACTOR = 0.25
 REAL_MODEL_SECONDS = 900  # a method's budget on the real-model track (its presets are sized to it)
 # A one-thread worker runs a stage at about this share of its speed on two threads (a second thread

@@ -154,18 +154,26 @@ def policy_rollouts(model, tokenizer, cfg, n_prompts: int, max_new_tokens: int, 
 def policy_pairs(model, tokenizer, cfg: DPOConfig, max_new_tokens: int, chat: bool = False) -> tuple[list, dict]:
     """(chosen, rejected) encoded rows from the policy's own samples (`policy_rollouts`), and how they were found."""
     rollouts = policy_rollouts(model, tokenizer, cfg, cfg.pair_prompts, max_new_tokens, chat)
-    pairs, G = [], cfg.samples_per_prompt
-    for start in range(0, len(rollouts.texts), G):
-        group = range(start, start + G)
-        right = list({rollouts.texts[i]: i for i in group if rollouts.rewards[i] == 1}.values())  # distinct texts
-        wrong = list({rollouts.texts[i]: i for i in group if rollouts.rewards[i] == 0}.values())
-        pairs += [(rollouts.row(c), rollouts.row(r)) for c, r in list(zip(right, wrong))[: cfg.pairs_per_prompt]]
+    pairs = group_pairs(rollouts, cfg.samples_per_prompt, cfg.pairs_per_prompt)
     if not pairs:
         raise UserError("no preference pairs: every prompt's samples were all right or all wrong; "
                         "raise samples_per_prompt or temperature")
     info = {"pairs": len(pairs), "sampled_accuracy": rollouts.rewards.mean().item(),
             "completions_sampled": len(rollouts.texts)}
     return pairs, info
+
+
+def group_pairs(rollouts: Rollouts, group_size: int, pairs_per_prompt: int) -> list:
+    """(chosen, rejected) encoded rows of each prompt's group of `group_size` samples (prompt-major): its distinct
+    right (reward 1) and distinct wrong (reward 0) texts zipped in sampling order, at most `pairs_per_prompt`
+    pairs; none from a group whose samples are all right or all wrong."""
+    pairs = []
+    for start in range(0, len(rollouts.texts), group_size):
+        group = range(start, start + group_size)
+        right = list({rollouts.texts[i]: i for i in group if rollouts.rewards[i] == 1}.values())  # distinct texts
+        wrong = list({rollouts.texts[i]: i for i in group if rollouts.rewards[i] == 0}.values())
+        pairs += [(rollouts.row(c), rollouts.row(r)) for c, r in list(zip(right, wrong))[:pairs_per_prompt]]
+    return pairs
 
 
 def pair_tensors(pairs: list, pad_id: int) -> dict:
