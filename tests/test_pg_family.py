@@ -168,7 +168,8 @@ def test_the_report_draws_the_familys_accuracy_against_samples_drawn(tmp_path, m
     assert drawn["grpo"] == [(0, 0.4), (128, 0.5), (256, 0.6)] and drawn["dapo"] == [(0, 0.4), (300, 0.7)]
     assert (tmp_path / rl_plots.PG_FAMILY_PLOT).read_bytes().startswith(b"\x89PNG")
     page = (tmp_path / "report.html").read_text()
-    assert "Policy-gradient family at equal samples" in page and page.count("data:image/png;base64,") == 1
+    assert "Policy-gradient family at equal samples" in page and "Reward-KL frontiers" in page
+    assert page.count("data:image/png;base64,") == 2  # the family and the frontiers: the fake runs have no plots
 
 
 def test_one_family_run_draws_no_comparison(tmp_path):

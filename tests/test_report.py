@@ -126,3 +126,26 @@ def test_test_time_rows_show_inference_cost_and_no_training():
     assert (cells["tokens / problem"], cells["s / problem"]) == (20.0, 0.2)
     assert cells["train time (s)"] is None and cells["trainable params"] is None
     assert cells["gain"] == pytest.approx(0.1)
+
+
+def test_the_report_draws_the_frontiers_of_the_runs_it_is_given(tmp_path, monkeypatch):
+    """The reward-KL frontiers side by side come from the run folder's summaries alone: every run that measured
+    one (dpo, grpo), none that did not (sft), and none from a folder beside it."""
+    from posttrain.report import rl_plots
+
+    def run(folder, name, frontier):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "summary.json").write_text(json.dumps({
+            "method": name, "category": "rl", "baseline": {"accuracy": 0.4}, "time_s": 1.0,
+            "metrics": {"accuracy": 0.5, **({"frontier": frontier} if frontier else {})}}))
+
+    line = [{"step": 0, "accuracy": 0.4, "kl": 0.0}, {"step": 4, "accuracy": 0.5, "kl": 0.2}]
+    run(tmp_path / "runs", "dpo", line)
+    run(tmp_path / "runs", "grpo", line)
+    run(tmp_path / "runs", "sft", None)
+    run(tmp_path / "elsewhere", "ppo", line)
+    drawn, draw = [], rl_plots.reward_kl_frontier
+    monkeypatch.setattr(rl_plots, "reward_kl_frontier",
+                        lambda runs, path: (drawn.append((sorted(runs), path)), draw(runs, path)))
+    assert main(["report", str(tmp_path / "runs")]) == 0
+    assert drawn == [(["dpo", "grpo"], tmp_path / "runs" / "reward_kl_frontier.png")]

@@ -13,7 +13,7 @@ from pathlib import Path
 from posttrain.errors import UserError
 from posttrain.io import read_json, write_text
 from posttrain.report.insights import insights
-from posttrain.report.rl_plots import draw_pg_family
+from posttrain.report.rl_plots import draw_frontiers, draw_pg_family
 from posttrain.report.table import comparison_rows, load_summaries, to_csv, to_markdown
 
 STYLE = """
@@ -57,8 +57,9 @@ QUICK_CAVEAT = ("Smoke-sized run (--quick): quick base models, 2-digit problems 
 
 
 def build_report(run_dir: str | Path) -> Path:
-    """Write `comparison.md`, `comparison.csv`, `report.html` and, when two or more policy-gradient runs are there,
-    `pg_family.png` (rl_plots.draw_pg_family) into `run_dir` from its files alone."""
+    """Write `comparison.md`, `comparison.csv`, `report.html` and, when two or more runs measured them, the
+    methods' reward-KL frontiers side by side (`reward_kl_frontier.png`) and the policy-gradient family at equal
+    samples (`pg_family.png`) into `run_dir`, from its files alone."""
     run_dir = Path(run_dir)
     summaries = load_summaries(run_dir)
     if not summaries:
@@ -74,9 +75,10 @@ def build_report(run_dir: str | Path) -> Path:
         origin += f" <strong>{html.escape(caveat)}</strong>"
     items = "".join(f"<li>{html.escape(text)}</li>" for text in insights(summaries)) or "<li>No method ran.</li>"
     sections = "".join(_method_section(run_dir, n, s) for n, s in summaries.items())
-    family = draw_pg_family(summaries, run_dir)
-    family_html = (f"<h2>Policy-gradient family at equal samples</h2><div class='plots'>{_image(family)}</div>"
-                   if family else "")
+    frontier, family = draw_frontiers(summaries, run_dir), draw_pg_family(summaries, run_dir)
+    family_html = "".join(f"<h2>{title}</h2><div class='plots'>{_image(plot)}</div>" for title, plot in (
+        ("Reward-KL frontiers: held-out accuracy against KL to the start", frontier),
+        ("Policy-gradient family at equal samples", family)) if plot)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>posttrain report</title><style>{STYLE}</style></head>
 <body>

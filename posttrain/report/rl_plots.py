@@ -12,25 +12,11 @@ from pathlib import Path
 from posttrain.io import read_json
 from posttrain.report.plots import plt, save_figure
 
-RL_METHODS = ("dpo", "ppo", "grpo")
 COLOURS = {"dpo": "tab:blue", "ppo": "tab:orange", "grpo": "tab:green", "rloo": "tab:red",
            "reinforce-pp": "tab:purple", "dapo": "tab:brown", "gspo": "tab:pink"}
 # The policy-gradient family: GRPO, its named variants and PPO, compared at equal completions sampled.
 PG_FAMILY = ("grpo", "rloo", "reinforce-pp", "dapo", "gspo", "ppo")
 PG_FAMILY_PLOT = "pg_family.png"
-
-
-def latest_runs(folder: Path) -> dict[str, dict]:
-    """The newest summary of each RL method among the run folders inside `folder`."""
-    found: dict[str, tuple[float, dict]] = {}
-    for path in Path(folder).glob("*/summary.json"):
-        summary = read_json(path)
-        method = summary.get("method")
-        if method in RL_METHODS and "frontier" in summary.get("metrics", {}):
-            mtime = path.stat().st_mtime
-            if method not in found or mtime > found[method][0]:
-                found[method] = (mtime, summary)
-    return {m: found[m][1] for m in RL_METHODS if m in found}
 
 
 def reward_kl_frontier(summaries: dict[str, dict], path) -> None:
@@ -41,7 +27,7 @@ def reward_kl_frontier(summaries: dict[str, dict], path) -> None:
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, summary in summaries.items():
-        points = sorted(summary["metrics"]["frontier"], key=lambda p: p["step"])
+        points = sorted(summary["metrics"]["frontier"], key=lambda p: p["step"])  # each a held-out measurement
         ax.plot([p["kl"] for p in points], [p["accuracy"] for p in points], "o-", color=COLOURS.get(method),
                 label=f"{method.upper()} ({points[0]['accuracy']:.2f} -> {points[-1]['accuracy']:.2f})")
     first = next(iter(summaries.values()), {}).get("config", {})
@@ -72,9 +58,20 @@ def beta_sweep_plot(points: list[dict], path) -> None:
 
 
 def draw_frontier(out: Path) -> None:
-    """Write `<out>/reward_kl_frontier.png` with this run and the newest sibling runs of the other methods."""
+    """Write `<out>/reward_kl_frontier.png`: this run's held-out accuracy against its KL to the start. The
+    methods side by side are the report's (`draw_frontiers`), from the runs it is given."""
     this = read_json(Path(out) / "summary.json")
-    reward_kl_frontier({**latest_runs(Path(out).parent), this["method"]: this}, Path(out) / "reward_kl_frontier.png")
+    reward_kl_frontier({this["method"]: this}, Path(out) / "reward_kl_frontier.png")
+
+
+def draw_frontiers(summaries: dict[str, dict], folder: Path) -> Path | None:
+    """`<folder>/reward_kl_frontier.png` with every run among `summaries` that measured a frontier, when two or
+    more did; its path, else None."""
+    runs = {name: s for name, s in summaries.items() if s.get("metrics", {}).get("frontier")}
+    if len(runs) < 2:
+        return None
+    reward_kl_frontier(runs, Path(folder) / "reward_kl_frontier.png")
+    return Path(folder) / "reward_kl_frontier.png"
 
 
 def family_curves(summaries: dict[str, dict]) -> dict[str, list[tuple[int, float]]]:

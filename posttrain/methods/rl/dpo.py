@@ -16,7 +16,7 @@ Unlike the paper, which uses human preference data and a separately trained SFT 
 are on-policy samples of the shared chain-of-thought SFT policy (posttrain.stages.policy: 4-digit
 addition, right about two times in three) judged by the world's verifier. Held-out accuracy and the KL
 to the reference are measured every `eval_every` steps: the run's points on the reward-KL frontier
-(reward_kl_frontier.png, with sibling PPO/GRPO runs). `beta_sweep=0.03,0.3,1` retrains on the same
+(reward_kl_frontier.png; `posttrain report` draws the methods side by side). `beta_sweep=0.03,0.3,1` retrains on the same
 pairs at each beta and plots accuracy and KL against beta (beta_sweep.png).
 
 Why the defaults are what they are: the policy's own pairs are few (only prompts with both a right

@@ -17,7 +17,7 @@ reference model is kept at all; and `reward=prm` scores each completion with the
 aggregate of its step probabilities (the minimum, from `posttrain reward`) as one outcome-level reward,
 rather than the paper's per-step advantages (Sec. 4.1.3). Every `eval_every` steps the run measures
 held-out accuracy and the KL to the SFT reference: its points on the reward-KL frontier
-(reward_kl_frontier.png, together with sibling DPO/PPO runs).
+(reward_kl_frontier.png; `posttrain report` draws the methods side by side).
 
 With `lora_r` > 0 the policy trains a LoRA update of `lora_targets` (posttrain/lora.py) and the KL
 term's reference is the same model with its adapters switched off (`lora.disabled`): no second copy

@@ -15,7 +15,7 @@ Departures from InstructGPT: the value head shares the policy's trunk (one forwa
 of a separate critic initialised from the reward model, and the default reward is the world's verifier
 (1/0) rather than a learned reward model (`reward=orm` uses the outcome reward model). Every
 `eval_every` steps the run measures held-out accuracy and KL to the SFT reference: its points on the
-reward-KL frontier (reward_kl_frontier.png, together with sibling DPO/GRPO runs).
+reward-KL frontier (reward_kl_frontier.png; `posttrain report` draws the methods side by side).
 
 With `--data` the prompts are the user's (`{"prompt", "answer"}` records), as in GRPO: a seeded tenth held
 out, measured by accuracy and by the mean reward of the run's reward function (`reward`), before and after.
