@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from posttrain.report.plots import plt, save_figure
 
-COLORS = {"orm": "tab:blue", "prm": "tab:green", "majority": "tab:orange", "oracle": "black", "tree search": "tab:purple"}
+COLORS = {"orm": "tab:blue", "prm": "tab:green", "prm-ms": "tab:olive", "majority": "tab:orange", "oracle": "black", "tree search": "tab:purple"}
 
 
 def accuracy_vs_n(ns: list[int], curves: dict[str, list[float]], greedy: float, path, title: str) -> None:
