@@ -105,7 +105,7 @@ def test_dpo_trains_on_conversational_records(tmp_path, tiny_chat_model_dir):
              for word in ("yes", "maybe")]
     data = write(tmp_path, *rows)
     tokenizer = load_model(str(tiny_chat_model_dir))[1]
-    (chosen_ids, chosen_labels), _ = dpo.encode_records(tokenizer, read_preferences(data)[:1])[0]
+    (chosen_ids, chosen_labels), _ = dpo.encode_records(tokenizer, read_preferences(data)[:1])[0][0]
     prompt_ids = [i for i, label in zip(chosen_ids, chosen_labels) if label == IGNORE]
     # the message prompt rendered by the chat template, the reply learnt after it
     assert tokenizer.decode(prompt_ids) == "system: You are a helpful assistant.\nuser: What is 0+0?\nassistant: "

@@ -136,12 +136,21 @@ def test_cot_prompt_with_a_users_model_skips_the_fine_tuned_comparison(tiny_mode
               "finetuned=sft-policy"])
 
 
-@pytest.mark.parametrize("method, key", [("distill", "teacher"), ("best-of-n", "reward_models"),
-                                         ("tree-search", "reward_models")])
+@pytest.mark.parametrize("method, key", [("distill", "teacher"), ("tree-search", "reward_models")])
 def test_a_users_model_fails_fast_naming_the_key_before_any_stage(tiny_model_dir, tmp_path, no_stages, capsys,
                                                                   method, key):
     code, _, err = cli(capsys, method, "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run"))
     assert code == 2 and f"{key}=" in err
+
+
+def test_best_of_n_on_a_users_model_selects_by_majority_without_building_a_reward_model(tiny_model_dir, tmp_path,
+                                                                                         no_stages, capsys):
+    """Without reward_models, best-of-N on a user's model uses the answers it has (the verifier, majority vote)
+    rather than building the embedded world's reward models."""
+    code, _, _ = cli(capsys, "best-of-n", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run"),
+                     "problems=4", "max_n=2", "headline_n=2", "difficulties=1")
+    metrics = json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
+    assert code == 0 and metrics["headline"] == "best-of-2 with majority vote" and "majority" in metrics["by_n"]
 
 
 @pytest.mark.parametrize("method", ["dpo", "grpo", "ppo", "reward", "best-of-n", "self-consistency"])
