@@ -175,8 +175,8 @@ def early_and_late(lines: list[dict], key: str) -> tuple[float, float]:
 
 
 def test_kto_quick_run(capsys, tmp_path):
-    """On the policy's own labelled samples the loss falls. (Held-out accuracy falls too: kto.py's docstring says
-    why; the run records it rather than this test asserting a gain KTO does not make here.)"""
+    """On the quick policy's own labelled samples the loss falls. (Its held-out accuracy falls too, unlike the
+    default run's: kto.py's docstring says why; this test does not assert a gain KTO does not make here.)"""
     summary, lines = quick_run(capsys, "kto", tmp_path)
     early, late = early_and_late(lines, "loss")
     assert late < early

@@ -14,14 +14,14 @@ so the same rollouts give it more examples. The paper suggests weights with
 w_D * n_D / (w_U * n_U) in [1, 4/3]; the defaults are TRL's (both 1) and summary.json records
 n_D and n_U so the ratio can be set from them.
 
-What it shows on the world: the sampled completions are mostly wrong (the right answer is one
-distinct sample, the wrong ones many), and pushing the many wrong ones below the reference point drags
-down the log-probs of the text they share with the right ones (the worked steps' format): the loss
-falls while the right samples' rewards fall too, and held-out accuracy drops below the start policy's.
-Weighting the desirable examples up to balance the counts (w_D n_D = w_U n_U), a lower temperature or a
-larger beta do not prevent it; a learning rate ten times lower keeps the start's accuracy without
-raising it. DPO's margin, a difference of two log-ratios, cancels what right and wrong share, which is
-why DPO gains on the same samples where KTO does not.
+What it shows on the world: from the shared policy KTO raises held-out accuracy as DPO does, at a
+smaller KL. From the quick policy (`--quick`), whose samples at temperature 1 are mostly wrong (the right
+answer is one distinct sample, the wrong ones many), it does not: pushing the many wrong completions
+below the reference point drags down the log-probs of the text they share with the right ones (the
+worked steps' format), the loss falls while the right samples' rewards fall too, and held-out accuracy
+drops below the start's. Weighting the desirable examples up to balance the counts, a lower temperature
+or a larger beta do not prevent it there; a learning rate ten times lower keeps the start's accuracy.
+DPO's margin, a difference of two log-ratios, cancels what right and wrong completions share.
 
 Departures: the paper and TRL pair each example with the completion next to it in its batch; here the
 mismatched partner is fixed once (the next prompt's completions, in turn), so its reference log-prob is
