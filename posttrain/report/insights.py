@@ -107,7 +107,8 @@ def policy_optimisation(name: str):
         if m.get("accuracy") is None or b.get("accuracy") is None:
             return None
         kl = f" at KL {m['kl']:.3f} nats from the policy it started from" if m.get("kl") is not None else ""
-        return f"{name}: held-out accuracy {_change(b['accuracy'], m['accuracy'])}{kl}."
+        drawn = f", {m['samples_drawn']:,} completions sampled" if m.get("samples_drawn") else ""
+        return f"{name}: held-out accuracy {_change(b['accuracy'], m['accuracy'])}{kl}{drawn}."
     return sentence
 
 
@@ -147,8 +148,10 @@ SPECIFIC = {"sft": forgetting, "lora": lora, "cot-ft": cot_ft, "instruction": in
             "reward": reward, "dpo": policy_optimisation("DPO"), "ppo": policy_optimisation("PPO"),
             "grpo": policy_optimisation("GRPO"), "rloo": policy_optimisation("RLOO"),
             "reinforce-pp": policy_optimisation("REINFORCE++"), "dapo": policy_optimisation("DAPO"),
-            "gspo": policy_optimisation("GSPO"), "best-of-n": best_of_n, "self-consistency": self_consistency,
-            "cot-prompt": cot_prompt, "tree-search": tree_search}
+            "gspo": policy_optimisation("GSPO"), "kto": policy_optimisation("KTO"),
+            "orpo": policy_optimisation("ORPO"), "expert-iteration": policy_optimisation("Expert iteration"),
+            "online-dpo": policy_optimisation("Online DPO"), "best-of-n": best_of_n,
+            "self-consistency": self_consistency, "cot-prompt": cot_prompt, "tree-search": tree_search}
 
 
 def generic(name: str, summary: dict) -> str | None:
