@@ -68,6 +68,7 @@ import torch
 
 from posttrain import lora
 from posttrain.chat_world import GeneralProbe, general_nll, uses_chat_world
+from posttrain.config import check_choice
 from posttrain.data import has_chat_template
 from posttrain.errors import UserError
 from posttrain.lora import AdapterConfig
@@ -157,11 +158,6 @@ class GRPOConfig(AdapterConfig, TrainingConfig):
     def refills(self) -> int:
         """Refill batches per step that dynamic sampling may draw (0: off)."""
         return self.max_refills if self.dynamic_sampling else 0
-
-
-def check_choice(key: str, value, choices, optional: bool = False) -> None:
-    if value not in choices and not (optional and value is None):
-        raise UserError(f"{key} must be one of {', '.join(choices)}, got '{value}'")
 
 
 CONFIG = GRPOConfig

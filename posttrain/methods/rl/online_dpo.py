@@ -41,8 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from posttrain.config import Range, check_ranges
-from posttrain.errors import UserError
+from posttrain.config import Range, check_choice, check_ranges
 from posttrain.losses.dpo import DPO_LOSSES
 from posttrain.methods.common import policy_path, prepare_output
 from posttrain.methods.rl.dpo import all_pair_logps, dpo_loss_fn, group_pairs, pair_batches, pair_tensors
@@ -82,8 +81,7 @@ class OnlineDPOConfig(TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.loss_type not in LOSS_TYPES:
-            raise UserError(f"config key 'loss_type' must be one of {', '.join(LOSS_TYPES)}, got '{self.loss_type}'")
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_ranges(self, ONLINE_RANGES)
 
 
