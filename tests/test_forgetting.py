@@ -76,7 +76,8 @@ def test_replay_adds_old_skill_rows_to_the_same_target_rows(tokenizer):
     cfg = load_config(sft.SFTConfig, None, ["batch_size=4", "steps=10", "old_skills=sub,sort"])
     pairs = [render(p, "cot") for p in sample_problems("add", 3, 20, "train", 0)]
     target = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, 4, 0)
-    plain, replay = (sft.variant_batches(cfg, v, target, None, tokenizer) for v in ("plain", "replay:0.5"))
+    setup = sft.VariantSetup(cfg, target, None, tokenizer, anchors=None)
+    plain, replay = (sft.DEFENCES[kind](setup, value)[0] for kind, value in (("plain", 0.0), ("replay", 0.5)))
     for step in (0, 7):
         mixed, alone = replay(step), plain(step)
         assert mixed["input_ids"].shape[0] == 8

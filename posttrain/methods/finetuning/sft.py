@@ -6,6 +6,9 @@
     rehearse:F  replay, with the base model's own greedy answers to old-skill prompts as those rows
               (pseudo-rehearsal, Robins 1995): needs the old prompts, not the old training data
 
+Each defence is a named function in `DEFENCES` (as DPO's losses are in losses/dpo.py): it takes the
+variant's setup and value and returns the batches and the loss the variant trains on.
+
 By default the demonstrations are the world's main task (multi-digit addition) at a difficulty the
 base model fails, written as chain-of-thought solutions. SFT lifts held-out accuracy on that task;
 the price is forgetting. Every world prompt has the same shape (`Q: 34-12`), and a model trained
@@ -144,24 +147,6 @@ PRESETS = {"posttrain:smollm2-135m": {
 # (trl/trainer/sft_config.py); the other settings keep their meaning here, which is not TRL's per-device one.
 LARGE_MODEL = {"lr": 2e-5}
 
-REPLAYS = ("replay", "rehearse")  # variants that mix old-skill rows into the batches
-
-
-def parse_variant(spec: str) -> tuple[str, float]:
-    """`plain` -> ("plain", 0); `l2sp:0.01` -> ("l2sp", 0.01); `replay:0.2` -> ("replay", 0.2)."""
-    kind, _, value = spec.partition(":")
-    try:
-        strength = float(value) if value else 0.0
-    except ValueError:
-        strength = -1.0
-    valid = ((kind == "plain" and not value) or (kind == "l2sp" and strength > 0)
-             or (kind in REPLAYS and 0 < strength < 1))
-    if not valid:
-        raise UserError(f"variant '{spec}': expected plain, l2sp:STRENGTH (> 0), replay:FRACTION or "
-                        "rehearse:FRACTION (FRACTION in (0, 1))")
-    return kind, strength
-
-
 def old_skill_training_problems(cfg: SFTConfig, n: int) -> list:
     """About `n` old-skill training problems, shared equally by the old skills, at each one's easy difficulty."""
     per_skill = -(-n // len(cfg.old_skills))
@@ -195,33 +180,76 @@ def concat_batches(a: dict, b: dict, pad_id: int) -> dict:
     return {k: torch.cat([F.pad(x[k], (0, width - x[k].shape[1]), value=v) for x in (a, b)]) for k, v in fill.items()}
 
 
-def variant_batches(cfg: SFTConfig, spec: str, target: EncodedDataset, base_model, tokenizer):
-    """batch_fn of a variant: the target batch of the step, plus old-skill rows for replay:F and rehearse:F.
-
-    Those add rows instead of replacing target rows, so every variant sees the same target data.
-    """
-    kind, fraction = parse_variant(spec)
-    if kind not in REPLAYS:
-        return target.batch
-    per_batch = max(1, round(cfg.batch_size * fraction / (1 - fraction)))  # F of the rows in each batch
-    n = per_batch * cfg.steps // 2  # each replayed example seen about twice
-    pairs = replay_rows(cfg, n) if kind == "replay" else rehearsal_rows(cfg, n, base_model, tokenizer)
-    replay = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, per_batch, cfg.seed)
-    return lambda step: concat_batches(target.batch(step), replay.batch(step), tokenizer.pad_token_id)
+@dataclasses.dataclass
+class VariantSetup:
+    """What a defence builds its batches and loss from. `base_model` is the model before training (rehearsal
+    asks it for its answers); `anchors` its weights (L2-SP pulls toward them)."""
+    cfg: SFTConfig
+    target: EncodedDataset
+    base_model: object
+    tokenizer: object
+    anchors: dict | None
 
 
-def variant_loss(spec: str, anchors: dict | None):
-    """loss_fn of a variant: masked cross-entropy, plus the L2-SP pull toward the base weights for l2sp:S."""
-    kind, strength = parse_variant(spec)
-    if kind != "l2sp":
-        return causal_lm_loss
+# A defence: (setup, its value from the variant's spec) -> (batch_fn(step) -> batch, loss_fn(model, batch)).
+# Every defence trains on the same target batches: those that show old-skill rows add them to the target rows.
 
+def plain(setup: VariantSetup, _value: float):
+    """loss = -1/N sum_t log pi(y_t | x, y_<t) over the target batch's completion tokens."""
+    return setup.target.batch, causal_lm_loss
+
+
+def l2sp(setup: VariantSetup, strength: float):
+    """loss = plain + S/2 * ||theta - theta_0||^2 (L2-SP, Li et al. 2018, Eq. 3): a pull toward the base."""
     def loss_fn(model, batch):
         loss, metrics = causal_lm_loss(model, batch)
-        penalty = l2sp_penalty(model, anchors, strength)
+        penalty = l2sp_penalty(model, setup.anchors, strength)
         return loss + penalty, {**metrics, "l2sp": penalty.item()}
 
-    return loss_fn
+    return setup.target.batch, loss_fn
+
+
+def replay(setup: VariantSetup, fraction: float):
+    """plain, on batches where a fraction F of the rows are the world's old-skill examples (rehearsal)."""
+    return with_old_skill_rows(setup, fraction, lambda n: replay_rows(setup.cfg, n)), causal_lm_loss
+
+
+def rehearse(setup: VariantSetup, fraction: float):
+    """replay with the base model's own greedy answers to old-skill prompts as those rows (pseudo-rehearsal,
+    Robins 1995): it needs the old prompts, not the old training data."""
+    rows = lambda n: rehearsal_rows(setup.cfg, n, setup.base_model, setup.tokenizer)  # noqa: E731
+    return with_old_skill_rows(setup, fraction, rows), causal_lm_loss
+
+
+def with_old_skill_rows(setup: VariantSetup, fraction: float, make_rows):
+    """batch_fn: the step's target batch, plus enough rows of `make_rows(n)` to be `fraction` of the batch."""
+    cfg, tokenizer = setup.cfg, setup.tokenizer
+    per_batch = max(1, round(cfg.batch_size * fraction / (1 - fraction)))  # F of the rows in each batch
+    n = per_batch * cfg.steps // 2  # each old-skill example seen about twice
+    pairs = make_rows(n)
+    old = EncodedDataset([encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, per_batch, cfg.seed)
+    return lambda step: concat_batches(setup.target.batch(step), old.batch(step), tokenizer.pad_token_id)
+
+
+DEFENCES = {"plain": plain, "l2sp": l2sp, "replay": replay, "rehearse": rehearse}
+VALUES = {"plain": None, "l2sp": "STRENGTH", "replay": "FRACTION", "rehearse": "FRACTION"}  # what each one's :VALUE is
+REPLAYS = ("replay", "rehearse")  # the defences that mix old-skill rows into the batches
+
+
+def parse_variant(spec: str) -> tuple[str, float]:
+    """`plain` -> ("plain", 0); `l2sp:0.01` -> ("l2sp", 0.01); `replay:0.2` -> ("replay", 0.2).
+    A STRENGTH is > 0, a FRACTION in (0, 1); `plain` takes no value."""
+    kind, _, value = spec.partition(":")
+    try:
+        number = float(value) if value else 0.0
+    except ValueError:
+        number = float("nan")
+    takes = VALUES.get(kind, "unknown")
+    valid = {None: not value, "STRENGTH": number > 0, "FRACTION": 0 < number < 1}.get(takes, False)
+    if not valid:
+        raise UserError(f"variant '{spec}': expected plain, l2sp:STRENGTH (> 0), replay:FRACTION or "
+                        "rehearse:FRACTION (FRACTION in (0, 1))")
+    return kind, number
 
 
 def evaluate_world(model, tokenizer, cfg: SFTConfig) -> dict:
@@ -289,18 +317,20 @@ def best_mitigation(forgetting: dict) -> dict | None:
 def train_variant(cfg: SFTConfig, spec: str, folder, target: EncodedDataset, evaluate_fn, resume: bool,
                   headline_run: bool) -> dict:
     """Train one variant from the base model into `folder`; returns its evaluation and timing."""
+    kind, value = parse_variant(spec)
     model, tokenizer = load_model(cfg.model)
     # The base weights: L2-SP's anchor, and the origin of the weight shift reported for world runs.
     # (A user's large model on --data skips this copy unless L2-SP needs it.)
     anchors = None
-    if parse_variant(spec)[0] == "l2sp" or not cfg.data:
+    if kind == "l2sp" or not cfg.data:
         anchors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     eval_fn = None
     if headline_run and cfg.eval_every and not cfg.data and not has_chat_template(tokenizer):  # world runs only
         eval_fn = lambda step: {"eval_accuracy": eval_skill(  # noqa: E731
             model, tokenizer, cfg.skill, cfg.difficulties, cfg.eval_problems, cfg.format, cfg.seed)["accuracy"]}
-    batches = variant_batches(cfg, spec, target, model, tokenizer)  # before training: `model` is still the base
-    result = train(model, batches, variant_loss(spec, anchors), cfg, folder,
+    setup = VariantSetup(cfg, target, model, tokenizer, anchors)  # before training: `model` is still the base
+    batches, loss_fn = DEFENCES[kind](setup, value)
+    result = train(model, batches, loss_fn, cfg, folder,
                    resume=resume, eval_fn=eval_fn, eval_every=cfg.eval_every, desc=f"sft {spec}")
     after = evaluate_fn(model)
     if anchors:
