@@ -27,7 +27,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # End-to-end runs of the default methods on the full embedded model (builds it once: 4-8 minutes, depending on the CPU).
-# SLOW_TESTS narrows it to some files, e.g. make test-slow SLOW_TESTS=tests/test_sft.py
+# SLOW_TESTS narrows it to some files, e.g. make test-slow SLOW_TESTS=tests/methods/finetuning/test_sft.py
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(SLOW_TESTS)
 

@@ -152,7 +152,7 @@ def test_cispo_keeps_the_gradient_of_clipped_tokens_through_log_pi_only():
 
 def trl_loss(loss_type, logp, old_logp, ref_logp, advantages, mask, *, eps_high, level="token", max_length=None):
     """TRL's GRPOTrainer._compute_loss on a stand-in trainer whose log-prob function returns ours (as in
-    tests/test_grpo.py), with its epsilon_high, importance_sampling_level and max_completion_length."""
+    test_grpo.py), with its epsilon_high, importance_sampling_level and max_completion_length."""
     grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
     rows, width = logp.shape
     trainer = SimpleNamespace(

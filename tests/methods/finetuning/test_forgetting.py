@@ -1,5 +1,5 @@
 """Forgetting defences of `posttrain sft`: the L2-SP penalty by hand, variant specs, replay batches,
-and the default run's Done-when numbers (slow). The quick run's effect directions are in test_sft.py,
+and the default run's Done-when numbers (slow). The quick run's effect directions are in test_sft.py beside it,
 which shares its run with the foundation's SFT tests."""
 import pytest
 import torch
