@@ -5,6 +5,7 @@
         metrics  = method.update(rollouts)         the method's own optimisation (grpo.optimise, ppo.optimise)
         every eval_every steps: held-out accuracy and KL to the reference (a point of the reward-KL frontier)
         every checkpoint_every steps, on Ctrl-C and on SIGTERM: a checkpoint at this rollout-batch boundary
+        stop early once `sample_budget` completions were drawn (dynamic sampling's refills count)
 
 What a method brings is an `OnPolicy`: its models, optimizer and scheduler (prepared by the accelerator),
 its `update`, and what it adds to each step's metrics. What differs between GRPO and PPO is only `update`.
@@ -65,6 +66,7 @@ class OnPolicy:
     postfix: Callable[[dict], dict] = lambda metrics: {}  # the progress bar's figures
     trained: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)  # beside the policy (value head)
     refills: int = 0  # dynamic sampling (DAPO): refill batches replacing groups whose rewards agree (0: off)
+    sample_budget: int | None = None  # stop before a rollout batch once this many completions were drawn
 
 
 @dataclasses.dataclass
@@ -97,6 +99,11 @@ def train_on_policy(run: OnPolicy, out: Path, start_point: dict, resume: bool) -
     try:
         with sigterm_as_interrupt():
             for step in range(progress.step, run.cfg.steps):
+                if run.sample_budget and progress.samples >= run.sample_budget:
+                    if main_process:
+                        bar.write(f"{run.name}: stopped after {step} rollout batches, having drawn "
+                                  f"{progress.samples:,} completions of its budget of {run.sample_budget:,}")
+                    break
                 metrics = one_step(run, step, progress)
                 progress.elapsed = time.perf_counter() - t0
                 history.append(metrics)

@@ -12,8 +12,10 @@ The settings are the paper's as TRL 1.16 lists them (loss_type dapo, epsilon 0.2
 TRL has no dynamic sampling: verl's `filter_groups`). Departures: the overlong buffer is 8 tokens, the slack of the
 world's completion budget over its longest solution (evaluation.max_new_tokens_for), where the paper's is 4,096 of
 20,480; dynamic sampling draws at most `max_refills` more batches per step and then fills the batch with
-uninformative groups (verl stops with an error). Steps, prompts and generations are GRPO's; the refills draw more
-samples, which `samples_drawn` counts, so the report compares the family at equal samples.
+uninformative groups (verl stops with an error). Prompts and generations per step are GRPO's, and with
+`equal_samples` (on by default) the run stops once it has drawn what GRPO's `steps` batches draw
+(steps x prompts_per_step x num_generations, refills included): fewer updates, each on informative groups only,
+so the family compares at equal samples. `equal_samples=false` runs all `steps` and draws more.
 
     posttrain dapo --output-dir runs/dapo
 """
@@ -34,6 +36,7 @@ class DAPOConfig(grpo.GRPOConfig):
     epsilon_high: float | None = 0.28  # clip-higher: the ratio's upper clip 1 + this (DAPO Sec. 3.1)
     overlong_buffer: int = 8  # soft overlong penalty over the budget's last this many tokens (DAPO Sec. 3.4)
     dynamic_sampling: bool = True  # drop groups whose rewards all agree, refill from fresh prompts (DAPO Sec. 3.2)
+    equal_samples: bool = True  # stop at GRPO's sample count (steps x prompts_per_step x num_generations)
 
 
 CONFIG = DAPOConfig

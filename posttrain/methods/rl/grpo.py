@@ -51,7 +51,8 @@ GRPO's successors, under TRL's option names where TRL has one (losses/grpo.py, r
 `importance_sampling_level=sequence` (GSPO); `overlong_buffer` (DAPO's soft overlong penalty);
 `dynamic_sampling` (DAPO's: groups whose rewards all agree are dropped and refilled from fresh prompts, at most
 `max_refills` more rollout batches per step; rollouts.step_rollouts). Every run counts the completions it sampled
-(`samples_drawn`, also at each frontier point) so that runs compare at equal samples. `posttrain rloo`,
+(`samples_drawn`, also at each frontier point) so that runs compare at equal samples; `equal_samples=true`
+stops a run with dynamic sampling once it has drawn what `steps` batches draw without refills. `posttrain rloo`,
 `reinforce-pp`, `dapo` and `gspo` are this run under their papers' settings (methods/rl/rloo.py ...).
 
     posttrain grpo advantage_estimator=rloo loss_type=dapo epsilon_high=0.28
@@ -118,6 +119,7 @@ class GRPOConfig(AdapterConfig, TrainingConfig):
     overlong_buffer: int = 0  # DAPO's soft penalty over the completion budget's last this many tokens (0: off)
     dynamic_sampling: bool = False  # DAPO's: drop groups whose rewards all agree, sample more prompts in their place
     max_refills: int = 3  # dynamic sampling: at most this many more rollout batches per step
+    equal_samples: bool = False  # stop once refills included the run drew steps x prompts_per_step x num_generations
     eval_every: int = 15  # steps between held-out accuracy/KL measurements (0: start and end only)
     eval_problems: int = 300  # held-out test problems for accuracy
     kl_problems: int = 100  # held-out prompts whose samples measure KL to the reference
@@ -221,13 +223,14 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
         name, cfg, cfg.num_generations, model, policy, tokenizer, reference, optimizer, scheduler, accelerator,
         held_out, prompts, answers, reward_fn, update,
         rollout_metrics=lambda rollouts: rollout_stats(rollouts, cfg),
-        postfix=lambda m: {"reward": f"{m['reward']:.2f}", "kl": f"{m.get('kl', 0.0):.3f}"}, refills=cfg.refills())
+        postfix=lambda m: {"reward": f"{m['reward']:.2f}", "kl": f"{m.get('kl', 0.0):.3f}"}, refills=cfg.refills(),
+        sample_budget=cfg.steps * rows if cfg.equal_samples else None)
     start = {"step": 0, "accuracy": baseline["accuracy"], "kl": 0.0, "samples": 0}
     history, progress = train_on_policy(loop, out, start, resume)
 
     after = {**held_out.measure(policy, tokenizer, reference), **general_nll(probe, policy, tokenizer)}
     after.update(held_out_reward(reward_fn, after, held_answers))
-    frontier = [*progress.frontier, {"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"],
+    frontier = [*progress.frontier, {"step": progress.step, "accuracy": after["accuracy"], "kl": after["kl"],
                                      "samples": progress.samples}]
     save_policy(policy, tokenizer, out, start_path)
     write_samples(out / "samples.jsonl", after)
@@ -235,7 +238,8 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
         training_curve(history, out / "training_curve.png", f"{name.upper()}: mean reward of the rollouts",
                        metric="reward", eval_metric="eval/accuracy")
     metrics = {**headline(after), "all_rewards_zero": progress.all_rewards_zero, "frontier": frontier,
-               "completions_sampled": cfg.steps * rows, "samples_drawn": progress.samples}
+               "completions_sampled": progress.step * rows, "samples_drawn": progress.samples,
+               "rollout_batches": progress.step}
     result = TrainResult(history, history[-1], progress.elapsed, progress.tokens / progress.elapsed)
     summary = write_summary(out, name, cfg, metrics, headline(baseline), model, result, model_dir=str(out / "model"))
     remove_checkpoints(out, cfg)

@@ -21,7 +21,7 @@ PUBLISHED = {
     "rloo": (rloo, {"advantage_estimator": "rloo", "beta": 0.05, "output_dir": "runs/rloo"}),
     "reinforce-pp": (reinforce_pp, {"advantage_estimator": "reinforce++", "output_dir": "runs/reinforce-pp"}),
     "dapo": (dapo, {"loss_type": "dapo", "epsilon_high": 0.28, "beta": 0.0, "dynamic_sampling": True,
-                    "overlong_buffer": 8, "output_dir": "runs/dapo"}),
+                    "overlong_buffer": 8, "equal_samples": True, "output_dir": "runs/dapo"}),
     "gspo": (gspo, {"importance_sampling_level": "sequence", "loss_type": "grpo", "clip_eps": 3e-4,
                     "epsilon_high": 4e-4, "beta": 0.0, "output_dir": "runs/gspo"}),
 }
@@ -111,20 +111,27 @@ def spread(prompts, completions, answers, **columns):
 '''
 
 
-def test_a_dapo_run_logs_its_drops_and_every_run_counts_its_samples(tmp_path, tiny_model_dir):
-    """`posttrain dapo` on the tiny model: the run is named dapo, each step logs the samples it drew and the
-    groups it dropped, and the summary's samples_drawn and frontier points add those counts up."""
+def dapo_run(tmp_path, model_dir, *overrides) -> tuple[list[dict], dict]:
+    """`posttrain dapo` on the tiny model, 3 steps of 4 prompts x 2: its logged metrics and its summary."""
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Q: {a}+{b}\n", "answer": str(a + b)}) + "\n"
                             for a in range(1, 7) for b in range(1, 7)))
     (tmp_path / "reward.py").write_text(REWARD)
     out = tmp_path / "dapo"
-    assert main(["dapo", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out),
+    assert main(["dapo", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out),
                  f"reward={tmp_path / 'reward.py'}:spread", "steps=3", "prompts_per_step=4", "num_generations=2",
                  "batch_size=8", "max_new_tokens=6", "eval_every=2", "eval_problems=4", "kl_problems=4",
-                 "max_refills=2"]) == 0
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((out / "summary.json").read_text())
+                 "max_refills=2", *overrides]) == 0
+    return ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+            json.loads((out / "summary.json").read_text()))
+
+
+def test_a_dapo_run_logs_its_drops_and_every_run_counts_its_samples(tmp_path, tiny_model_dir):
+    """`posttrain dapo equal_samples=false` on the tiny model: the run is named dapo, each of its 3 steps logs
+    the samples it drew and the groups it dropped, and the summary's samples_drawn and frontier points add
+    those counts up."""
+    logged, summary = dapo_run(tmp_path, tiny_model_dir, "equal_samples=false")
+    assert len(logged) == 3
     assert summary["method"] == "dapo" and summary["config"]["dynamic_sampling"] is True
     # 1 to 3 batches of 4 x 2 drawn per step; what was not trained on was dropped: drawn = 2 x (4 + dropped)
     assert all(m["samples_drawn"] in (8, 16, 24) and m["samples_drawn"] == 2 * (4 + m["groups_dropped"])
@@ -136,6 +143,17 @@ def test_a_dapo_run_logs_its_drops_and_every_run_counts_its_samples(tmp_path, ti
     assert [p["samples"] for p in frontier] == [0, logged[0]["samples_drawn"] + logged[1]["samples_drawn"],
                                                 summary["metrics"]["samples_drawn"]]
 
+
+
+def test_dapo_stops_at_grpos_sample_count(tmp_path, tiny_model_dir):
+    """With equal_samples (DAPO's default) the run stops before the batch that would start past GRPO's count,
+    3 steps x 4 prompts x 2 = 24 completions: the batches it ran drew 24 or more, those before the last fewer."""
+    logged, summary = dapo_run(tmp_path, tiny_model_dir)
+    drawn = [m["samples_drawn"] for m in logged]
+    assert sum(drawn[:-1]) < 24 <= sum(drawn) == summary["metrics"]["samples_drawn"]
+    assert len(logged) < 3  # the refills spent the budget before the third batch
+    assert summary["metrics"]["rollout_batches"] == len(logged) == summary["metrics"]["frontier"][-1]["step"]
+    assert summary["metrics"]["completions_sampled"] == len(logged) * 4 * 2  # trained on
 
 # ---- the report's family plot ----------------------------------------------------------------------------------
 
