@@ -72,12 +72,18 @@ def stage_key(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# The embedded world's shared stages beyond their defaults: the reward models are trained with both PRMs (the
+# step checker's labels and Math-Shepherd's), so best-of-N and tree search measure each.
+WORLD_STAGE_SETTINGS = {"reward": ["prm_labels=both"]}
+
+
 def stage_overrides(name: str, quick: bool, model: str | None = None) -> list[str]:
-    """A stage's settings: --quick's, or with a `model` that model and its preset (cli.method_config's order)."""
+    """A stage's settings: --quick's and the world's (WORLD_STAGE_SETTINGS), or with a `model` that model and
+    its preset (cli.method_config's order)."""
     overrides = METHODS[name].quick_overrides() if quick else []
     if model:
-        overrides += [*METHODS[name].preset_overrides(model), f"model={model}"]
-    return overrides
+        return overrides + [*METHODS[name].preset_overrides(model), f"model={model}"]
+    return overrides + WORLD_STAGE_SETTINGS.get(name, [])
 
 
 def stage_dir(method: str, overrides: list[str] = ()) -> Path:

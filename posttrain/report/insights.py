@@ -89,6 +89,10 @@ def reward(s: dict) -> str | None:
     text = (f"Reward models on held-out policy samples: ORM pair accuracy {_f(m['orm_pair_accuracy'])} (the policy's "
             f"own likelihood: {_f(s['baseline']['accuracy'])}), PRM step accuracy {_f(m['prm_step_accuracy'])} "
             f"(always 'right': {_f(m['prm_step_label_mean'])}).")
+    if m.get("prm_ms_step_accuracy") is not None:
+        text += (f" The PRM on Math-Shepherd's Monte-Carlo labels, which need no step checker: step accuracy "
+                 f"{_f(m['prm_ms_step_accuracy'])} against the checker (its training labels agree with the checker's "
+                 f"on {_f(m.get('mc_label_agreement'))} of the steps).")
     hacking = m.get("hacking", {})
     if hacking:
         proxy, clean = hacking["proxy"], hacking["orm"]
@@ -139,9 +143,15 @@ def tree_search(s: dict) -> str | None:
     equal = m.get("best_of_n_equal_budget")
     if not equal:
         return None
-    return (f"Tree search ({m['headline']}): {_f(m['accuracy'])} at {m['generated_tokens_per_problem']:.0f} generated "
+    text = (f"Tree search ({m['headline']}): {_f(m['accuracy'])} at {m['generated_tokens_per_problem']:.0f} generated "
             f"tokens per problem, vs best-of-{equal['n']} with the same PRM at that budget {_f(equal['accuracy'])} "
             f"(greedy {_f(s['baseline']['accuracy'])}).")
+    other = {k: r for k, r in m.get("by_prm", {}).items() if k != s.get("config", {}).get("prm", "prm")}
+    for kind, r in other.items():
+        name = "the Math-Shepherd-labelled PRM" if kind == "prm-ms" else "the checker-labelled PRM"
+        text += (f" Guided by {name}: {_f(r['accuracy'])}, vs best-of-{r['best_of_n_equal_budget']['n']} with it "
+                 f"{_f(r['best_of_n_equal_budget']['accuracy'])}.")
+    return text
 
 
 SPECIFIC = {"sft": forgetting, "lora": lora, "cot-ft": cot_ft, "instruction": instruction, "distill": distill,

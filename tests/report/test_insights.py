@@ -38,3 +38,17 @@ def test_distillation_quotes_every_student_and_the_gaps_each_closed():
     del summary["metrics"]["gap_closed_by_student"], students["on_policy"]  # a run from before on-policy KD
     summary["metrics"]["gap_closed"] = 0.25
     assert insights({"distill": summary})[0].endswith("soft targets 25% closed.")
+
+
+def test_the_math_shepherd_prm_is_quoted_beside_the_checkers():
+    reward = {"metrics": {"orm_pair_accuracy": 0.9, "prm_step_accuracy": 0.95, "prm_step_label_mean": 0.8,
+                          "prm_ms_step_accuracy": 0.87, "mc_label_agreement": 0.91}, "baseline": {"accuracy": 0.6}}
+    by_prm = {"prm": {"accuracy": 0.8, "best_of_n_equal_budget": {"n": 9, "accuracy": 0.75}},
+              "prm-ms": {"accuracy": 0.7, "best_of_n_equal_budget": {"n": 8, "accuracy": 0.72}}}
+    tree = {"metrics": {"accuracy": 0.8, "headline": "beam 4 x 4 expansions, PRM-guided", "by_prm": by_prm,
+                        "generated_tokens_per_problem": 400.0, "best_of_n_equal_budget": {"n": 9, "accuracy": 0.75}},
+            "baseline": {"accuracy": 0.6}, "config": {"prm": "prm"}}
+    reward_text, tree_text = insights({"reward": reward, "tree-search": tree})
+    assert "PRM step accuracy 0.95" in reward_text and "Math-Shepherd's Monte-Carlo labels" in reward_text
+    assert "step accuracy 0.87" in reward_text and "on 0.91 of the steps" in reward_text
+    assert tree_text.endswith("Guided by the Math-Shepherd-labelled PRM: 0.70, vs best-of-8 with it 0.72.")

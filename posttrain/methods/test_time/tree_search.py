@@ -13,6 +13,10 @@ samples. It is compared with best-of-N at an equal budget: best-of-N's N is the 
 tokens per problem divided by the tokens of one sampled solution, and its accuracy at that N (PRM
 selection, expectation over N-subsets of a sampled pool) is reported beside the search's.
 
+When the reward-model folder holds both PRMs (`posttrain reward prm_labels=both`: prm/ on the step checker's
+labels, prm-ms/ on Math-Shepherd's), the search runs with each, from the same seeds, and `metrics.by_prm` holds
+both results; the headline is `prm`'s.
+
 `search` is written against two functions, `expand(prompts, partials) -> continuations` and
 `score(prompts, partials, finished) -> scores`, so its bookkeeping is tested with scripted fakes.
 
@@ -51,13 +55,14 @@ class TreeSearchConfig:
     seed: int = 0  # seeds the test problems and the sampling
 
     def validate(self) -> None:
-        if self.prm not in ("prm", "prm-ms"):
+        if self.prm not in PRMS:
             raise UserError(f"prm must be prm or prm-ms (the folder of the reward_models output), got '{self.prm}'")
         if min(self.beam_width, self.expansions, self.max_depth, self.problems) < 1 or self.pool < 2:
             raise UserError("beam_width, expansions, max_depth and problems must be >= 1, pool >= 2")
 
 
 CONFIG = TreeSearchConfig
+PRMS = ("prm", "prm-ms")  # the PRM folders of a `posttrain reward` output: checker labels, Math-Shepherd labels
 QUICK = {"model": "sft-policy-quick", "difficulties": "2", "problems": 16, "pool": 16}
 
 
@@ -137,40 +142,53 @@ def prm_scorer(prm) -> Score:
     return score
 
 
+def guiding_prms(rm_dir, headline: str) -> list[str]:
+    """The headline PRM first, then the other PRM the folder holds (prm_labels=both trains both)."""
+    return [headline] + [kind for kind in PRMS if kind != headline and (rm_dir / kind).is_dir()]
+
+
+def search_with(prm, model, tokenizer, questions, pool, cfg: TreeSearchConfig) -> dict:
+    """The PRM-guided search's accuracy and tokens, and best-of-N with the same PRM at the search's token
+    budget over the sampled `pool` (its N: the search's tokens per problem / one sample's)."""
+    step_budget = questions.max_new_tokens // 2  # a step line is far shorter than a solution
+    t0 = time.perf_counter()
+    expand = policy_expander(model, tokenizer, cfg.expansions, cfg.temperature, step_budget, cfg.seed)
+    best, tokens = search(questions.prompts, expand, prm_scorer(prm), cfg.beam_width, cfg.max_depth)
+    seconds = time.perf_counter() - t0
+    correct = [questions.correct(i, b.text) for i, b in enumerate(best)]
+    n_problems = len(questions.prompts)
+    tokens_per_sample = sum(map(sum, pool.tokens)) / (n_problems * cfg.pool)
+    tokens_per_problem = sum(tokens) / n_problems
+    n_equal = max(1, min(cfg.pool, round(tokens_per_problem / tokens_per_sample)))
+    flat = prm.score([q for q, ts in zip(pool.prompts, pool.texts) for _ in ts], [t for ts in pool.texts for t in ts])
+    groups = [flat[i * cfg.pool : (i + 1) * cfg.pool] for i in range(n_problems)]
+    bon = sum(best_of_n(scores, right, n_equal) for scores, right in zip(groups, pool.correct)) / n_problems
+    return {"accuracy": sum(correct) / len(correct), "generated_tokens_per_problem": tokens_per_problem,
+            "search_seconds": seconds, "tokens": sum(tokens),
+            "best_of_n_equal_budget": {"n": n_equal, "accuracy": bon, "tokens_per_problem": n_equal * tokens_per_sample},
+            "finished": sum(b.finished for b in best) / len(best),
+            "samples": [{"prompt": q, "completion": b.text, "score": b.score, "correct": bool(c)}
+                        for q, b, c in list(zip(questions.prompts, best, correct))[:20]]}
+
+
 def run(cfg: TreeSearchConfig, resume: bool = False) -> dict:
     del resume  # nothing to resume: no training
     start = time.perf_counter()
     out = prepare_output(cfg.output_dir, resume=False)
-    prm = load_reward_model(reward_model_dir(cfg) / cfg.prm)
+    rm_dir = reward_model_dir(cfg)
+    prms = {kind: load_reward_model(rm_dir / kind) for kind in guiding_prms(rm_dir, cfg.prm)}
     model, tokenizer = load_model(policy_path(cfg.model))
     questions = Questions.world(tokenizer, cfg.difficulties, cfg.problems, cfg.seed)
-    prompts, problems = questions.prompts, questions.problems
     baseline = greedy_baseline(model, tokenizer, questions)
+    pool = sample_solutions(model, tokenizer, questions, cfg.pool, cfg.temperature, cfg.seed)  # for best-of-N
+    by_prm = {kind: search_with(prm, model, tokenizer, questions, pool, cfg) for kind, prm in prms.items()}
 
-    step_budget = questions.max_new_tokens // 2  # a step line is far shorter than a solution
-    t0 = time.perf_counter()
-    best, tokens = search(prompts, policy_expander(model, tokenizer, cfg.expansions, cfg.temperature, step_budget, cfg.seed),
-                          prm_scorer(prm), cfg.beam_width, cfg.max_depth)
-    search_seconds = time.perf_counter() - t0
-    correct = [questions.correct(i, b.text) for i, b in enumerate(best)]
-
-    # best-of-N with the same PRM at the search's token budget
-    pool = sample_solutions(model, tokenizer, questions, cfg.pool, cfg.temperature, cfg.seed)
-    tokens_per_sample = sum(map(sum, pool.tokens)) / (len(problems) * cfg.pool)
-    tokens_per_problem = sum(tokens) / len(problems)
-    n_equal = max(1, min(cfg.pool, round(tokens_per_problem / tokens_per_sample)))
-    flat = prm.score([q for q, ts in zip(pool.prompts, pool.texts) for _ in ts], [t for ts in pool.texts for t in ts])
-    groups = [flat[i * cfg.pool : (i + 1) * cfg.pool] for i in range(len(problems))]
-    bon = sum(best_of_n(scores, right, n_equal) for scores, right in zip(groups, pool.correct)) / len(problems)
-
-    metrics = {"accuracy": sum(correct) / len(correct),
-               "headline": f"beam {cfg.beam_width} x {cfg.expansions} expansions, PRM-guided",
-               "generated_tokens_per_problem": tokens_per_problem, "search_seconds": search_seconds,
-               "best_of_n_equal_budget": {"n": n_equal, "accuracy": bon, "selector": "prm",
-                                          "tokens_per_problem": n_equal * tokens_per_sample},
-               "finished": sum(b.finished for b in best) / len(best),
-               "samples": [{"prompt": q, "completion": b.text, "score": b.score, "correct": bool(c)}
-                           for q, b, c in list(zip(prompts, best, correct))[:20]]}
+    head = by_prm[cfg.prm]
+    metrics = {**{k: v for k, v in head.items() if k != "tokens"},
+               "headline": f"beam {cfg.beam_width} x {cfg.expansions} expansions, {cfg.prm.upper()}-guided",
+               "best_of_n_equal_budget": {**head["best_of_n_equal_budget"], "selector": cfg.prm},
+               "by_prm": {kind: {"accuracy": r["accuracy"], "generated_tokens_per_problem": r["generated_tokens_per_problem"],
+                                 "best_of_n_equal_budget": r["best_of_n_equal_budget"]} for kind, r in by_prm.items()}}
     elapsed = time.perf_counter() - start
-    result = TrainResult([], {}, elapsed, sum(tokens) / search_seconds)
+    result = TrainResult([], {}, elapsed, head["tokens"] / head["search_seconds"])
     return write_summary(out, "tree-search", cfg, metrics, baseline, model, result)

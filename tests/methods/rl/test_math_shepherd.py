@@ -126,7 +126,7 @@ def test_policy_mc_labels_agree_with_the_checker_and_rank_wrong_steps_lower(poli
 @pytest.fixture(scope="module")
 def quick_math_shepherd_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reward-ms")
-    overrides = [f"{k}={v}" for k, v in reward_model.QUICK.items()] + [f"output_dir={out}", "prm_labels=math-shepherd"]
+    overrides = [f"{k}={v}" for k, v in reward_model.QUICK.items()] + [f"output_dir={out}", "prm_labels=both"]
     return out, reward_model.run(load_config(reward_model.CONFIG, None, overrides))
 
 
@@ -134,9 +134,26 @@ def test_quick_math_shepherd_run_writes_its_prm_and_metrics(quick_math_shepherd_
     out, summary = quick_math_shepherd_run
     metrics = summary["metrics"]
     print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("prm", "mc"))}))
-    assert "prm_step_accuracy" not in metrics  # no checker-labelled PRM in this run
     assert 0 <= metrics["mc_label_agreement"] <= 1 and metrics["mc_labels"]["rollouts"] == 4
     assert metrics["prm_ms_step_accuracy"] > 0.5  # judged against the checker on held-out samples
-    assert load_reward_model(out / "prm-ms").kind == "prm" and not (out / "prm").exists()
-    assert (out / "prm-ms_reliability.png").stat().st_size > 0
-    assert set(summary["reward_models"]) == {"orm", "prm-ms", "proxy"}
+    assert metrics["prm_step_accuracy"] > 0.5  # prm_labels=both: the checker-labelled PRM beside it
+    assert load_reward_model(out / "prm-ms").kind == "prm" == load_reward_model(out / "prm").kind
+    assert (out / "prm-ms_reliability.png").stat().st_size > 0 and (out / "prm_reliability.png").stat().st_size > 0
+    assert set(summary["reward_models"]) == {"orm", "prm", "prm-ms", "proxy"}
+
+
+def test_best_of_n_and_tree_search_measure_each_prm(quick_math_shepherd_run, tmp_path):
+    """Given a reward folder with both PRMs, best-of-N draws a curve per PRM and tree search runs once guided by
+    each, the headline PRM's result on top."""
+    rm_dir = quick_math_shepherd_run[0]
+    common = [f"{k}={v}" for k, v in tree_search.QUICK.items()] + [f"reward_models={rm_dir}"]
+    searched = tree_search.run(load_config(tree_search.CONFIG, None, [
+        *common, "problems=4", "pool=4", "beam_width=2", "expansions=2", "prm=prm-ms", f"output_dir={tmp_path / 'tree'}"]))
+    by_prm = searched["metrics"]["by_prm"]
+    assert list(by_prm) == ["prm-ms", "prm"] and searched["metrics"]["accuracy"] == by_prm["prm-ms"]["accuracy"]
+    assert searched["metrics"]["best_of_n_equal_budget"]["selector"] == "prm-ms"
+    assert all(0 <= r["accuracy"] <= 1 and r["best_of_n_equal_budget"]["n"] >= 1 for r in by_prm.values())
+    selected = best_of_n.run(load_config(best_of_n.CONFIG, None, [
+        *[f"{k}={v}" for k, v in best_of_n.QUICK.items()], f"reward_models={rm_dir}", "problems=4", "max_n=4", "headline_n=4",
+        f"output_dir={tmp_path / 'bon'}"]))
+    assert {"orm", "prm", "prm-ms", "majority", "oracle"} <= set(selected["metrics"]["by_n"])

@@ -187,8 +187,10 @@ def test_quick_best_of_n_and_tree_search(tmp_path):
     by_n = summary["metrics"]["by_n"]
     assert by_n["n"] == [1, 2, 4, 8, 16]
     assert all(by_n["oracle"][i] >= max(by_n[s][i] for s in ("orm", "prm", "majority")) - 1e-9 for i in range(5))
+    assert "prm-ms" in by_n  # the shared reward stage trains both PRMs
     summary = quick(tree_search, tmp_path / "tree")
     assert summary["metrics"]["best_of_n_equal_budget"]["n"] >= 1
+    assert set(summary["metrics"]["by_prm"]) == {"prm", "prm-ms"}
 
 
 def default_run(module, tmp_path) -> dict:
