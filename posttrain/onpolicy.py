@@ -5,6 +5,7 @@
         metrics  = method.update(rollouts)         the method's own optimisation (grpo.optimise, ppo.optimise)
         every eval_every steps: held-out accuracy and KL to the reference (a point of the reward-KL frontier)
         every checkpoint_every steps, on Ctrl-C and on SIGTERM: a checkpoint at this rollout-batch boundary
+                                   (sharded: every rank stops after the same batch, training.interrupts_at_step_boundaries)
         stop early once `sample_budget` completions were drawn (dynamic sampling's refills count)
 
 What a method brings is an `OnPolicy`: its models, optimizer and scheduler (prepared by the accelerator),
@@ -22,6 +23,7 @@ a collective, cannot), and the loop ends with `policy` holding the trained weigh
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import time
@@ -33,11 +35,11 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain import sharding
-from posttrain.errors import TrainingInterrupted, UserError, sigterm_as_interrupt
+from posttrain.errors import Interrupted, TrainingInterrupted, UserError, sigterm_as_interrupt
 from posttrain.io import JsonlWriter, read_json, recover_dir
 from posttrain.rewards import warn_if_all_zero
 from posttrain.rollouts import Rollouts, completion_stats, step_rollouts
-from posttrain.training import (CHECKPOINT, interrupted_sharded, interrupts_held, load_checkpoint,
+from posttrain.training import (CHECKPOINT, interrupts_at_step_boundaries, interrupts_held, load_checkpoint,
                                 mean_over_processes, save_checkpoint, sum_over_processes)
 
 PROGRESS = "progress.json"  # in the checkpoint: the loop's own state beside the weights and optimizer
@@ -96,8 +98,9 @@ def train_on_policy(run: OnPolicy, out: Path, start_point: dict, resume: bool) -
     bar = tqdm(total=run.cfg.steps, initial=progress.step, desc=run.name, disable=not main_process,
                dynamic_ncols=True)
     t0 = time.perf_counter() - progress.elapsed
+    sharded = sharding.is_sharded(run.model)
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), interrupts_at_step_boundaries(sharded) as stop_requested:
             for step in range(progress.step, run.cfg.steps):
                 if run.sample_budget and progress.samples >= run.sample_budget:
                     if main_process:
@@ -113,12 +116,12 @@ def train_on_policy(run: OnPolicy, out: Path, start_point: dict, resume: bool) -
                     save_progress(ckpt, run, progress)  # every rank: a sharded policy is gathered from all
                 bar.set_postfix(run.postfix(metrics))
                 bar.update(1)
+                if signum := stop_requested():
+                    raise Interrupted(signum)
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        if sharding.is_sharded(run.model):
-            raise interrupted_sharded(signum, progress.step, ckpt) from None
-        if main_process:
-            progress.elapsed = time.perf_counter() - t0
+        progress.elapsed = time.perf_counter() - t0
+        if main_process or sharded:  # a sharded policy's state is gathered from every rank
             save_progress(ckpt, run, progress)
         raise TrainingInterrupted(
             f"interrupted ({signal.Signals(signum).name}) after rollout batch {progress.step}; checkpoint saved in "
@@ -150,7 +153,8 @@ def one_step(run: OnPolicy, step: int, progress: Progress) -> dict:
                                  steps=cfg.steps)
     if step == 0:
         progress.all_rewards_zero = warn_if_all_zero(rollouts.rewards.tolist(), f"{run.name}'s first rollout batch")
-    with interrupts_held():  # the update, the scheduler and the count of batches done move together
+    held = contextlib.nullcontext() if sharding.is_sharded(run.model) else interrupts_held()  # sharded: to the boundary
+    with held:  # the update, the scheduler and the count of batches done move together
         metrics = run.update(rollouts)
         progress.step = step + 1
         progress.tokens += int(rollouts.batch["attention_mask"].sum())

@@ -26,8 +26,10 @@ cost: one all-gather of the whole model per gather (per GRPO rollout batch, per 
 on every rank while it lasts, as DDP holds them always.
 
 Checkpoints are gathered whole (rank 0 writes a model and optimizer state of the same form as one process's;
-the optimizer's keyed by parameter name) at step boundaries, where every rank is. An interrupt writes none:
-its ranks stop at different points, so a gather then could pair with a training step's collectives.
+the optimizer's keyed by parameter name) at step boundaries, where every rank is. So is the checkpoint of an
+interrupt: Ctrl-C and SIGTERM are only recorded while a sharded run trains, and after each step the ranks
+agree (`first_signal`, one all-reduce) whether any received one; all then stop after that same step and
+gather its checkpoint together (training.interrupts_at_step_boundaries).
 """
 from __future__ import annotations
 
@@ -139,6 +141,15 @@ def load_full_state(model, optimizer, weights: dict, optimizer_state: dict) -> N
 
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     set_optimizer_state_dict(model, _raw(optimizer), optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+def first_signal(received: int) -> int:
+    """The largest of the ranks' `received` signal numbers (0: none received): every rank learns whether any
+    rank was asked to stop. A collective."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([received], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def _raw(optimizer):

@@ -341,7 +341,7 @@ def train(
         if not (ckpt / "state.json").exists():
             raise UserError(f"--resume: no checkpoint in {output_dir} (expected {ckpt}/state.json)")
         start = load_checkpoint(ckpt, model, optimizer, scheduler)
-    model, optimizer = prepare_trained(accelerator, model, optimizer)
+    model, optimizer = prepare_trained(accelerator, optimizer, model)
     model.train()
     unwrapped = accelerator.unwrap_model(model)
     compiled = compiled_forward(unwrapped, cfg.compile)
@@ -351,14 +351,16 @@ def train(
     writer = JsonlWriter(output_dir / "metrics.jsonl", resume_step=start) if main_process else None
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not main_process, dynamic_ncols=True)
     t0 = time.perf_counter()
+    sharded = sharding.is_sharded(unwrapped)
+    held = contextlib.nullcontext if sharded else interrupts_held  # sharded: held to the step boundary below
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), interrupts_at_step_boundaries(sharded) as stop_requested:
             for step in range(start, cfg.steps):
                 with sharding.gathered(home, unwrapped) if batch_reads_model else contextlib.nullcontext():
                     global_batch = batch_fn(step)
                 _check_enough_rows(row_count(global_batch), accelerator.num_processes, cfg.grad_accum)
                 batch = _shard(global_batch, accelerator.process_index, accelerator.num_processes)
-                with forward_as(unwrapped, compiled), interrupts_held():
+                with forward_as(unwrapped, compiled), held():
                     metrics = _optimizer_step(model, optimizer, batch, loss_fn, cfg, accelerator,
                                               averages_over, averages_over(global_batch))
                     scheduler.step()
@@ -386,13 +388,13 @@ def train(
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
                 bar.update(1)
+                if signum := stop_requested():
+                    raise Interrupted(signum)
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        if sharding.is_sharded(unwrapped):
-            raise interrupted_sharded(signum, completed, ckpt) from None
-        if main_process:
-            if logged < completed:  # the metrics of the step the checkpoint ends with
-                writer.log(last_metrics)
+        if main_process and logged < completed:  # the metrics of the step the checkpoint ends with
+            writer.log(last_metrics)
+        if main_process or sharded:  # a sharded model's state is gathered from every rank
             save_checkpoint(ckpt, unwrapped, optimizer, scheduler, completed)
         raise TrainingInterrupted(
             f"interrupted ({signal.Signals(signum).name}) after step {completed}; checkpoint saved in {ckpt}. "
@@ -417,23 +419,34 @@ def shard_for_training(model, cfg: TrainingConfig, accelerator):
     return sharding.shard_copy(model) if sharding.active(cfg, accelerator) else model
 
 
-def prepare_trained(accelerator, model, optimizer):
-    """Accelerate's preparation: the model (DDP-wrapped on several processes) and the optimizer; a sharded
-    model is left to FSDP2, only its optimizer prepared."""
-    if sharding.is_sharded(model):
-        return model, accelerator.prepare(optimizer)
-    return accelerator.prepare(model, optimizer)
-
-
-def interrupted_sharded(signum: int, completed: int, ckpt: Path) -> TrainingInterrupted:
-    """The interruption of a sharded run, which saves no checkpoint (sharding.py says why)."""
-    where = (f"--resume continues from the last periodic checkpoint in {ckpt}" if (ckpt / "state.json").exists()
-             else "no periodic checkpoint was written (checkpoint_every)")
-    return TrainingInterrupted(f"interrupted ({signal.Signals(signum).name}) after step {completed}; a sharded "
-                               f"run (sharding=fsdp) saves no checkpoint on an interrupt: {where}", signum)
+def prepare_trained(accelerator, optimizer, *modules):
+    """Accelerate's preparation: the trained modules (DDP-wrapped on several processes) and the optimizer,
+    returned as (*modules, optimizer); sharded modules are left to FSDP2, only their optimizer prepared."""
+    if any(sharding.is_sharded(m) for m in modules):
+        return (*modules, accelerator.prepare(optimizer))
+    return accelerator.prepare(*modules, optimizer)
 
 
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def interrupts_at_step_boundaries(sharded: bool):
+    """Yields `stop_requested()`: called by every rank after each step, the first signal any rank received (0:
+    none). For a `sharded` run SIGINT and SIGTERM are only recorded inside the block, and `stop_requested` asks
+    every rank (one all-reduce of one number), so all ranks stop after the same step and gather one checkpoint
+    together: stopping where each received its signal would pair the gather with another rank's training
+    collectives. Otherwise signals act at once (interrupts_held) and `stop_requested` is always 0."""
+    if not sharded or threading.current_thread() is not threading.main_thread():
+        yield lambda: 0
+        return
+    received = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in HELD_SIGNALS}
+    try:
+        yield lambda: sharding.first_signal(received[0] if received else 0)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager

@@ -2,13 +2,17 @@
 Hugging Face folder, and resumes from its gathered checkpoint; one process ignores it; a bad value is one line.
 
 SFT and DPO (with LoRA adapters sharded inside their decoder layers) follow the single process's loss and
-gradient-norm curves and end with its weights. GRPO's ranks sample their own prompts, so two processes never
-equal one: its sharded run equals the two-process DDP run instead, sampling and measuring on the gathered policy.
+gradient-norm curves and end with its weights. GRPO's and PPO's ranks sample their own prompts, so two processes
+never equal one: their sharded runs equal the two-process DDP runs instead, sampling and measuring on the gathered
+policy (PPO's value head sharded beside it).
 """
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -79,9 +83,9 @@ def test_decoder_layers_are_the_models_no_split_modules_with_their_adapters(toke
 
 
 def test_a_method_that_does_not_shard_refuses_fsdp_on_several_processes():
-    run = SimpleNamespace(name="ppo", cfg=SimpleNamespace(sharding="fsdp"), model=torch.nn.Linear(2, 2),
+    run = SimpleNamespace(name="my-method", cfg=SimpleNamespace(sharding="fsdp"), model=torch.nn.Linear(2, 2),
                           accelerator=SimpleNamespace(num_processes=2))
-    with pytest.raises(UserError, match="sharding=fsdp is not available for ppo"):
+    with pytest.raises(UserError, match="sharding=fsdp is not available for my-method"):
         check_sharding_wired(run)
     run.accelerator.num_processes = 1
     check_sharding_wired(run)
@@ -105,6 +109,34 @@ def test_sharded_sft_matches_one_process_and_resumes_from_its_checkpoint(tmp_pat
     assert_same_weights(sharded, resumed, atol=1e-6)
 
 
+def test_a_sigterm_to_a_sharded_run_saves_one_checkpoint_that_resumes(tmp_path, tiny_model_dir):
+    """SIGTERM to torchrun's whole process group, as a job scheduler sends it: the ranks agree to stop after the
+    same step, gather its checkpoint together, and the resumed run follows the one-process run's curve."""
+    steps = 100
+    args = ["sft", "--model", str(tiny_model_dir), "--data", sft_data(tmp_path / "train.jsonl"), f"steps={steps}",
+            "batch_size=8", "log_every=1", "lr=1e-3", "warmup_steps=1", "sharding=fsdp"]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert cli.main([*args, "--output-dir", str(single)]) == 0
+    proc = subprocess.Popen([*TORCHRUN, *args, "--output-dir", str(sharded)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while len(logged_steps(sharded)) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    saved = json.loads((sharded / "checkpoint" / "state.json").read_text())["step"]
+    assert 3 <= saved < steps and logged_steps(sharded)[-1] == saved, err[-3000:]
+    assert f"interrupted (SIGTERM) after step {saved}; checkpoint saved" in err
+    torchrun([*args, "--resume"], sharded)
+    assert logged_steps(sharded) == list(range(1, steps + 1))
+    assert losses(sharded)[saved:] == pytest.approx(losses(single)[saved:], rel=1e-3)
+
+
+def logged_steps(run_dir) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def test_sharded_dpo_with_lora_matches_one_process(tmp_path, tiny_model_dir):
     args = ["dpo", "--model", str(tiny_model_dir), "--data", dpo_data(tmp_path / "pairs.jsonl"), "steps=5",
             "batch_size=8", "log_every=1", "lr=1e-3", "warmup_steps=1", "eval_every=0", "beta=0.5", "lora_r=4",
@@ -123,16 +155,22 @@ def vowels(prompts, completions, answers, **columns):
 '''
 
 
-def test_sharded_grpo_equals_two_process_ddp_and_resumes(tmp_path, tiny_model_dir):
-    """A reward that differs between a random model's completions, so the updates move the weights; a held-out
-    measurement at step 2 and every rollout batch sample from the gathered policy."""
+def rl_args(method: str, tmp_path, model_dir) -> list[str]:
+    """`method` on prompts with a reward that differs between a random model's completions, so the updates move
+    the weights; a held-out measurement at step 2, a checkpoint every 2 rollout batches."""
     prompts, reward = tmp_path / "prompts.jsonl", tmp_path / "reward.py"
     prompts.write_text("".join(json.dumps({"prompt": f"Q: {a}+{b}\n", "answer": str(a + b)}) + "\n"
                                for a in range(1, 6) for b in range(1, 6)))
     reward.write_text(VOWELS)
-    args = ["grpo", "--model", str(tiny_model_dir), "--data", str(prompts), f"reward={reward}:vowels", "steps=3",
-            "prompts_per_step=4", "num_generations=4", "batch_size=8", "eval_every=2", "eval_problems=4",
-            "kl_problems=4", "max_new_tokens=12", "lr=1e-3", "warmup_steps=0", "checkpoint_every=2"]
+    per_prompt = "num_generations=4" if method == "grpo" else "samples_per_prompt=4"
+    return [method, "--model", str(model_dir), "--data", str(prompts), f"reward={reward}:vowels", "steps=3",
+            "prompts_per_step=4", per_prompt, "batch_size=8", "eval_every=2", "eval_problems=4", "kl_problems=4",
+            "max_new_tokens=12", "lr=1e-3", "warmup_steps=0", "checkpoint_every=2"]
+
+
+def test_sharded_grpo_equals_two_process_ddp_and_resumes(tmp_path, tiny_model_dir):
+    """Every rollout batch and held-out measurement samples from the gathered policy."""
+    args = rl_args("grpo", tmp_path, tiny_model_dir)
     ddp, sharded, resumed = tmp_path / "ddp", tmp_path / "sharded", tmp_path / "resumed"
     torchrun(args, ddp)
     torchrun([*args, "sharding=fsdp", "keep_checkpoint=true"], sharded)
@@ -141,6 +179,23 @@ def test_sharded_grpo_equals_two_process_ddp_and_resumes(tmp_path, tiny_model_di
     assert_same_weights(ddp, sharded, atol=1e-5)
     resume_from_checkpoint_of(sharded, [*args, "sharding=fsdp"], resumed)
     assert_same_weights(sharded, resumed, atol=1e-6)
+
+
+def test_sharded_ppo_with_its_value_head_equals_two_process_ddp_and_resumes(tmp_path, tiny_model_dir):
+    """The value head is sharded beside the policy (its own FSDP2 unit), in the checkpoint and gathered whole
+    into value_head.safetensors."""
+    args = rl_args("ppo", tmp_path, tiny_model_dir)
+    ddp, sharded, resumed = tmp_path / "ddp", tmp_path / "sharded", tmp_path / "resumed"
+    torchrun(args, ddp)
+    torchrun([*args, "sharding=fsdp", "keep_checkpoint=true"], sharded)
+    assert_same_curves(ddp, sharded)
+    assert_same_weights(ddp, sharded, atol=1e-5)
+    heads = [load_file(str(run / "model" / "value_head.safetensors")) for run in (ddp, sharded)]
+    torch.testing.assert_close(heads[1], heads[0], rtol=0, atol=1e-5)
+    assert heads[0]["linear.weight"].abs().sum() > 0  # it trained (it starts at 0)
+    resume_from_checkpoint_of(sharded, [*args, "sharding=fsdp"], resumed)
+    assert_same_weights(sharded, resumed, atol=1e-6)
+    torch.testing.assert_close(load_file(str(resumed / "model" / "value_head.safetensors")), heads[1], rtol=0, atol=1e-6)
 
 
 def logged_kl(run_dir):

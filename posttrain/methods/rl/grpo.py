@@ -210,7 +210,7 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     model = shard_for_training(policy, cfg, accelerator)  # itself, or its sharded copy (sharding=fsdp)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
-    model, optimizer = prepare_trained(accelerator, model, optimizer)
+    model, optimizer = prepare_trained(accelerator, optimizer, model)
     compiled = compiled_forward(policy, cfg.compile)
     if reference is not None:
         reference.to(accelerator.device)

@@ -36,7 +36,7 @@ import dataclasses
 import torch
 from safetensors.torch import save_file
 
-from posttrain import lora
+from posttrain import lora, sharding
 from posttrain.data import has_chat_template
 from posttrain.errors import UserError
 from posttrain.forward import labelled_forward
@@ -57,8 +57,8 @@ from posttrain.heldout import run_prompts
 from posttrain.rl.kl import kl_k1
 from posttrain.rollouts import on_completion_grid, reference_logprobs, reward_function
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
-                                make_accelerator, make_optimizer, prepare_for_losses,
-                                share_of_all_processes, sum_over_processes)
+                                make_accelerator, make_optimizer, prepare_for_losses, prepare_trained,
+                                shard_for_training, share_of_all_processes, sum_over_processes)
 
 
 @dataclasses.dataclass
@@ -167,13 +167,14 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     rows = cfg.prompts_per_step * cfg.samples_per_prompt
     updates = cfg.steps * cfg.epochs * -(-rows // cfg.batch_size)
+    prepare_for_losses(model, cfg, reference)  # packed updates and reference passes
+    policy, value_head = model, head  # for sampling, evaluation and saving: no gradient sync there
+    model, head = (shard_for_training(m, cfg, accelerator) for m in (policy, value_head))  # or sharded copies
     trained = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": trained}, {"params": list(head.parameters()), "lr": cfg.value_lr}]
     optimizer = make_optimizer(groups, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(dataclasses.replace(cfg, steps=updates)))
-    prepare_for_losses(model, cfg, reference)  # packed updates and reference passes
-    model, head, optimizer = accelerator.prepare(model, head, optimizer)
-    policy = accelerator.unwrap_model(model)  # for sampling and evaluation: no gradient sync there
+    model, head, optimizer = prepare_trained(accelerator, optimizer, model, head)
     compiled = compiled_forward(policy, cfg.compile)
     if reference is not None:
         reference.to(accelerator.device)
@@ -195,8 +196,10 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     frontier = [*progress.frontier, {"step": cfg.steps, "accuracy": after["accuracy"], "kl": after["kl"],
                                      "samples": progress.samples}]
     save_policy(policy, tokenizer, out, start_path)
+    if sharding.is_sharded(head):
+        sharding.fill(value_head, head)  # every rank: the trained value head whole
     if accelerator.is_main_process:
-        save_file(accelerator.unwrap_model(head).state_dict(), str(out / "model" / "value_head.safetensors"))
+        save_file(value_head.state_dict(), str(out / "model" / "value_head.safetensors"))
     write_samples(out / "samples.jsonl", after)
     if accelerator.is_main_process:
         training_curve(history, out / "training_curve.png", "PPO: mean verifier score of the rollouts",
@@ -241,8 +244,8 @@ def optimise(model, head, reference, optimizer, scheduler, accelerator, rollouts
             accelerator.backward(loss * share_of_all_processes(mask[rows].sum(), accelerator))
             metrics = {"loss": loss.item(), **pg_metrics, **vf_metrics, **ent_metrics}
             if cfg.max_grad_norm:
-                metrics["grad_norm"] = float(accelerator.clip_grad_norm_(list(model.parameters()) + list(head.parameters()),
-                                                                         cfg.max_grad_norm))
+                trained = list(model.parameters()) + list(head.parameters())
+                metrics["grad_norm"] = sharding.as_float(accelerator.clip_grad_norm_(trained, cfg.max_grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
