@@ -25,7 +25,7 @@ def test_extract_answer_by_convention(completion, answer):
     ("A: 72 apples", "72", 1.0),
     ("A: 73", "72", 0.0),
     ("A: -5", "5", 0.0),
-    ("I get 7, so \\boxed{8}", "7", 0.0),  # the boxed answer decides, not an earlier number
+    ("I get 7, so \\boxed{8}", "7", 0.0),  # the answer in \\boxed{} decides, not an earlier number
     ("A: 1 1 3 4", "1 1 3 4", 1.0),  # text answers compare normalised
     ("Answer: Paris.", "paris", 1.0),
     ("A: 1 1 3", "1 1 3 4", 0.0),
