@@ -86,14 +86,20 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 def shard_copy(home: torch.nn.Module) -> torch.nn.Module:
     """A copy of `home` sharded with FSDP2, each decoder layer (with the LoRA adapters inside it) one unit, then
     the root; `home`'s parameters are emptied (`release`) until `fill` gathers them back."""
-    from torch.distributed.fsdp import fully_shard
-
     sharded = copy.deepcopy(home)
     release(home)
-    for layer in decoder_layers(sharded):
+    return shard_in_place(sharded)
+
+
+def shard_in_place(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` sharded with FSDP2: each decoder layer one unit, then the root. A frozen model (a reference, a
+    teacher) is sharded so, in place: it is only run forward, each forward a collective every rank joins."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
         fully_shard(layer)
-    fully_shard(sharded)
-    return sharded
+    fully_shard(model)
+    return model
 
 
 def release(home: torch.nn.Module) -> None:

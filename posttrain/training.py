@@ -419,6 +419,13 @@ def shard_for_training(model, cfg: TrainingConfig, accelerator):
     return sharding.shard_copy(model) if sharding.active(cfg, accelerator) else model
 
 
+def shard_frozen(model, cfg: TrainingConfig, accelerator):
+    """A frozen model beside the trained one (a reference) sharded in place under `sharding=fsdp` on several
+    processes, so each rank holds 1/W of its weights; every rank must then run the same forwards of it (they
+    do: the updates' micro-batches and the held-out measurements are the same on every rank). Else `model`."""
+    return sharding.shard_in_place(model) if model is not None and sharding.active(cfg, accelerator) else model
+
+
 def prepare_trained(accelerator, optimizer, *modules):
     """Accelerate's preparation: the trained modules (DDP-wrapped on several processes) and the optimizer,
     returned as (*modules, optimizer); sharded modules are left to FSDP2, only their optimizer prepared."""

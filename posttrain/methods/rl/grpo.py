@@ -87,7 +87,7 @@ from posttrain.world.answers import answer_rewards
 from posttrain.heldout import run_prompts
 from posttrain.rollouts import forward_logprobs, reference_logprobs, reward_function
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
-                                make_accelerator, make_optimizer, prepare_for_losses, prepare_trained,
+                                make_accelerator, make_optimizer, prepare_for_losses, prepare_trained, shard_frozen,
                                 shard_for_training, share_of_all_processes)
 
 
@@ -213,7 +213,7 @@ def run(cfg: GRPOConfig, resume: bool = False) -> dict:
     model, optimizer = prepare_trained(accelerator, optimizer, model)
     compiled = compiled_forward(policy, cfg.compile)
     if reference is not None:
-        reference.to(accelerator.device)
+        reference = shard_frozen(reference.to(accelerator.device), cfg, accelerator)  # sharded beside the policy
 
     def update(rollouts):
         with forward_as(policy, compiled):  # the updates compiled if cfg.compile (sampling: its own decode step)

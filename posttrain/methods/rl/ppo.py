@@ -57,7 +57,7 @@ from posttrain.heldout import run_prompts
 from posttrain.rl.kl import kl_k1
 from posttrain.rollouts import on_completion_grid, reference_logprobs, reward_function
 from posttrain.training import (TrainingConfig, TrainResult, compiled_forward, forward_as, lr_lambda,
-                                make_accelerator, make_optimizer, prepare_for_losses, prepare_trained,
+                                make_accelerator, make_optimizer, prepare_for_losses, prepare_trained, shard_frozen,
                                 shard_for_training, share_of_all_processes, sum_over_processes)
 
 
@@ -177,7 +177,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> dict:
     model, head, optimizer = prepare_trained(accelerator, optimizer, model, head)
     compiled = compiled_forward(policy, cfg.compile)
     if reference is not None:
-        reference.to(accelerator.device)
+        reference = shard_frozen(reference.to(accelerator.device), cfg, accelerator)  # sharded beside the policy
 
     def update(rollouts):
         with forward_as(policy, compiled):  # the updates compiled if cfg.compile (sampling: its own decode step)
