@@ -420,9 +420,10 @@ def shard_for_training(model, cfg: TrainingConfig, accelerator):
 
 
 def shard_frozen(model, cfg: TrainingConfig, accelerator):
-    """A frozen model beside the trained one (a reference) sharded in place under `sharding=fsdp` on several
-    processes, so each rank holds 1/W of its weights; every rank must then run the same forwards of it (they
-    do: the updates' micro-batches and the held-out measurements are the same on every rank). Else `model`."""
+    """A frozen model beside the trained one (a reference, a teacher) sharded in place under `sharding=fsdp` on
+    several processes, so each rank holds 1/W of its weights; every rank must then run the same forwards of it
+    (they do: the updates' micro-batches and the held-out measurements are the same on every rank), and it
+    samples nothing (ranks sampling stop after different numbers of steps). Else `model`."""
     return sharding.shard_in_place(model) if model is not None and sharding.active(cfg, accelerator) else model
 
 

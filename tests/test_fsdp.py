@@ -149,6 +149,24 @@ def test_sharded_dpo_with_lora_matches_one_process(tmp_path, tiny_model_dir):
     assert (sharded / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_sharded_distillation_with_its_teacher_sharded_matches_one_process(tmp_path, tiny_model_dir, tokenizer):
+    """Every student sharded, and the teacher too once its completions are sampled: its forwards on the soft-target
+    and on-policy students' rows are collectives every rank runs."""
+    teacher = tmp_path / "teacher"
+    random_model(tokenizer, seed=1, hidden=64).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    args = ["distill", "--model", str(tiny_model_dir), "--data", sft_data(tmp_path / "train.jsonl"),
+            f"teacher={teacher}", "steps=4", "batch_size=8", "log_every=1", "lr=3e-3", "warmup_steps=1",
+            "sample_every=2", "sharding=fsdp"]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert cli.main([*args, "--output-dir", str(single)]) == 0
+    torchrun(args, sharded)
+    for kind in ("sft", "seq_kd", "soft_kd", "on_policy"):
+        assert_same_curves(single / kind / "seed0", sharded / kind / "seed0")
+    summaries = [json.loads((run / "summary.json").read_text())["metrics"]["teacher"] for run in (single, sharded)]
+    assert summaries[1]["params"] == summaries[0]["params"]  # counted whole from the sharded teacher
+
+
 VOWELS = '''
 def vowels(prompts, completions, answers, **columns):
     return [sum(ch in "aeiou" for ch in c) / (1 + len(c)) for c in completions]

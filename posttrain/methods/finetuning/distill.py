@@ -81,7 +81,7 @@ from posttrain.records import read_sft, split_records
 from posttrain.rollouts import sample_rollouts
 from posttrain.report.distill_plots import student_bars
 from posttrain.report.plots import training_curve
-from posttrain.training import CHECKPOINT, TrainingConfig, TrainResult, train
+from posttrain.training import CHECKPOINT, TrainingConfig, TrainResult, make_accelerator, shard_frozen, train
 from posttrain.world import FORMATS, MAIN_SKILL, SKILLS, extract_answer, verify
 
 # Teachers by name: `posttrain sft` runs (built once, then cached) whose model is the teacher. The
@@ -294,6 +294,8 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
     teacher_eval, baseline = evaluate(teacher), evaluate(student_base)
 
     teacher_pairs, sample_stats = teacher_completions(teacher, tokenizer, training_pairs, cfg, is_right)
+    accelerator = make_accelerator(cfg.precision)  # from here on the teacher only runs forward: sharded under fsdp
+    teacher = shard_frozen(teacher.to(accelerator.device), cfg, accelerator)
     encode = lambda pairs: EncodedDataset(  # noqa: E731
         [encode_pair(tokenizer, *p) for p in pairs], tokenizer.pad_token_id, cfg.batch_size, cfg.seed)
     references = encode(training_pairs)
