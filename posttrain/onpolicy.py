@@ -5,7 +5,7 @@
         metrics  = method.update(rollouts)         the method's own optimisation (grpo.optimise, ppo.optimise)
         every eval_every steps: held-out accuracy and KL to the reference (a point of the reward-KL frontier)
         every checkpoint_every steps, on Ctrl-C and on SIGTERM: a checkpoint at this rollout-batch boundary
-                                   (sharded: every rank stops after the same batch, training.interrupts_at_step_boundaries)
+                  (sharded: every rank stops after the same batch; training.interrupts_at_step_boundaries)
         stop early once `sample_budget` completions were drawn (dynamic sampling's refills count)
 
 What a method brings is an `OnPolicy`: its models, optimizer and scheduler (prepared by the accelerator),
@@ -23,7 +23,6 @@ a collective, cannot), and the loop ends with `policy` holding the trained weigh
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import signal
 import time
@@ -130,7 +129,7 @@ def train_on_policy(run: OnPolicy, out: Path, start_point: dict, resume: bool) -
         bar.close()
         if writer:
             writer.close()
-    if sharding.is_sharded(run.model):
+    if sharded:
         sharding.fill(run.policy, run.model)  # the trained weights, for the final measurement and saving
     return history, progress
 
@@ -153,8 +152,7 @@ def one_step(run: OnPolicy, step: int, progress: Progress) -> dict:
                                  steps=cfg.steps)
     if step == 0:
         progress.all_rewards_zero = warn_if_all_zero(rollouts.rewards.tolist(), f"{run.name}'s first rollout batch")
-    held = contextlib.nullcontext() if sharding.is_sharded(run.model) else interrupts_held()  # sharded: to the boundary
-    with held:  # the update, the scheduler and the count of batches done move together
+    with interrupts_held(not sharding.is_sharded(run.model)):  # the update, the scheduler and the batch count together
         metrics = run.update(rollouts)
         progress.step = step + 1
         progress.tokens += int(rollouts.batch["attention_mask"].sum())

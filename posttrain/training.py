@@ -14,8 +14,8 @@ a run killed and resumed ends where an uninterrupted run ends. With `sharding=fs
 shard the weights, gradients and optimizer state (FSDP2, posttrain/sharding.py) instead of each
 holding them all. Ctrl-C saves a checkpoint before stopping, and so does SIGTERM (held while a
 step updates the weights, so the checkpoint counts exactly the updates it holds; the metrics of its
-last step are written; a sharded run saves none: sharding.py says why); a NaN or infinite loss stops
-the run and keeps the last good checkpoint.
+last step are written; a sharded run's processes all stop after the same step: sharding.py says why);
+a NaN or infinite loss stops the run and keeps the last good checkpoint.
 
 A loss is a mean: over the labelled tokens (SFT, distillation: `labelled_token_count`) or over the
 rows (DPO's pairs, reward models: `row_count`). Split over micro-batches and processes, the step's
@@ -37,7 +37,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -352,7 +352,6 @@ def train(
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not main_process, dynamic_ncols=True)
     t0 = time.perf_counter()
     sharded = sharding.is_sharded(unwrapped)
-    held = contextlib.nullcontext if sharded else interrupts_held  # sharded: held to the step boundary below
     try:
         with sigterm_as_interrupt(), interrupts_at_step_boundaries(sharded) as stop_requested:
             for step in range(start, cfg.steps):
@@ -360,7 +359,7 @@ def train(
                     global_batch = batch_fn(step)
                 _check_enough_rows(row_count(global_batch), accelerator.num_processes, cfg.grad_accum)
                 batch = _shard(global_batch, accelerator.process_index, accelerator.num_processes)
-                with forward_as(unwrapped, compiled), held():
+                with forward_as(unwrapped, compiled), interrupts_held(not sharded):
                     metrics = _optimizer_step(model, optimizer, batch, loss_fn, cfg, accelerator,
                                               averages_over, averages_over(global_batch))
                     scheduler.step()
@@ -406,7 +405,7 @@ def train(
             writer.close()
     elapsed = time.perf_counter() - t0
     model.eval()
-    if sharding.is_sharded(unwrapped):
+    if sharded:
         sharding.fill(home, unwrapped)
         home.eval()
     return TrainResult(history, last_metrics, elapsed, tokens / max(elapsed, 1e-9))
@@ -439,40 +438,47 @@ HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def interrupts_at_step_boundaries(sharded: bool):
-    """Yields `stop_requested()`: called by every rank after each step, the first signal any rank received (0:
-    none). For a `sharded` run SIGINT and SIGTERM are only recorded inside the block, and `stop_requested` asks
-    every rank (one all-reduce of one number), so all ranks stop after the same step and gather one checkpoint
-    together: stopping where each received its signal would pair the gather with another rank's training
-    collectives. Otherwise signals act at once (interrupts_held) and `stop_requested` is always 0."""
-    if not sharded or threading.current_thread() is not threading.main_thread():
-        yield lambda: 0
+def _signals_recorded() -> Iterator[list[int]]:
+    """Within the block SIGINT and SIGTERM are appended to the yielded list instead of acting (the main thread
+    only: elsewhere signals cannot be caught, and nothing is recorded)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
         return
-    received = []
     previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in HELD_SIGNALS}
     try:
-        yield lambda: sharding.first_signal(received[0] if received else 0)
+        yield received
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
-def interrupts_held():
+def interrupts_at_step_boundaries(sharded: bool):
+    """Yields `stop_requested()`: called by every rank after each step, the first signal any rank received (0:
+    none). For a `sharded` run SIGINT and SIGTERM are only recorded inside the block, and `stop_requested` asks
+    every rank (one all-reduce of one number), so all ranks stop after the same step and gather one checkpoint
+    together: stopping where each received its signal would pair the gather with another rank's training
+    collectives. Otherwise signals act at once (interrupts_held) and `stop_requested` is always 0."""
+    if not sharded:
+        yield lambda: 0
+        return
+    with _signals_recorded() as received:
+        yield lambda: sharding.first_signal(received[0] if received else 0)
+
+
+@contextlib.contextmanager
+def interrupts_held(active: bool = True):
     """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then raise the first as `Interrupted`: an optimizer
     step, the scheduler's and the count of steps done move together, so a checkpoint saved on an interrupt never
     holds a step its count misses (resuming would apply it twice). Outside the main thread, where signals cannot
-    be caught, a no-op."""
-    if threading.current_thread() is not threading.main_thread():
+    be caught, a no-op; so with `active` false (a sharded run, whose signals interrupts_at_step_boundaries holds
+    to the step's end on every rank)."""
+    if not active:
         yield
         return
-    received = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in HELD_SIGNALS}
-    try:
+    with _signals_recorded() as received:
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if received:
         raise Interrupted(received[0])
 

@@ -67,7 +67,7 @@ from typing import ClassVar
 
 import torch
 
-from posttrain import lora
+from posttrain import lora, sharding
 from posttrain.chat_world import GeneralProbe, general_nll, uses_chat_world
 from posttrain.config import check_choice
 from posttrain.data import has_chat_template
@@ -271,7 +271,8 @@ def optimise(model, reference, optimizer, scheduler, accelerator, rollouts, cfg:
             metrics = accumulate_gradients(model, batch, rows, old_logp, ref_logp, advantages, mask, accelerator, cfg,
                                            budget)
             if cfg.max_grad_norm:
-                metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                metrics["grad_norm"] = sharding.as_float(norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
