@@ -118,7 +118,7 @@ def test_a_sigterm_to_a_sharded_run_saves_one_checkpoint_that_resumes(tmp_path, 
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     assert cli.main([*args, "--output-dir", str(single)]) == 0
     proc = subprocess.Popen([*TORCHRUN, *args, "--output-dir", str(sharded)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=os.setpgrp)  # its own process group
     deadline = time.time() + 120
     while len(logged_steps(sharded)) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -213,7 +213,8 @@ def test_sharded_ppo_with_its_value_head_equals_two_process_ddp_and_resumes(tmp_
     assert heads[0]["linear.weight"].abs().sum() > 0  # it trained (it starts at 0)
     resume_from_checkpoint_of(sharded, [*args, "sharding=fsdp"], resumed)
     assert_same_weights(sharded, resumed, atol=1e-6)
-    torch.testing.assert_close(load_file(str(resumed / "model" / "value_head.safetensors")), heads[1], rtol=0, atol=1e-6)
+    resumed_head = load_file(str(resumed / "model" / "value_head.safetensors"))
+    torch.testing.assert_close(resumed_head, heads[1], rtol=0, atol=1e-6)
 
 
 def logged_kl(run_dir):
